@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Step 1 of 4: get the Kermany chest X-ray data into chest_xray/{train,val,test}/.
+
+    python download_dataset.py                                  # from Kaggle (kagglehub)
+    python download_dataset.py --source ../shared/data/chest_xray   # a local copy
+
+The Kaggle dataset paultimothymooney/chest-xray-pneumonia unpacks to
+chest_xray/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA} next to a __MACOSX folder;
+both the nesting and the macOS litter are handled. Either way the layout is checked,
+images are counted per split and class, unreadable files and exact duplicates are
+flagged (duplicates across splits leak test images into training), and a report is
+written to chest_xray/dataset_report_<timestamp>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image
+
+import cxr_common as cc
+
+KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
+SPLITS = ["train", "val", "test"]
+REQUIRED = ["train", "test"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Download (or import) the chest X-ray pneumonia dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--source", help="import a local copy from this folder instead of Kaggle")
+    p.add_argument("--dest", default="chest_xray", help="where the dataset is laid out")
+    p.add_argument("--mode", choices=["symlink", "copy"], default="symlink",
+                   help="link the split folders to the source, or copy them")
+    p.add_argument("--check", choices=["quick", "full", "none"], default="quick",
+                   help="quick: check every file's header; full: decode every image")
+    p.add_argument("--force", action="store_true", help="replace an existing --dest")
+    return p.parse_args(argv)
+
+
+def fail(msg: str):
+    raise SystemExit(f"error: {msg}")
+
+
+def download_from_kaggle() -> Path:
+    try:
+        import kagglehub
+    except ImportError:
+        fail("kagglehub is not installed: pip install kagglehub (or use --source DIR)")
+    try:
+        return Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    except Exception as e:  # kagglehub raises many types; turn them into one line
+        text = f"{type(e).__name__}: {e}".lower()
+        if any(k in text for k in ("401", "403", "credential", "unauthorized", "auth")):
+            fail("Kaggle refused the download: set up credentials (~/.kaggle/kaggle.json "
+                 "or KAGGLE_USERNAME/KAGGLE_KEY), or use --source DIR")
+        if any(k in text for k in ("connect", "resolve", "network", "timed out", "name or service")):
+            fail("no network connection to Kaggle; download the archive elsewhere and "
+                 "use --source DIR")
+        fail(f"Kaggle download failed ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
+
+
+def is_layout(folder: Path) -> bool:
+    return all((folder / s / c).is_dir() for s in REQUIRED for c in cc.CLASS_NAMES)
+
+
+def find_layout_root(top: Path) -> Path:
+    """The folder holding train/ and test/, also when nested (chest_xray/chest_xray/)."""
+    if is_layout(top):
+        return top
+    candidates = []
+    for root, dirs, _ in os.walk(top):
+        dirs[:] = [d for d in dirs if d != "__MACOSX" and not d.startswith(".")]
+        if is_layout(Path(root)):
+            candidates.append(Path(root))
+            dirs[:] = []
+    if not candidates:
+        fail(f"{top} has no train/ and test/ folders with NORMAL/ and PNEUMONIA/ inside")
+    return min(candidates, key=lambda p: len(p.parts))
+
+
+def lay_out(root: Path, dest: Path, mode: str, force: bool):
+    if dest.exists() or dest.is_symlink():
+        if dest.resolve() == root.resolve():
+            return
+        if not force:
+            if is_layout(dest):
+                print(f"{dest}/ already exists; checking it (use --force to replace it)")
+                return
+            fail(f"{dest} exists but is not a dataset folder; remove it or use --force")
+        if dest.is_symlink() or dest.is_file():
+            dest.unlink()
+        else:
+            shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for split in SPLITS:
+        src = root / split
+        if not src.is_dir():
+            continue
+        if mode == "symlink":
+            (dest / split).symlink_to(src.resolve(), target_is_directory=True)
+        else:
+            shutil.copytree(src, dest / split, ignore=shutil.ignore_patterns(".*", "__MACOSX"))
+
+
+def check_file(path: Path, how: str) -> str | None:
+    """None if the file is a usable image, else the reason."""
+    if how == "full":
+        try:
+            cc.read_image_gray(path)
+        except cc.ImageReadError as e:
+            return str(e)
+        return None
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:80]}"
+    return None
+
+
+def survey(dest: Path, how: str):
+    counts, bad, by_hash = {}, [], defaultdict(list)
+    for split in SPLITS:
+        for cls in cc.CLASS_NAMES:
+            folder = dest / split / cls
+            files = cc.list_images(folder) if folder.is_dir() else []
+            if files:
+                counts[(split, cls)] = len(files)
+            for f in files:
+                by_hash[hashlib.sha256(f.read_bytes()).hexdigest()].append(f)
+                if how != "none":
+                    reason = check_file(f, how)
+                    if reason:
+                        bad.append((f, reason))
+    dupes = [sorted(v) for v in by_hash.values() if len(v) > 1]
+    return counts, bad, dupes
+
+
+def report(dest: Path, counts, bad, dupes) -> str:
+    lines = [f"Dataset in {dest}/", "", f"{'split':<6} {'NORMAL':>7} {'PNEUMONIA':>10} {'total':>6}"]
+    for split in SPLITS:
+        n = [counts.get((split, c), 0) for c in cc.CLASS_NAMES]
+        if sum(n):
+            lines.append(f"{split:<6} {n[0]:>7} {n[1]:>10} {sum(n):>6}")
+    if "val" not in {s for s, _ in counts}:
+        lines.append("(no val/: train_cxray.py carves a patient-grouped split out of train/)")
+    lines.append("")
+    lines.append(f"Unreadable files: {len(bad)}")
+    lines += [f"  {cc.display_name(f)}: {r}" for f, r in bad]
+    rel = [[str(p.relative_to(dest)) for p in group] for group in dupes]
+    cross = [g for g in rel if len({p.split(os.sep)[0] for p in g}) > 1]
+    lines.append(f"Exact duplicate groups: {len(dupes)} ({sum(len(g) - 1 for g in dupes)} "
+                 f"redundant files), across splits: {len(cross)}")
+    lines += ["  " + " = ".join(g) for g in (cross or rel)[:10]]
+    if len(cross or rel) > 10:
+        lines.append(f"  ... and {len(cross or rel) - 10} more")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dest = Path(args.dest)
+    if args.source:
+        top = Path(args.source)
+        if not top.is_dir():
+            fail(f"--source {top} is not a folder")
+    else:
+        print(f"Downloading {KAGGLE_DATASET} with kagglehub ...")
+        top = download_from_kaggle()
+    root = find_layout_root(top)
+    print(f"Dataset found in {root}")
+    lay_out(root, dest, args.mode, args.force)
+    missing = [s for s in REQUIRED if not cc.list_labelled(dest / s)[0]]
+    if missing:
+        fail(f"{dest} has no images in {', '.join(missing)}")
+    counts, bad, dupes = survey(dest, args.check)
+    text = report(dest, counts, bad, dupes)
+    print(text, end="")
+    path = dest / f"dataset_report_{cc.timestamp()}.txt"
+    try:
+        path.write_text(text)
+        print(f"Report saved to {path}")
+    except OSError as e:
+        print(f"(report not saved: {e.strerror})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

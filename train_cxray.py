@@ -1,0 +1,491 @@
+#!/usr/bin/env python3
+"""Step 2 of 4: fine-tune an ImageNet MobileNetV2 to tell NORMAL from PNEUMONIA.
+
+The defaults reproduce the published reference run: 224 px, flips / rotation / jitter,
+Adam 1e-4, batch 16, 8 epochs, ReduceLROnPlateau on validation F1, and the checkpoint
+of the best validation F1. The test split is read once, at the very end.
+
+    python train_cxray.py                      # the reference run on chest_xray/
+    python train_cxray.py --seed 2 --out runs  # another seed
+    torchrun --nproc_per_node 2 train_cxray.py # several processes (DDP)
+    python train_cxray.py --resume runs/<run>  # continue an interrupted run
+
+Each run writes a new folder runs/<timestamp>_<recipe>_seed<N>/ holding
+mobilenet_cxr.pth, training_results_<ts>.txt, training_history_<ts>.json,
+training_plot_<ts>.png and val_split.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
+from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import cxr_common as cc  # noqa: E402
+
+RECIPES = {
+    # The published reference run, unchanged.
+    "reference": {
+        "epochs": 8,
+        "batch_size": 16,
+        "lr": 1e-4,
+        "optimizer": "Adam",
+        "scheduler": "ReduceLROnPlateau(mode=max on val F1, factor=0.5, patience=2)",
+        "augment": "RandomHorizontalFlip, RandomRotation(10), ColorJitter(brightness=0.1)",
+        "loss": "CrossEntropyLoss",
+        "selection": "best validation F1 (PNEUMONIA positive)",
+    },
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Fine-tune MobileNetV2 on chest X-rays (NORMAL vs PNEUMONIA).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default="chest_xray", help="folder with train/ [val/] test/")
+    p.add_argument("--out", default="runs", help="parent folder of the run folders")
+    p.add_argument("--recipe", default="reference", choices=sorted(RECIPES))
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--image-size", type=int, default=cc.IMAGE_SIZE)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="patient-grouped validation share of train/ when there is no val/")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+                   help="bf16 autocast; auto = on for CUDA only")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="start from random weights instead of ImageNet")
+    p.add_argument("--cache-dir", default=".cache",
+                   help="where decoded uint8 arrays are kept ('' to disable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK).
+# ---------------------------------------------------------------------------------
+
+
+def setup_distributed(device_name: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 1, 0, cc.pick_device(device_name)
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return world, rank, device
+
+
+def log(rank: int, *args, **kwargs):
+    if rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ---------------------------------------------------------------------------------
+# Data: a patient-grouped validation split, decoded once, augmented on tensors.
+# ---------------------------------------------------------------------------------
+
+
+def grouped_split(paths, labels, val_fraction: float, seed: int):
+    """Stratified by class, grouped by patient: no patient on both sides."""
+    n_splits = max(2, round(1 / val_fraction))
+    groups = [cc.patient_id(p) for p in paths]
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(sgkf.split(np.zeros(len(labels)), labels, groups))
+    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+
+
+def load_splits(args, run_dir: Path, rank: int):
+    data = Path(args.data)
+    if not (data / "train").is_dir():
+        raise SystemExit(
+            f"error: {data}/train not found: run download_dataset.py first (or pass --data)"
+        )
+    train_paths, train_labels = cc.list_labelled(data / "train")
+    if (data / "val").is_dir() and cc.list_labelled(data / "val")[0]:
+        val_paths, val_labels = cc.list_labelled(data / "val")
+        val_source = f"{data}/val"
+    else:
+        tr, va = grouped_split(train_paths, train_labels, args.val_fraction, args.seed)
+        val_paths = [train_paths[i] for i in va]
+        val_labels = [train_labels[i] for i in va]
+        train_paths = [train_paths[i] for i in tr]
+        train_labels = [train_labels[i] for i in tr]
+        val_source = f"patient-grouped {args.val_fraction:.0%} of {data}/train, seed {args.seed}"
+    test_paths, test_labels = cc.list_labelled(data / "test")
+    if rank == 0:
+        write_split_csv(run_dir / "val_split.csv", train_paths, train_labels,
+                        val_paths, val_labels)
+    cache = args.cache_dir or None
+    size = args.image_size
+    splits = {
+        "train": (cc.decode_all(train_paths, size, cache, "train"), np.array(train_labels)),
+        "val": (cc.decode_all(val_paths, size, cache, "val"), np.array(val_labels)),
+    }
+    return splits, (test_paths, test_labels), val_source
+
+
+def write_split_csv(path, train_paths, train_labels, val_paths, val_labels):
+    with open(path, "w") as f:
+        f.write("split,label,patient,file\n")
+        for split, ps, ls in (("train", train_paths, train_labels), ("val", val_paths, val_labels)):
+            for p, y in zip(ps, ls):
+                f.write(f"{split},{cc.CLASS_NAMES[y]},{cc.patient_id(p)},{p}\n")
+
+
+class XrayArrays(Dataset):
+    """Decoded uint8 images plus labels; augmentation runs on tensors."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(self.images[i]).unsqueeze(0)  # (1, H, W) uint8
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+
+def train_transform():
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(10),
+        v2.ColorJitter(brightness=0.1),
+    ])
+
+
+# ---------------------------------------------------------------------------------
+# One epoch of training, one pass of evaluation.
+# ---------------------------------------------------------------------------------
+
+
+def autocast(device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoch, epochs):
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"Epoch {epoch}/{epochs} [train]", unit="batch",
+               disable=rank != 0, leave=False)
+    for x, y in bar:
+        x = cc.normalize_batch(x.to(device, non_blocking=True))
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+    return total_loss / seen, correct / seen
+
+
+@torch.no_grad()
+def predict_logits(model, images_u8: np.ndarray, device, amp=False, batch_size=64, desc=None):
+    """Logits for (N, H, W) uint8 images, in order."""
+    model.eval()
+    out = []
+    starts = range(0, len(images_u8), batch_size)
+    for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
+        x = torch.from_numpy(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
+        x = cc.normalize_batch(x).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(cc.CLASS_NAMES))
+
+
+def evaluate(model, images, labels, device, amp, desc=None, batch_size=64):
+    logits = predict_logits(model, images, device, amp, batch_size, desc)
+    y = torch.as_tensor(labels)
+    loss = nn.functional.cross_entropy(logits, y).item()
+    prob = logits.softmax(1)[:, 1].numpy()
+    pred = logits.argmax(1).numpy()
+    auc = roc_auc_score(labels, prob) if len(set(labels.tolist())) == 2 else float("nan")
+    return {
+        "loss": loss,
+        "acc": accuracy_score(labels, pred),
+        "f1": f1_score(labels, pred, zero_division=0),
+        "auc": float(auc),
+        "pred": pred,
+        "prob": prob,
+        "logits": logits,
+    }
+
+
+# ---------------------------------------------------------------------------------
+# Resumable state: written atomically after every epoch.
+# ---------------------------------------------------------------------------------
+
+
+def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loader_gen, args):
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": json.dumps(history),
+        "best_f1": best["f1"],
+        "best_epoch": best["epoch"],
+        "best_state": best["state"],
+        "torch_rng": torch.get_rng_state(),
+        "loader_rng": loader_gen.get_state(),
+        "args": json.dumps(vars(args)),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = run_dir / "last_state.pth.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / "last_state.pth")
+
+
+def load_state(run_dir: Path):
+    path = run_dir / "last_state.pth"
+    if not path.is_file():
+        raise SystemExit(f"error: --resume: {path} not found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------
+# Reports: console block, text file, history JSON, plot.
+# ---------------------------------------------------------------------------------
+
+
+def test_block(acc, labels, pred) -> str:
+    cm = confusion_matrix(labels, pred, labels=[0, 1])
+    report = classification_report(labels, pred, labels=[0, 1], target_names=cc.CLASS_NAMES,
+                                   digits=4, zero_division=0)
+    return (
+        f"Test Accuracy: {acc * 100:.2f}%\n\n"
+        f"Classification Report:\n{report}\n"
+        f"Confusion Matrix (rows: true {cc.CLASS_NAMES}, columns: predicted):\n{cm}\n"
+    )
+
+
+def save_plot(history, path):
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    axes[0].plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    axes[0].set_title("Loss")
+    axes[1].plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
+    axes[1].plot(epochs, [h["val_acc"] for h in history], "o-", label="validation")
+    axes[1].set_title("Accuracy")
+    axes[2].plot(epochs, [h["val_f1"] for h in history], "o-", label="val F1")
+    axes[2].plot(epochs, [h["val_auc"] for h in history], "o-", label="val ROC AUC")
+    axes[2].set_title("Validation F1 and AUC")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def hardware(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    resume_dir = Path(args.resume) if args.resume else None
+    resumed = None
+    if resume_dir:
+        resumed = load_state(resume_dir)
+        saved = json.loads(resumed["args"])
+        saved.update(resume=args.resume, device=args.device, workers=args.workers)
+        args = argparse.Namespace(**saved)
+    world, rank, device = setup_distributed(args.device)
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    start = time.time()
+
+    ts = cc.timestamp()
+    if resume_dir:
+        run_dir = resume_dir
+    elif rank == 0:
+        run_dir = cc.unique_dir(args.out, f"{ts}_{args.recipe}_seed{args.seed}")
+    if world > 1:  # every process needs rank 0's folder name
+        names = [str(run_dir) if rank == 0 else None]
+        dist.broadcast_object_list(names, src=0)
+        run_dir = Path(names[0])
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if world > 1:
+        command = f"torchrun --nproc_per_node {world} " + command[len("python "):]
+    log(rank, f"Run folder: {run_dir}")
+    log(rank, f"Device: {hardware(device)} x {world} process(es), bf16 autocast: {amp}")
+
+    # Data
+    splits, (test_paths, test_labels), val_source = load_splits(args, run_dir, rank)
+    x_train, y_train = splits["train"]
+    x_val, y_val = splits["val"]
+    log(rank, f"Train: {len(y_train)} images ({np.bincount(y_train, minlength=2).tolist()} "
+              f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})")
+    train_set = XrayArrays(x_train, y_train, train_transform())
+    loader_gen = torch.Generator().manual_seed(args.seed)
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
+        if world > 1 else None
+    loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world),
+                        shuffle=sampler is None, sampler=sampler, generator=loader_gen,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0)
+
+    # Model, loss, optimiser, scheduler
+    model, weight_source = cc.build_model(pretrained=not args.no_pretrained)
+    log(rank, f"MobileNetV2 weights: {weight_source}")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
+                                              if device.type == "cuda" else None) \
+        if world > 1 else model
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max",
+                                                           factor=0.5, patience=2)
+    history, best, first_epoch = [], {"f1": -1.0, "epoch": 0, "state": None}, 1
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        history = json.loads(resumed["history"])
+        best = {"f1": resumed["best_f1"], "epoch": resumed["best_epoch"],
+                "state": resumed["best_state"]}
+        torch.set_rng_state(resumed["torch_rng"])
+        loader_gen.set_state(resumed["loader_rng"])
+        if "cuda_rng" in resumed and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resumed["cuda_rng"])
+        first_epoch = resumed["epoch"] + 1
+        log(rank, f"Resuming after epoch {resumed['epoch']} (best F1 so far "
+                  f"{best['f1']:.4f} at epoch {best['epoch']})")
+
+    for epoch in range(first_epoch, args.epochs + 1):
+        t0 = time.time()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_loss, train_acc = train_one_epoch(net, loader, criterion, optimizer, device,
+                                                amp, rank, epoch, args.epochs)
+        val = evaluate(model, x_val, y_val, device, amp)  # every rank: same numbers
+        scheduler.step(val["f1"])
+        lr = optimizer.param_groups[0]["lr"]
+        log(rank, f"\nEpoch {epoch}/{args.epochs}")
+        log(rank, f"Train Loss: {train_loss:.4f}, Train Acc: {train_acc:.4f}")
+        log(rank, f"Val Loss: {val['loss']:.4f}, Val Acc: {val['acc']:.4f}, "
+                  f"Val F1: {val['f1']:.4f}, Val AUC: {val['auc']:.4f}")
+        if val["f1"] > best["f1"]:
+            best = {"f1": val["f1"], "epoch": epoch,
+                    "state": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})}
+            log(rank, f"New best model saved with F1: {val['f1']:.4f}")
+        log(rank, f"Learning rate: {lr:.2e}")
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                        "val_loss": val["loss"], "val_acc": val["acc"], "val_f1": val["f1"],
+                        "val_auc": val["auc"], "lr": lr, "seconds": time.time() - t0})
+        if rank == 0:
+            save_state(run_dir, model, optimizer, scheduler, epoch, history, best,
+                       loader_gen, args)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
+
+    # The best checkpoint, then the test split, read once.
+    model.load_state_dict(best["state"])
+    val = evaluate(model, x_val, y_val, device, amp)
+    x_test = cc.decode_all(test_paths, args.image_size, args.cache_dir or None, "test")
+    y_test = np.array(test_labels)
+    test = evaluate(model, x_test, y_test, device, amp, desc="test")
+    cm = confusion_matrix(y_test, test["pred"], labels=[0, 1])
+    recalls = cm.diagonal() / np.maximum(cm.sum(1), 1)
+    wall = time.time() - start
+    metrics = {
+        "best_epoch": best["epoch"], "val_f1": val["f1"], "val_acc": val["acc"],
+        "val_auc": val["auc"], "test_acc": test["acc"], "test_auc": test["auc"],
+        "test_f1": test["f1"], "test_confusion": cm.tolist(),
+        "test_recall_normal": float(recalls[0]), "test_recall_pneumonia": float(recalls[1]),
+    }
+    print("\n" + test_block(test["acc"], y_test, test["pred"]), flush=True)
+
+    meta = cc.base_meta(args.image_size)
+    meta.update(recipe=args.recipe, recipe_details=RECIPES[args.recipe], seed=args.seed,
+                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                weights=weight_source, validation=val_source, metrics=metrics,
+                command=command, hardware=hardware(device), processes=world,
+                wall_seconds=round(wall, 1))
+    cc.save_checkpoint(run_dir / "mobilenet_cxr.pth", best["state"], meta)
+    (run_dir / f"training_history_{ts}.json").write_text(
+        json.dumps({"meta": meta, "history": history}, indent=2))
+    save_plot(history, run_dir / f"training_plot_{ts}.png")
+    with open(run_dir / f"training_results_{ts}.txt", "w") as f:
+        f.write(f"Command: {command}\nRecipe: {args.recipe}, seed {args.seed}\n"
+                f"Hardware: {hardware(device)} x {world}\nWall time: {wall:.0f} s\n"
+                f"Validation: {val_source}\nBest epoch (val F1): {best['epoch']} "
+                f"(F1 {val['f1']:.4f}, AUC {val['auc']:.4f})\n\n")
+        for h in history:
+            f.write(f"Epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc "
+                    f"{h['train_acc']:.4f} | val loss {h['val_loss']:.4f} acc "
+                    f"{h['val_acc']:.4f} F1 {h['val_f1']:.4f} AUC {h['val_auc']:.4f} | "
+                    f"lr {h['lr']:.2e} | {h['seconds']:.0f} s\n")
+        f.write("\n" + test_block(test["acc"], y_test, test["pred"]))
+        f.write(f"Test ROC AUC: {test['auc']:.4f}\n")
+    (run_dir / "last_state.pth").unlink(missing_ok=True)
+    print(f"Test ROC AUC: {test['auc']:.4f}")
+    print(f"Saved {run_dir / 'mobilenet_cxr.pth'} and reports in {run_dir}/ "
+          f"({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
