@@ -115,11 +115,23 @@ def read_dicom_gray(path: Path) -> Image.Image:
     return Image.fromarray(gray, mode="L")
 
 
+def scale_by_bit_depth(array: np.ndarray) -> np.ndarray:
+    """High-bit-depth integers to uint8, keeping brightness: 16-bit data is divided by
+    257, 12-bit data (max < 4096, common in 16-bit containers) by 4095/255, etc."""
+    top = int(array.max()) if array.size else 0
+    if top < 0 or array.min() < 0:
+        return to_uint8(array)
+    bits = max(8, min(32, top.bit_length()))
+    return np.round(array.astype(np.float64) * (255.0 / (2**bits - 1))).astype(np.uint8)
+
+
 def pil_to_gray(img: Image.Image) -> Image.Image:
     """Any PIL mode (16-bit, float, RGBA, CMYK, palette, 1-bit) to 8-bit 'L'."""
     if img.mode == "L":
         return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return Image.fromarray(scale_by_bit_depth(np.asarray(img)), mode="L")
+    if img.mode == "F":
         return Image.fromarray(to_uint8(np.asarray(img)), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")

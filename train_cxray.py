@@ -385,7 +385,10 @@ def main(argv=None):
                         persistent_workers=args.workers > 0)
 
     # Model, loss, optimiser, scheduler
-    model, weight_source = cc.build_model(pretrained=not args.no_pretrained)
+    try:
+        model, weight_source = cc.build_model(pretrained=not args.no_pretrained)
+    except cc.WeightsUnavailable as e:
+        raise SystemExit(f"error: {e}") from None
     log(rank, f"MobileNetV2 weights: {weight_source}")
     model = model.to(device).to(memory_format=torch.channels_last)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index]

@@ -1,0 +1,230 @@
+"""Hostile and unusual inputs: converted when valid, one-line errors otherwise."""
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from conftest import DATA, TINY, run_script
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import cxr_common as cc
+
+GOOD = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
+
+
+def png_with_size(width, height):
+    """A PNG header that claims width x height (a decompression bomb), tiny on disk."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def make_valid_unusual(folder):
+    """Valid images in modes a hospital export may use; all must be predicted."""
+    base = Image.open(GOOD).convert("L")
+    arr = np.asarray(base)
+    Image.fromarray(arr.astype(np.uint16) * 257).save(folder / "gray16.png")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(255)
+    rgba.save(folder / "rgba.png")
+    base.convert("CMYK").save(folder / "cmyk.jpeg")
+    base.convert("P").save(folder / "palette.png")
+    base.convert("RGB").save(folder / "rgb.bmp")
+    return ["gray16.png", "rgba.png", "cmyk.jpeg", "palette.png", "rgb.bmp"]
+
+
+def make_bad(folder):
+    """Each bad file and the words its error line must contain."""
+    (folder / "empty.jpeg").write_bytes(b"")
+    (folder / "text.jpeg").write_text("this is not an image\n")
+    data = GOOD.read_bytes()
+    (folder / "truncated.jpeg").write_bytes(data[: len(data) // 3])
+    png = io.BytesIO()
+    Image.open(GOOD).save(png, format="PNG")
+    raw = bytearray(png.getvalue())
+    raw[raw.index(b"IDAT") + 20] ^= 0xFF  # inside the first IDAT: its CRC no longer matches
+    (folder / "badcrc.png").write_bytes(bytes(raw))
+    Image.new("L", (1, 1)).save(folder / "one_pixel.png")
+    (folder / "bomb.png").write_bytes(png_with_size(20000, 20000))
+    (folder / "folder.jpeg").mkdir()
+    os.symlink(folder / "loop_b.jpeg", folder / "loop_a.jpeg")
+    os.symlink(folder / "loop_a.jpeg", folder / "loop_b.jpeg")
+    return {"empty.jpeg": "empty file", "text.jpeg": "not an image",
+            "truncated.jpeg": "truncated", "badcrc.png": "corrupt",
+            "one_pixel.png": "too small", "bomb.png": "too large",
+            "loop_a.jpeg": "cannot access", "loop_b.jpeg": "cannot access"}
+
+
+def test_batch_goes_on_and_lists_skipped(model_path, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    valid = make_valid_unusual(folder)
+    bad = make_bad(folder)
+    weird = os.fsencode(str(folder)) + b"/name_\xff\xfe.jpeg"  # not valid UTF-8
+    with open(weird, "wb") as f:
+        f.write(GOOD.read_bytes())
+    proc = run_script("predict.py", "--model", model_path, "--dir", folder, "--image",
+                      folder / "folder.jpeg", "--quiet", "--out", tmp_path / "out")
+    assert proc.returncode == 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for name in valid + ["name_\\xff\\xfe.jpeg"]:
+        assert any(line.startswith(str(folder / name)) and ("NORMAL" in line or "PNEUMONIA" in line)
+                   for line in proc.stdout.splitlines()), name
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped:")]
+    for name, words in bad.items():
+        (line,) = [ln for ln in errors if f"/{name}:" in ln]
+        assert words in line, line
+    assert "is a directory" in proc.stderr
+    assert f"Predicted {len(valid) + 1} image(s)" in proc.stdout
+    assert f"Skipped {len(bad) + 1} file(s)" in proc.stdout
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    f = tmp_path / "secret.jpeg"
+    f.write_bytes(GOOD.read_bytes())
+    f.chmod(0)
+    if os.geteuid() == 0:  # root reads a chmod 000 file: make the open fail as for a user
+
+        def deny(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(cc.Image, "open", deny)
+    with pytest.raises(cc.ImageReadError, match="permission denied"):
+        cc.read_image_gray(f)
+
+
+def test_nothing_readable_exits_nonzero(model_path, tmp_path):
+    (tmp_path / "a.jpeg").write_text("nope")
+    proc = run_script("predict.py", "--model", model_path, "--dir", tmp_path, "--out",
+                      tmp_path / "o", check=False)
+    assert proc.returncode == 1 and "no image could be read" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unusual_modes_match_the_8bit_original(tmp_path):
+    """16-bit, RGBA, CMYK and palette versions of one X-ray preprocess (almost) alike."""
+    names = make_valid_unusual(tmp_path)
+    ref = cc.load_image_array(GOOD, 64).astype(int)
+    for name in names:
+        arr = cc.load_image_array(tmp_path / name, 64).astype(int)
+        assert arr.shape == (64, 64)
+        tol = 12 if name in ("cmyk.jpeg", "palette.png") else 1
+        assert np.abs(arr - ref).mean() < tol, name
+
+
+def test_fullres_draft_decoding_preserves_the_result():
+    """JPEG draft mode (reduced DCT decoding) barely changes the 224 px model input."""
+    for f in (DATA / "fullres").iterdir():
+        fast = cc.load_image_array(f, 224).astype(float)
+        img = Image.open(f).convert("L").resize((224, 224), Image.Resampling.BILINEAR)
+        slow = np.asarray(img, dtype=float)
+        assert np.abs(fast - slow).mean() < 1.5, f.name
+
+
+# --- DICOM -----------------------------------------------------------------------
+
+SIIM = DATA / "dicom" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+FAKE_MONO1 = DATA / "dicom" / "Fake_MONOHR1.dcm"
+
+
+def test_monochrome1_is_the_exact_negative_of_its_twin():
+    twin = np.asarray(cc.read_image_gray(SIIM)).astype(int)
+    mono1 = np.asarray(cc.read_image_gray(FAKE_MONO1)).astype(int)
+    assert twin.shape == (1024, 1024) and twin.std() > 20
+    assert (mono1 == 255 - twin).all()
+
+
+def test_16bit_dicom_with_rescale_and_window(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    arr = (np.asarray(Image.open(GOOD).convert("L")).astype(np.uint16) * 16)  # 12-bit
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.PatientName = "Secret^Patient"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.WindowCenter, ds.WindowWidth = 1024, 4096
+    ds.PixelData = arr.tobytes()
+    path = tmp_path / "x16.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    out = np.asarray(cc.read_image_gray(path)).astype(int)
+    ref = np.asarray(Image.open(GOOD).convert("L")).astype(int)
+    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
+
+
+def test_dicom_prediction_never_prints_patient_tags(model_path, tmp_path):
+    proc = run_script("predict.py", "--model", model_path, "--image", SIIM, "--image",
+                      FAKE_MONO1, "--json", "--out", tmp_path)
+    text = proc.stdout + proc.stderr + (tmp_path / "predictions.jsonl").read_text()
+    import pydicom
+
+    ds = pydicom.dcmread(SIIM)
+    for tag in ("PatientName", "PatientID", "PatientBirthDate"):
+        value = str(ds.get(tag, "")).strip()
+        if len(value) > 2:
+            assert value not in text, tag
+    assert "Predicted 2 image(s)" in proc.stdout
+
+
+def test_dicom_without_pydicom_says_how_to_fix(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pydicom'] = None; import cxr_common as cc\n"
+            f"try:\n    cc.read_image_gray({str(SIIM)!r})\n"
+            "except cc.ImageReadError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=DATA.parent.parent).stdout
+    assert "pip install pydicom" in out
+
+
+# --- fuzzing the decoder -------------------------------------------------------------
+
+JPEG_BYTES = GOOD.read_bytes()
+
+
+def check_decoder(path):
+    try:
+        img = cc.read_image_gray(path)
+    except cc.ImageReadError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert img.mode == "L" and min(img.size) >= cc.MIN_SIDE
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=4096))
+def test_fuzz_random_bytes(tmp_path, data):
+    path = tmp_path / "fuzz.jpeg"
+    path.write_bytes(data)
+    check_decoder(path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, len(JPEG_BYTES) - 1), st.integers(0, 255)),
+                min_size=1, max_size=20),
+       st.integers(0, len(JPEG_BYTES)))
+def test_fuzz_mutated_jpeg(tmp_path, flips, cut):
+    data = bytearray(JPEG_BYTES[:max(cut, 1)])
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    path = tmp_path / "mutated.jpeg"
+    path.write_bytes(bytes(data))
+    check_decoder(path)
