@@ -204,12 +204,36 @@ def load_image_array(path, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
+INTENSITY_MODES = ("none", "equalize")
+
+
 def normalize_batch(gray_u8: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) uint8 -> (N, 3, H, W) float, ImageNet-normalised."""
     x = gray_u8.float().div_(255.0).expand(-1, 3, -1, -1)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def equalize(gray_u8: torch.Tensor) -> torch.Tensor:
+    """Per-image histogram equalisation of uint8 tensors (..., 1, H, W): removes the
+    exposure and contrast differences between hospitals' exports."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.equalize(gray_u8)
+
+
+def model_input(gray_u8: torch.Tensor, intensity: str = "none") -> torch.Tensor:
+    """The model's input for (N, 1, H, W) uint8 images under a checkpoint's preprocessing."""
+    if intensity == "equalize":
+        gray_u8 = equalize(gray_u8)
+    elif intensity != "none":
+        raise ValueError(f"unknown intensity preprocessing {intensity!r}")
+    return normalize_batch(gray_u8)
+
+
+def intensity_of(meta: dict) -> str:
+    return meta.get("preprocessing", {}).get("intensity", "none")
 
 
 def list_images(folder) -> list[Path]:
@@ -398,7 +422,7 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
-def base_meta(image_size: int) -> dict:
+def base_meta(image_size: int, intensity: str = "none") -> dict:
     return {
         "class_names": CLASS_NAMES,
         "architecture": "torchvision.models.mobilenet_v2, classifier[1]=Linear(1280, 2)",
@@ -406,6 +430,7 @@ def base_meta(image_size: int) -> dict:
             "color": "greyscale 8-bit, replicated to 3 channels",
             "resize": f"{image_size}x{image_size} bilinear (aspect ratio not kept)",
             "image_size": image_size,
+            "intensity": intensity,
             "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD,
         },
@@ -485,8 +510,11 @@ def load_ensemble(paths, device):
 
 
 @torch.no_grad()
-def pneumonia_probability(members, x: torch.Tensor, temperatures) -> np.ndarray:
-    """Mean over the ensemble of the temperature-scaled P(PNEUMONIA) for a batch."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    probs = [(m(x).float() / t).softmax(1)[:, 1] for (m, _), t in zip(members, temperatures)]
+def pneumonia_probability(members, gray_u8: torch.Tensor, temperatures) -> np.ndarray:
+    """Mean over the ensemble of the temperature-scaled P(PNEUMONIA) for a batch of
+    (N, 1, H, W) uint8 images; each member gets its own preprocessing."""
+    probs = []
+    for (model, meta), t in zip(members, temperatures):
+        x = model_input(gray_u8, intensity_of(meta)).contiguous(memory_format=torch.channels_last)
+        probs.append((model(x).float() / t).softmax(1)[:, 1])
     return torch.stack(probs).mean(0).cpu().numpy()

@@ -173,6 +173,9 @@ def main(argv=None):
         top = Path(args.source)
         if not top.is_dir():
             fail(f"--source {top} is not a folder")
+    elif is_layout(dest) and not args.force:
+        print(f"{dest}/ already holds the dataset; checking it (--force downloads again)")
+        top = dest
     else:
         print(f"Downloading {KAGGLE_DATASET} with kagglehub ...")
         top = download_from_kaggle()

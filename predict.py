@@ -138,6 +138,15 @@ def save_gradcam(path_out, gray, heat, row):
     plt.close(fig)
 
 
+def unused_name(folder: Path, stem: str, suffix: str) -> Path:
+    """folder/stem.suffix, or stem_2.suffix, ... when two inputs share a name."""
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}_{n}{suffix}"
+    return path
+
+
 class ResultWriter:
     """Appends rows to predictions.csv (and .jsonl), flushing after every batch."""
 
@@ -242,7 +251,7 @@ def main(argv=None):
                                                             "temperature": ""}
         if good:
             gray = np.stack([a for _, a in good])
-            x = cc.normalize_batch(torch.from_numpy(gray).unsqueeze(1).to(device))
+            x = torch.from_numpy(gray).unsqueeze(1).to(device)
             probs = cc.pneumonia_probability(models, x, temperatures)
             for (i, g), p in zip(good, probs):
                 row = result_row(cc.display_name(todo[i]), float(p), cal, temperatures)
@@ -253,9 +262,9 @@ def main(argv=None):
                 else:
                     print_block(row)
                 if cam is not None:
-                    heat, _, _ = cam(cc.normalize_batch(torch.from_numpy(g)[None, None]
-                                                        .to(device)))
-                    png = out_dir / f"{Path(todo[i]).stem}_gradcam.png"
+                    x1 = torch.from_numpy(g)[None, None].to(device)
+                    heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(models[0][1])))
+                    png = unused_name(out_dir, f"{Path(todo[i]).stem}_gradcam", ".png")
                     save_gradcam(png, g, heat, row)
                     print(f"Grad-CAM: {cc.display_name(png)}")
                 n_ok += 1

@@ -95,7 +95,7 @@ def predict_all(members, images, temperatures, device, batch_size):
     for s in tqdm(range(0, len(images), batch_size), desc="predicting", unit="batch",
                   leave=False):
         x = torch.from_numpy(images[s:s + batch_size]).unsqueeze(1).to(device)
-        out.append(cc.pneumonia_probability(members, cc.normalize_batch(x), temperatures))
+        out.append(cc.pneumonia_probability(members, x, temperatures))
     return np.concatenate(out)
 
 
@@ -256,7 +256,8 @@ def gallery(members, paths, images, y, p, pred, conf, out_dir, n, device):
     cam, items = GradCAM(members[0][0]), []
     (out_dir / "errors").mkdir(exist_ok=True)
     for rank, i in enumerate(wrong, 1):
-        x = cc.normalize_batch(torch.from_numpy(images[i])[None, None].to(device))
+        x = cc.model_input(torch.from_numpy(images[i])[None, None].to(device),
+                           cc.intensity_of(members[0][1]))
         heat, _, _ = cam(x, class_idx=int(pred[i]))
         pair = np.concatenate([np.repeat(images[i][..., None], 3, 2), overlay(images[i], heat)], 1)
         name = f"errors/error_{rank:02d}.png"

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Speed figures, each a ratio of two timings taken in this one run.
+
+    python benchmarks/speed.py                    # CPU or GPU, whatever is here
+    python benchmarks/speed.py --batches 20 --fullres ../shared/data/samples/fullres
+
+1. Training: images/s of train_cxray.py's real loop (decoded-once uint8 arrays,
+   augmentation on tensors, channels_last) divided by the same model and optimiser fed
+   ready synthetic tensors (the bound); the seed-style loader (ImageFolder + PIL
+   transforms, decoding JPEGs every epoch) beside it.
+2. Prediction: predict.py's path on full-resolution JPEGs (worker decoding with
+   Pillow's draft mode, batched inference) divided by the bare model on ready tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import cxr_common as cc  # noqa: E402
+import predict  # noqa: E402
+import train_cxray as tc  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Training and prediction speed ratios.")
+    p.add_argument("--data", default=str(ROOT / "chest_xray"))
+    p.add_argument("--fullres", default=str(ROOT.parent / "shared/data/samples/fullres"))
+    p.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    return p.parse_args()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_steps(model, batches, optimizer, criterion, device, warmup, amp):
+    """images/s of forward+backward+step over an iterable of (x_uint8_or_float, y)."""
+    model.train()
+    seen, t0 = 0, None
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            sync(device)
+            t0, seen = time.perf_counter(), 0
+        x = x.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = cc.normalize_batch(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with tc.autocast(device, amp):
+            loss = criterion(model(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        seen += len(y)
+    sync(device)
+    return seen / (time.perf_counter() - t0)
+
+
+def limited(loader, n):
+    for i, b in enumerate(loader):
+        if i >= n:
+            return
+        yield b
+
+
+def training(args, device, amp):
+    paths, labels = cc.list_labelled(Path(args.data) / "train")
+    rng = np.random.default_rng(0)
+    n = args.batch_size * (args.batches + args.warmup)
+    idx = rng.choice(len(paths), size=min(len(paths), 4 * n), replace=False)
+    sub = [paths[i] for i in idx]
+    arrays = cc.decode_all(sub, 224, ROOT / ".cache", "speed")
+    y = np.array([labels[i] for i in idx])
+    model, _ = cc.build_model(pretrained=False)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    crit = torch.nn.CrossEntropyLoss()
+    steps = args.batches + args.warmup
+
+    synthetic = [(torch.randn(args.batch_size, 3, 224, 224),
+                  torch.randint(0, 2, (args.batch_size,))) for _ in range(4)]
+    bound = timed_steps(model, (synthetic[i % 4] for i in range(steps)), opt, crit, device,
+                        args.warmup, amp)
+    loader = DataLoader(tc.XrayArrays(arrays, y, tc.train_transform("reference", 224)),
+                        batch_size=args.batch_size, shuffle=True,
+                        pin_memory=device.type == "cuda")
+    real = timed_steps(model, limited(loader, steps), opt, crit, device, args.warmup, amp)
+    seed_tf = transforms.Compose([
+        transforms.Resize((224, 224)), transforms.RandomHorizontalFlip(),
+        transforms.RandomRotation(10), transforms.ColorJitter(brightness=0.1),
+        transforms.ToTensor(), transforms.Normalize(cc.IMAGENET_MEAN, cc.IMAGENET_STD)])
+    folder = datasets.ImageFolder(str(Path(args.data) / "train"), transform=seed_tf)
+    seed_loader = DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=2)
+    seed = timed_steps(model, limited(seed_loader, steps), opt, crit, device, args.warmup, amp)
+    bound2 = timed_steps(model, (synthetic[i % 4] for i in range(steps)), opt, crit, device,
+                         args.warmup, amp)  # again: the spread between the two bounds is noise
+    return bound, bound2, real, seed
+
+
+def prediction(args, device):
+    files = sorted(Path(args.fullres).glob("*.jp*g"))
+    if not files:
+        return None
+    files = (files * 4)[:64]
+    model, _ = cc.build_model(pretrained=False)
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    members = [(model, {"preprocessing": {"intensity": "none"}})]
+    bs = 16
+    ready = torch.randint(0, 255, (bs, 1, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        cc.pneumonia_probability(members, ready, [1.0])
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(len(files) // bs):
+            cc.pneumonia_probability(members, ready.to(device), [1.0])
+        sync(device)
+    bare = len(files) // bs * bs / (time.perf_counter() - t0)
+    loader = DataLoader(predict.FileImages(files, 224), batch_size=bs, num_workers=1,
+                        collate_fn=predict.collate)
+    t0 = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for items in loader:
+            gray = torch.from_numpy(np.stack([a for _, a, _ in items])).unsqueeze(1)
+            cc.pneumonia_probability(members, gray.to(device), [1.0])
+            n += len(items)
+    sync(device)
+    e2e = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for f in files[:16]:
+        cc.load_image_array(f, 224)
+    draft = 16 / (time.perf_counter() - t0)
+    from PIL import Image
+    t0 = time.perf_counter()
+    for f in files[:16]:
+        Image.open(f).convert("L").resize((224, 224), Image.Resampling.BILINEAR)
+    full = 16 / (time.perf_counter() - t0)
+    return bare, e2e, draft, full
+
+
+def main():
+    args = parse_args()
+    device = cc.pick_device(args.device)
+    amp = device.type == "cuda"
+    print(f"Device: {tc.hardware(device)}, torch {torch.__version__}, batch {args.batch_size}")
+    b1, b2, real, seed = training(args, device, amp)
+    bound = max(b1, b2)
+    print("\nTraining (MobileNetV2, 224 px, forward + backward + Adam step)")
+    print(f"  bound, synthetic tensors     : {b1:7.1f} and {b2:7.1f} img/s (two runs)")
+    print(f"  real loop (decoded once)     : {real:7.1f} img/s  ratio {real / bound:.2f}")
+    print(f"  seed-style ImageFolder + PIL : {seed:7.1f} img/s  ratio {seed / bound:.2f}")
+    pred = prediction(args, device)
+    if pred:
+        bare, e2e, draft, full = pred
+        print("\nPrediction on full-resolution JPEGs (batch 16, 1 decoding worker)")
+        print(f"  bare model on ready tensors  : {bare:7.1f} img/s")
+        print(f"  predict.py path end to end   : {e2e:7.1f} img/s  ratio {e2e / bare:.2f}")
+        print(f"  decode + resize, draft mode  : {draft:7.1f} img/s (one process)")
+        print(f"  decode + resize, full decode : {full:7.1f} img/s (one process)")
+
+
+if __name__ == "__main__":
+    main()
