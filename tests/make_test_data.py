@@ -12,7 +12,8 @@ from PIL import Image
 
 SRC = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/chest_xray")
 DST = Path(__file__).parent / "data" / "cxr64"
-MULTI = {"NORMAL": ["IM-0629", "IM-0553", "NORMAL2-IM-1345"], "PNEUMONIA": ["person23_", "person30_", "person124_"]}
+MULTI = {"NORMAL": ["IM-0629", "IM-0553", "NORMAL2-IM-1345"],
+         "PNEUMONIA": ["person23_", "person30_", "person124_"]}
 
 
 def pick(split, cls, n, rng):
