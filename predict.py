@@ -227,7 +227,7 @@ def main(argv=None):
     files = collect_inputs(args)
     todo = [p for p in files if cc.display_name(p) not in done]
     names = "ensemble of " + str(len(models)) if len(models) > 1 else str(model_paths[0])
-    print(f"Model: {names} | temperature {temperatures if len(temperatures) > 1 else temperatures[0]:}"
+    print(f"Model: {names} | temperature {', '.join(f'{t:.4f}' for t in temperatures)}"
           f" | threshold P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band "
           f"[{cal['band'][0]:.3f}, {cal['band'][1]:.3f})")
     if done:

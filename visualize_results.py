@@ -337,7 +337,7 @@ def main(argv=None):
     analysis = (
         f"Images: {len(y)} ({np.bincount(y, minlength=2).tolist()} NORMAL/PNEUMONIA) from {data}\n"
         f"Model: {names}\n"
-        f"Temperature: {temps[0] if len(temps) == 1 else temps}, threshold on "
+        f"Temperature: {', '.join(f'{t:.4f}' for t in temps)}, threshold on "
         f"P(PNEUMONIA): {thr:.4f}\n\n"
         f"Accuracy: {at_thr['accuracy'] * 100:.2f}%\n"
         f"Sensitivity (PNEUMONIA recall): {at_thr['sensitivity']:.4f}\n"
@@ -397,7 +397,8 @@ def main(argv=None):
     figures = ["confusion_matrix.png", "roc_curve.png", "pr_curve.png",
                "prediction_confidence.png", "reliability_diagram.png", "accuracy_coverage.png"]
     notes = [f"Data: {data} ({len(y)} images)", f"Model(s): {names}",
-             f"Threshold {thr:.4f} and temperature {temps} come from the checkpoint "
+             f"Threshold {thr:.4f} and temperature {', '.join(f'{t:.4f}' for t in temps)} come "
+             "from the checkpoint "
              "(chosen on validation data)."]
     if skipped:
         notes.append(f"Skipped {len(skipped)} unreadable file(s): "
