@@ -127,13 +127,13 @@ def print_block(row):
 def save_gradcam(path_out, gray, heat, row):
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
     axes[0].imshow(gray, cmap="gray", vmin=0, vmax=255)
-    axes[0].set_title("X-ray (model input)")
+    axes[0].set_title(f"X-ray ({gray.shape[1]} px, as decoded)")
     axes[1].imshow(overlay(gray, heat))
     axes[1].set_title(f"Grad-CAM for {row['prediction']} ({row['confidence'] * 100:.1f}%)")
     for ax in axes:
         ax.axis("off")
     fig.suptitle(f"{row['file']}\n{cc.DISCLAIMER}", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path_out, dpi=100)
     plt.close(fig)
 

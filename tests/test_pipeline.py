@@ -146,3 +146,17 @@ def test_scripts_have_help():
 def test_no_pretrained_trains_from_scratch(tmp_path):
     proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--no-pretrained"))
     assert "MobileNetV2 weights: random-init" in proc.stdout
+
+
+def test_shipped_model_on_bundled_examples(tmp_path):
+    """The README's main job: the default (shipped) model on examples/, with Grad-CAM."""
+    proc = run_script("predict.py", "--dir", ROOT / "examples", "--gradcam", "--out", tmp_path)
+    assert "Predicted 5 image(s)" in proc.stdout and "Skipped" not in proc.stdout
+    assert "threshold P(PNEUMONIA) >=" in proc.stdout
+    rows = {r["file"].split("/")[-1]: r for r in csv.DictReader(open(tmp_path / "predictions.csv"))}
+    # the two bundled test-split pneumonia images are ones the shipped model gets right
+    assert rows["person100_bacteria_475.jpeg"]["prediction"] == "PNEUMONIA"
+    assert rows["person10_virus_35.jpeg"]["prediction"] == "PNEUMONIA"
+    assert len(list(tmp_path.glob("*_gradcam.png"))) == 5
+    meta = torch.load(ROOT / "models" / "mobilenet_cxr.pth", weights_only=True)["meta"]
+    assert meta["recipe"] == "improved" and meta["calibration"]["temperature"] > 0
