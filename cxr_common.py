@@ -303,7 +303,7 @@ def decode_all(paths: list[Path], size: int, cache_dir=None, desc="decode") -> n
         out[i] = load_image_array(p, size)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npy")
+        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npy")  # DDP-safe
         np.save(tmp, out)
         os.replace(tmp, cache_file)
     return out
