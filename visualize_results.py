@@ -367,7 +367,9 @@ def main(argv=None):
                  for m, c in ((at_half, ci_half), (at_thr, ci_thr))]
         metric_rows.append((k, cells))
         print(f"  {k:<12} at 0.5: {cells[0]}   at {thr:.3f}: {cells[1]}")
-    metric_rows.append(("ECE (15 bins)", [f"{expected_calibration_error((p >= 0.5) == y, np.where(p >= 0.5, p, 1 - p))[0]:.4f}", f"{ece:.4f}"]))  # noqa: E501
+    pred_half, conf_half = confidence_of_prediction(p, 0.5)
+    ece_half, _ = expected_calibration_error(pred_half == y, conf_half)
+    metric_rows.append(("ECE (15 bins)", [f"{ece_half:.4f}", f"{ece:.4f}"]))
 
     plot_confusion(y, pred, out_dir / "confusion_matrix.png",
                    f"Confusion matrix (accuracy {at_thr['accuracy']:.1%})")
