@@ -28,6 +28,7 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm"}
 CHECKPOINT_FORMAT = "cxr-mobilenetv2/1"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "mobilenet_cxr.pth"  # shipped
 DISCLAIMER = (
     "Decision support only, not a diagnosis: a radiologist or physician must review "
     "every image."

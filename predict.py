@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 import cxr_common as cc  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "mobilenet_cxr.pth"
 CSV_FIELDS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
               "uncertain", "threshold", "temperature", "error"]
 
@@ -48,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--dir", action="append", default=[], help="a folder, searched recursively")
     p.add_argument("--model", action="append", default=[],
-                   help=f"checkpoint; repeat to average an ensemble (default {DEFAULT_MODEL})")
+                   help=f"checkpoint; repeat to average an ensemble (default {cc.DEFAULT_MODEL})")
     p.add_argument("--out", help="output folder (default outputs/predict_<timestamp>)")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted run in OUT_DIR, skipping files already done")
@@ -211,7 +210,7 @@ def main(argv=None):
     if not args.image and not args.dir:
         raise SystemExit("error: give --image FILE and/or --dir FOLDER (see --help)")
     device = cc.pick_device(args.device)
-    model_paths = args.model or [DEFAULT_MODEL]
+    model_paths = args.model or [cc.DEFAULT_MODEL]
     models, cal, size = cc.load_ensemble(model_paths, device)
     temperatures = cal["temperature"]
 

@@ -46,7 +46,6 @@ from tqdm import tqdm  # noqa: E402
 import cxr_common as cc  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "mobilenet_cxr.pth"
 CONFIDENT = 0.8
 ECE_BINS = 15
 
@@ -57,7 +56,7 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", action="append", default=[],
-                   help=f"checkpoint; repeat for an ensemble (default {DEFAULT_MODEL})")
+                   help=f"checkpoint; repeat for an ensemble (default {cc.DEFAULT_MODEL})")
     p.add_argument("--data", default="chest_xray/test",
                    help="folder with NORMAL/ and PNEUMONIA/ subfolders")
     p.add_argument("--out", help="output folder (default outputs/eval_<timestamp>)")
@@ -313,7 +312,7 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 def main(argv=None):
     args = parse_args(argv)
     device = cc.pick_device(args.device)
-    model_paths = args.model or [DEFAULT_MODEL]
+    model_paths = args.model or [cc.DEFAULT_MODEL]
     members, cal, size = cc.load_ensemble(model_paths, device)
     temps, thr = cal["temperature"], cal["threshold"]
     data = Path(args.data)
