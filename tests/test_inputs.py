@@ -194,6 +194,62 @@ def test_dicom_without_pydicom_says_how_to_fix(tmp_path):
     assert "pip install pydicom" in out
 
 
+def compressed_dicom(path, syntax, frame: bytes, rows, cols):
+    """A one-frame DICOM whose pixel data is encapsulated with the given transfer syntax."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.PatientName = "Secret^Patient"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_jpeg_compressed_dicom_decodes_with_the_installed_handler(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ref = Image.open(GOOD).convert("L")
+    buf = io.BytesIO()
+    ref.save(buf, "JPEG", quality=95)
+    path = compressed_dicom(tmp_path / "jpeg.dcm", JPEGBaseline8Bit, buf.getvalue(),
+                            ref.height, ref.width)
+    out = np.asarray(cc.read_image_gray(path)).astype(float)
+    assert np.abs(out - np.asarray(ref, dtype=float)).mean() < 2.0
+
+
+def test_compressed_dicom_without_a_handler_is_a_clear_one_line_error(model_path, tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.uid import JPEGLSLossless  # needs pylibjpeg-libjpeg, gdcm or pyjpegls
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    compressed_dicom(scans / "jpegls.dcm", JPEGLSLossless, b"\xff\xd8not-really-jpeg-ls\xff\xd9",
+                     64, 64)
+    (scans / "good.jpeg").write_bytes(GOOD.read_bytes())
+    proc = run_script("predict.py", "--model", model_path, "--dir", scans, "--out",
+                      tmp_path / "out")
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text and "Secret" not in text
+    lines = [s for s in text.splitlines() if "jpegls.dcm" in s]  # as it happens + summary
+    assert lines and all("cannot decode DICOM pixel data (JPEG-LS" in s and "pip install" in s
+                         for s in lines)
+    assert "Predicted 1 image(s)" in proc.stdout
+
+
 # --- fuzzing the decoder -------------------------------------------------------------
 
 JPEG_BYTES = GOOD.read_bytes()
