@@ -160,3 +160,27 @@ def test_shipped_model_on_bundled_examples(tmp_path):
     assert len(list(tmp_path.glob("*_gradcam.png"))) == 5
     meta = torch.load(ROOT / "models" / "mobilenet_cxr.pth", weights_only=True)["meta"]
     assert meta["recipe"] == "improved" and meta["calibration"]["temperature"] > 0
+
+
+def test_ablation_run_changes_one_part_and_never_reads_test(tmp_path):
+    proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--recipe",
+                                                    "improved", "--ablate", "equalize"))
+    assert "Test split not read" in proc.stdout and "Test Accuracy" not in proc.stdout
+    (run_dir,) = list(tmp_path.iterdir())
+    assert run_dir.name.endswith("improved-no-equalize_seed42")
+    meta = torch.load(run_dir / "mobilenet_cxr.pth", weights_only=True)["meta"]
+    assert meta["ablate"] == ["equalize"] and cc.intensity_of(meta) == "none"
+    assert meta["recipe_details"]["loss"].startswith("CrossEntropyLoss(class-balanced")
+    assert not any(k.startswith("test_") for k in meta["metrics"])
+    bad = run_script("train_cxray.py", "--ablate", "loss", check=False)
+    assert bad.returncode == 2 and "use it with --recipe improved" in bad.stderr
+
+
+def test_validation_check_scores_held_out_shifts(trained_run):
+    run_dir, _ = trained_run
+    proc = run_script("benchmarks/validation_check.py", "--markdown", run_dir)
+    for family in ("noise", "low-res", "jpeg-q15", "zoom-out", "off-centre", "edge-enhance"):
+        assert f"held-out: {family}" in proc.stdout
+    (row,) = [s for s in proc.stdout.splitlines() if s.startswith("| reference |")]
+    auc = float(row.split("|")[3])
+    assert 0.0 <= auc <= 1.0
