@@ -209,6 +209,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.image and not args.dir:
         raise SystemExit("error: give --image FILE and/or --dir FOLDER (see --help)")
+    cc.tune_cpu_allocator()  # ~2x faster CPU inference, see cxr_common
     device = cc.pick_device(args.device)
     model_paths = args.model or [cc.DEFAULT_MODEL]
     models, cal, size = cc.load_ensemble(model_paths, device)

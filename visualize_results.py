@@ -311,6 +311,7 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 
 def main(argv=None):
     args = parse_args(argv)
+    cc.tune_cpu_allocator()  # ~2x faster CPU inference, see cxr_common
     device = cc.pick_device(args.device)
     model_paths = args.model or [cc.DEFAULT_MODEL]
     members, cal, size = cc.load_ensemble(model_paths, device)
