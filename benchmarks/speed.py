@@ -10,6 +10,12 @@
    transforms, decoding JPEGs every epoch) beside it.
 2. Prediction: predict.py's path on full-resolution JPEGs (worker decoding with
    Pillow's draft mode, batched inference) divided by the bare model on ready tensors.
+   Also printed: the ceiling of that ratio if decoding and the network shared the cores
+   perfectly, 1 / (1 + bare / (cores x decode rate of one core)).
+
+A shared 2-core machine is noisy (two identical bound runs have differed by 25%), so
+each pair is measured in --rounds interleaved rounds and the ratio of the medians is
+reported beside the per-round ratios. Run it with nothing else on the CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ def parse_args():
     p.add_argument("--fullres", default=str(ROOT.parent / "shared/data/samples/fullres"))
     p.add_argument("--batches", type=int, default=16, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats of each pair")
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="glibc's default malloc thresholds (as before cc.tune_cpu_allocator)")
+    p.add_argument("--skip-training", action="store_true", help="prediction figures only")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     return p.parse_args()
@@ -93,12 +103,15 @@ def training(args, device, amp):
 
     synthetic = [(torch.randn(args.batch_size, 3, 224, 224),
                   torch.randint(0, 2, (args.batch_size,))) for _ in range(4)]
-    bound = timed_steps(model, (synthetic[i % 4] for i in range(steps)), opt, crit, device,
-                        args.warmup, amp)
     loader = DataLoader(tc.XrayArrays(arrays, y, tc.train_transform("reference", 224)),
                         batch_size=args.batch_size, shuffle=True,
                         pin_memory=device.type == "cuda")
-    real = timed_steps(model, limited(loader, steps), opt, crit, device, args.warmup, amp)
+    bounds, reals = [], []
+    for _ in range(args.rounds):  # interleaved, so that drifts hit both alike
+        bounds.append(timed_steps(model, (synthetic[i % 4] for i in range(steps)), opt, crit,
+                                  device, args.warmup, amp))
+        reals.append(timed_steps(model, limited(loader, steps), opt, crit, device,
+                                 args.warmup, amp))
     seed_tf = transforms.Compose([
         transforms.Resize((224, 224)), transforms.RandomHorizontalFlip(),
         transforms.RandomRotation(10), transforms.ColorJitter(brightness=0.1),
@@ -106,9 +119,7 @@ def training(args, device, amp):
     folder = datasets.ImageFolder(str(Path(args.data) / "train"), transform=seed_tf)
     seed_loader = DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=2)
     seed = timed_steps(model, limited(seed_loader, steps), opt, crit, device, args.warmup, amp)
-    bound2 = timed_steps(model, (synthetic[i % 4] for i in range(steps)), opt, crit, device,
-                         args.warmup, amp)  # again: the spread between the two bounds is noise
-    return bound, bound2, real, seed
+    return bounds, reals, seed
 
 
 def prediction(args, device):
@@ -119,60 +130,88 @@ def prediction(args, device):
     model, _ = cc.build_model(pretrained=False)
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     members = [(model, {"preprocessing": {"intensity": "none"}})]
-    bs = 16
+    bs = args.batch_size
     ready = torch.randint(0, 255, (bs, 1, 224, 224), dtype=torch.uint8)
-    with torch.no_grad():
-        cc.pneumonia_probability(members, ready, [1.0])
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(len(files) // bs):
+
+    def bare_rate():
+        with torch.no_grad():
             cc.pneumonia_probability(members, ready.to(device), [1.0])
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(len(files) // bs):
+                cc.pneumonia_probability(members, ready.to(device), [1.0])
+            sync(device)
+        return len(files) // bs * bs / (time.perf_counter() - t0)
+
+    def end_to_end_rate():  # predict.py's loader and inference, minus the printing
+        loader = DataLoader(predict.FileImages(files, 224), batch_size=bs, num_workers=1,
+                            collate_fn=predict.collate)
+        n = 0
+        with torch.no_grad():
+            for b, items in enumerate(loader):
+                if b == 1:  # the first batch pays for the worker's start-up
+                    t0, n = time.perf_counter(), 0
+                gray = torch.from_numpy(np.stack([a for _, a, _ in items])).unsqueeze(1)
+                cc.pneumonia_probability(members, gray.to(device), [1.0])
+                n += len(items)
         sync(device)
-    bare = len(files) // bs * bs / (time.perf_counter() - t0)
-    loader = DataLoader(predict.FileImages(files, 224), batch_size=bs, num_workers=1,
-                        collate_fn=predict.collate)
-    n = 0
-    with torch.no_grad():
-        for b, items in enumerate(loader):
-            if b == 1:  # the first batch pays for the worker's start-up
-                t0, n = time.perf_counter(), 0
-            gray = torch.from_numpy(np.stack([a for _, a, _ in items])).unsqueeze(1)
-            cc.pneumonia_probability(members, gray.to(device), [1.0])
-            n += len(items)
-    sync(device)
-    e2e = n / (time.perf_counter() - t0)
+        return n / (time.perf_counter() - t0)
+
+    bares, e2es = [], []
+    for _ in range(args.rounds):
+        bares.append(bare_rate())
+        e2es.append(end_to_end_rate())
     t0 = time.perf_counter()
-    for f in files[:16]:
+    for f in files[:32]:
         cc.load_image_array(f, 224)
-    draft = 16 / (time.perf_counter() - t0)
+    draft = 32 / (time.perf_counter() - t0)
     from PIL import Image
     t0 = time.perf_counter()
-    for f in files[:16]:
+    for f in files[:32]:
         Image.open(f).convert("L").resize((224, 224), Image.Resampling.BILINEAR)
-    full = 16 / (time.perf_counter() - t0)
-    return bare, e2e, draft, full
+    full = 32 / (time.perf_counter() - t0)
+    return bares, e2es, draft, full
+
+
+def pair(name_a, a, name_b, b, unit="img/s"):
+    """Medians of two interleaved series, their ratio and the per-round ratios."""
+    ma, mb = float(np.median(a)), float(np.median(b))
+    rounds = " ".join(f"{x / y:.2f}" for x, y in zip(b, a))
+    print(f"  {name_a:<29}: {ma:7.1f} {unit} (rounds: {' '.join(f'{x:.1f}' for x in a)})")
+    print(f"  {name_b:<29}: {mb:7.1f} {unit} (rounds: {' '.join(f'{x:.1f}' for x in b)})")
+    print(f"  ratio of medians             : {mb / ma:7.2f}      (per round: {rounds})")
+    return mb / ma
 
 
 def main():
     args = parse_args()
     device = cc.pick_device(args.device)
     amp = device.type == "cuda"
-    print(f"Device: {tc.hardware(device)}, torch {torch.__version__}, batch {args.batch_size}")
-    b1, b2, real, seed = training(args, device, amp)
-    bound = max(b1, b2)
-    print("\nTraining (MobileNetV2, 224 px, forward + backward + Adam step)")
-    print(f"  bound, synthetic tensors     : {b1:7.1f} and {b2:7.1f} img/s (two runs)")
-    print(f"  real loop (decoded once)     : {real:7.1f} img/s  ratio {real / bound:.2f}")
-    print(f"  seed-style ImageFolder + PIL : {seed:7.1f} img/s  ratio {seed / bound:.2f}")
+    tuned = False if args.no_tune_allocator else cc.tune_cpu_allocator()
+    print(f"Device: {tc.hardware(device)}, torch {torch.__version__}, batch {args.batch_size}, "
+          f"CPU allocator tuned (cc.tune_cpu_allocator): {tuned}")
+    # Prediction first: a training step's large frees would raise glibc's thresholds by
+    # themselves and hide what the allocator tuning does.
     pred = prediction(args, device)
     if pred:
-        bare, e2e, draft, full = pred
-        print("\nPrediction on full-resolution JPEGs (batch 16, 1 decoding worker, "
-              "after its first batch)")
-        print(f"  bare model on ready tensors  : {bare:7.1f} img/s")
-        print(f"  predict.py path end to end   : {e2e:7.1f} img/s  ratio {e2e / bare:.2f}")
+        bares, e2es, draft, full = pred
+        print(f"\nPrediction on full-resolution JPEGs (batch {args.batch_size}, 1 decoding "
+              f"worker, after its first batch), {args.rounds} interleaved rounds")
+        pair("bare model on ready tensors", bares, "predict.py path end to end", e2es)
         print(f"  decode + resize, draft mode  : {draft:7.1f} img/s (one process)")
         print(f"  decode + resize, full decode : {full:7.1f} img/s (one process)")
+        if device.type == "cpu":
+            cores = torch.get_num_threads()
+            ceiling = 1 / (1 + float(np.median(bares)) / (cores * draft))
+            print(f"  ceiling of the ratio with perfect sharing of {cores} cores: {ceiling:.2f}")
+    if args.skip_training:
+        return
+    bounds, reals, seed = training(args, device, amp)
+    print(f"\nTraining (MobileNetV2, 224 px, forward + backward + Adam step), "
+          f"{args.rounds} interleaved rounds")
+    pair("bound, synthetic tensors", bounds, "real loop (decoded once)", reals)
+    print(f"  seed-style ImageFolder + PIL : {seed:7.1f} img/s  ratio "
+          f"{seed / np.median(bounds):.2f} (one run)")
 
 
 if __name__ == "__main__":
