@@ -90,6 +90,12 @@ ABLATIONS = {
     "augment": "the reference augmentation (flip, rotation 10, brightness 0.1)",
     "loss": "plain cross-entropy (no class weights, no label smoothing)",
 }
+# Candidate additions, measured on validation before any recipe adopts them
+# (python train_cxray.py --recipe improved --add X --skip-test).
+ADDITIONS = {
+    "noise": "Gaussian sensor noise (sd 0.05 of the range, ~13 grey levels) on half the "
+             "images, before equalisation",
+}
 TARGET_SENSITIVITY = 0.97
 BAND_LEVEL = 0.995
 STRESS_COPIES = 3
@@ -120,12 +126,14 @@ def parse_args(argv=None):
                    help="where decoded uint8 arrays are kept ('' to disable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--skip-test", action="store_true",
-                   help="do not read the test split (development runs; implied by --ablate)")
+                   help="do not read the test split (development runs; implied by --ablate, --add)")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS),
                    help="improved recipe without this component (repeatable; ablation runs)")
+    p.add_argument("--add", action="append", default=[], choices=sorted(ADDITIONS),
+                   help="improved recipe plus this candidate (repeatable; validation runs)")
     args = p.parse_args(argv)
-    if args.ablate and args.recipe != "improved":
-        p.error("--ablate removes parts of the improved recipe: use it with --recipe improved")
+    if (args.ablate or args.add) and args.recipe != "improved":
+        p.error("--ablate and --add change the improved recipe: use them with --recipe improved")
     recipe = RECIPES[args.recipe]
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is None:
@@ -228,7 +236,7 @@ class XrayArrays(Dataset):
         return x, int(self.labels[i])
 
 
-def train_transform(recipe: str, size: int, ablate=()):
+def train_transform(recipe: str, size: int, ablate=(), add=()):
     reference = [
         v2.RandomHorizontalFlip(),
         v2.RandomRotation(10),
@@ -244,7 +252,10 @@ def train_transform(recipe: str, size: int, ablate=()):
     ]
     # the same per-image equalisation as at prediction time
     equalize = [] if "equalize" in ablate else [v2.Lambda(cc.equalize)]
-    return v2.Compose(equalize + (reference if "augment" in ablate else stronger))
+    noise = [v2.RandomApply([v2.ToDtype(torch.float32, scale=True), v2.GaussianNoise(sigma=0.05),
+                             v2.ToDtype(torch.uint8, scale=True)], p=0.5)] \
+        if "noise" in add else []  # v2.GaussianNoise: torchvision >= 0.20
+    return v2.Compose(noise + equalize + (reference if "augment" in ablate else stronger))
 
 
 def recipe_of(args) -> dict:
@@ -259,6 +270,10 @@ def recipe_of(args) -> dict:
         recipe["loss"] = RECIPES["reference"]["loss"]
     if ablate:
         recipe["ablated"] = {a: ABLATIONS[a] for a in ablate}
+    add = getattr(args, "add", [])
+    if add:
+        recipe["augment"] += "; plus " + "; ".join(ADDITIONS[a] for a in add)
+        recipe["added"] = {a: ADDITIONS[a] for a in add}
     return recipe
 
 
@@ -506,7 +521,8 @@ def main(argv=None):
     if resume_dir:
         run_dir = resume_dir
     elif rank == 0:
-        name = args.recipe + "".join(f"-no-{a}" for a in getattr(args, "ablate", []))
+        name = args.recipe + "".join(f"-no-{a}" for a in getattr(args, "ablate", [])) \
+            + "".join(f"+{a}" for a in getattr(args, "add", []))
         run_dir = cc.unique_dir(args.out, f"{ts}_{name}_seed{args.seed}")
     if world > 1:  # every process needs rank 0's folder name
         names = [str(run_dir) if rank == 0 else None]
@@ -526,11 +542,14 @@ def main(argv=None):
               f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})")
     recipe = recipe_of(args)
     intensity = recipe["intensity"]
-    skip_test = getattr(args, "skip_test", False) or bool(recipe.get("ablated"))
+    skip_test = (getattr(args, "skip_test", False) or bool(recipe.get("ablated"))
+                 or bool(recipe.get("added")))
     if recipe.get("ablated"):
         log(rank, f"Ablation: {'; '.join(recipe['ablated'].values())}")
-    train_set = XrayArrays(x_train, y_train, train_transform(args.recipe, args.image_size,
-                                                             getattr(args, "ablate", [])))
+    if recipe.get("added"):
+        log(rank, f"Candidate addition: {'; '.join(recipe['added'].values())}")
+    train_set = XrayArrays(x_train, y_train, train_transform(
+        args.recipe, args.image_size, getattr(args, "ablate", []), getattr(args, "add", [])))
     loader_gen = torch.Generator().manual_seed(args.seed)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
         if world > 1 else None
@@ -621,7 +640,7 @@ def main(argv=None):
     metrics = {"best_epoch": best["epoch"], "val_f1": val["f1"], "val_acc": val["acc"],
                "val_auc": val["auc"]}
     if skip_test:
-        test_text = ("Test split not read: development run (--skip-test or --ablate); "
+        test_text = ("Test split not read: development run (--skip-test, --ablate or --add); "
                      "decide on validation, evaluate the final recipe once.\n")
     else:
         x_test = cc.decode_all(test_paths, args.image_size, args.cache_dir or None, "test")
@@ -641,6 +660,7 @@ def main(argv=None):
 
     meta = cc.base_meta(args.image_size, intensity)
     meta.update(recipe=args.recipe, recipe_details=recipe, ablate=getattr(args, "ablate", []),
+                add=getattr(args, "add", []),
                 seed=args.seed,
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 weights=weight_source, validation=val_source, metrics=metrics,

@@ -110,7 +110,8 @@ def check(run: Path) -> dict:
     x = np.stack([cc.load_image_array(r["file"], size) for r in rows])
     y = np.array([cc.CLASS_NAMES.index(r["label"]) for r in rows])
     cal = cc.calibration(meta)
-    name = meta["recipe"] + "".join(f" -{a}" for a in meta.get("ablate", []))
+    name = meta["recipe"] + "".join(f" -{a}" for a in meta.get("ablate", [])) \
+        + "".join(f" +{a}" for a in meta.get("add", []))
     print(f"{run.name} ({name}, seed {meta['seed']}, temperature {cal['temperature']:.3f}, "
           f"threshold {cal['threshold']:.4f})", flush=True)
 
