@@ -142,27 +142,41 @@ def test_monochrome1_is_the_exact_negative_of_its_twin():
     assert (mono1 == 255 - twin).all()
 
 
-def test_16bit_dicom_with_rescale_and_window(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+def grey_dicom(path, syntax, pixel_data, rows, cols, bits=8, stored=8, **tags):
+    """A one-frame MONOCHROME2 DICOM with a fake patient name, written to path."""
+    import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
-    arr = (np.asarray(Image.open(GOOD).convert("L")).astype(np.uint16) * 16)  # 12-bit
     meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.PatientName = "Secret^Patient"
-    ds.Rows, ds.Columns = arr.shape
+    ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.WindowCenter, ds.WindowWidth = 1024, 4096
-    ds.PixelData = arr.tobytes()
-    path = tmp_path / "x16.dcm"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        bits, stored, stored - 1, 0)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixel_data
+    if syntax.is_compressed:
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
     ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_16bit_dicom_with_rescale_and_window(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    arr = (np.asarray(Image.open(GOOD).convert("L")).astype(np.uint16) * 16)  # 12-bit
+    path = grey_dicom(tmp_path / "x16.dcm", ExplicitVRLittleEndian, arr.tobytes(), *arr.shape,
+                      bits=16, stored=12, RescaleSlope=1, RescaleIntercept=-1024,
+                      WindowCenter=1024, WindowWidth=4096)
     out = np.asarray(cc.read_image_gray(path)).astype(int)
     ref = np.asarray(Image.open(GOOD).convert("L")).astype(int)
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
@@ -196,26 +210,9 @@ def test_dicom_without_pydicom_says_how_to_fix(tmp_path):
 
 def compressed_dicom(path, syntax, frame: bytes, rows, cols):
     """A one-frame DICOM whose pixel data is encapsulated with the given transfer syntax."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import generate_uid
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = syntax
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.PatientName = "Secret^Patient"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = encapsulate([frame])
-    ds["PixelData"].VR = "OB"
-    ds["PixelData"].is_undefined_length = True
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return grey_dicom(path, syntax, encapsulate([frame]), rows, cols)
 
 
 def test_jpeg_compressed_dicom_decodes_with_the_installed_handler(tmp_path):
