@@ -261,7 +261,7 @@ def train_transform(recipe: str, size: int, ablate=(), add=()):
 def recipe_of(args) -> dict:
     """The recipe's settings as run, with any --ablate replacements written in."""
     recipe = dict(RECIPES[args.recipe])
-    ablate = getattr(args, "ablate", [])
+    ablate, add = args.ablate, args.add
     if "equalize" in ablate:
         recipe["intensity"] = "none"
     if "augment" in ablate:
@@ -270,7 +270,6 @@ def recipe_of(args) -> dict:
         recipe["loss"] = RECIPES["reference"]["loss"]
     if ablate:
         recipe["ablated"] = {a: ABLATIONS[a] for a in ablate}
-    add = getattr(args, "add", [])
     if add:
         recipe["augment"] += "; plus " + "; ".join(ADDITIONS[a] for a in add)
         recipe["added"] = {a: ADDITIONS[a] for a in add}
@@ -401,7 +400,7 @@ def make_optimisation(args, model, y_train, steps_per_epoch, device):
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max",
                                                                factor=0.5, patience=2)
         return nn.CrossEntropyLoss(), optimizer, scheduler, False
-    if "loss" in getattr(args, "ablate", []):
+    if "loss" in args.ablate:
         criterion = nn.CrossEntropyLoss()
     else:
         counts = np.bincount(y_train, minlength=2)
@@ -508,6 +507,7 @@ def main(argv=None):
     if resume_dir:
         resumed = load_state(resume_dir)
         saved = json.loads(resumed["args"])
+        saved = {"ablate": [], "add": [], "skip_test": False, **saved}  # older run states
         saved.update(resume=args.resume, device=args.device, workers=args.workers)
         args = argparse.Namespace(**saved)
     world, rank, device = setup_distributed(args.device)
@@ -521,8 +521,8 @@ def main(argv=None):
     if resume_dir:
         run_dir = resume_dir
     elif rank == 0:
-        name = args.recipe + "".join(f"-no-{a}" for a in getattr(args, "ablate", [])) \
-            + "".join(f"+{a}" for a in getattr(args, "add", []))
+        name = args.recipe + "".join(f"-no-{a}" for a in args.ablate) \
+            + "".join(f"+{a}" for a in args.add)
         run_dir = cc.unique_dir(args.out, f"{ts}_{name}_seed{args.seed}")
     if world > 1:  # every process needs rank 0's folder name
         names = [str(run_dir) if rank == 0 else None]
@@ -542,14 +542,13 @@ def main(argv=None):
               f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})")
     recipe = recipe_of(args)
     intensity = recipe["intensity"]
-    skip_test = (getattr(args, "skip_test", False) or bool(recipe.get("ablated"))
-                 or bool(recipe.get("added")))
+    skip_test = bool(args.skip_test or args.ablate or args.add)
     if recipe.get("ablated"):
         log(rank, f"Ablation: {'; '.join(recipe['ablated'].values())}")
     if recipe.get("added"):
         log(rank, f"Candidate addition: {'; '.join(recipe['added'].values())}")
-    train_set = XrayArrays(x_train, y_train, train_transform(
-        args.recipe, args.image_size, getattr(args, "ablate", []), getattr(args, "add", [])))
+    train_set = XrayArrays(x_train, y_train, train_transform(args.recipe, args.image_size,
+                                                             args.ablate, args.add))
     loader_gen = torch.Generator().manual_seed(args.seed)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
         if world > 1 else None
@@ -659,8 +658,8 @@ def main(argv=None):
     print("\n" + test_text, flush=True)
 
     meta = cc.base_meta(args.image_size, intensity)
-    meta.update(recipe=args.recipe, recipe_details=recipe, ablate=getattr(args, "ablate", []),
-                add=getattr(args, "add", []),
+    meta.update(recipe=args.recipe, recipe_details=recipe, ablate=args.ablate,
+                add=args.add,
                 seed=args.seed,
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 weights=weight_source, validation=val_source, metrics=metrics,
