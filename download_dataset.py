@@ -22,8 +22,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image
-
 import cxr_common as cc
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
@@ -41,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["symlink", "copy"], default="symlink",
                    help="link the split folders to the source, or copy them")
     p.add_argument("--check", choices=["quick", "full", "none"], default="quick",
-                   help="quick: check every file's header; full: decode every image")
+                   help="quick: decode every image at reduced scale (finds truncated and "
+                        "corrupt files); full: decode at full resolution")
     p.add_argument("--force", action="store_true", help="replace an existing --dest")
     return p.parse_args(argv)
 
@@ -87,10 +86,23 @@ def find_layout_root(top: Path) -> Path:
     return min(candidates, key=lambda p: len(p.parts))
 
 
+def inside(a: Path, b: Path) -> bool:
+    """Whether folder a is b or lies inside b (after resolving links)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
 def lay_out(root: Path, dest: Path, mode: str, force: bool):
     if dest.exists() or dest.is_symlink():
         if dest.resolve() == root.resolve():
             return
+        sources = [root / s for s in SPLITS if (root / s).is_dir()]
+        if not dest.is_symlink() and any(inside(s, dest) or inside(dest, s) for s in sources):
+            # e.g. the Kaggle archive unzipped into chest_xray/ gives chest_xray/chest_xray/:
+            # replacing --dest would delete the data this command reads
+            fail(f"the dataset found in {root} lies inside --dest {dest}, so replacing {dest} "
+                 f"would delete it: use it where it is with --dest {root} (or "
+                 f"train_cxray.py --data {root}), or choose another --dest")
         if not force:
             if is_layout(dest):
                 print(f"{dest}/ already exists; checking it (use --force to replace it)")
@@ -112,18 +124,12 @@ def lay_out(root: Path, dest: Path, mode: str, force: bool):
 
 
 def check_file(path: Path, how: str) -> str | None:
-    """None if the file is a usable image, else the reason."""
-    if how == "full":
-        try:
-            cc.read_image_gray(path)
-        except cc.ImageReadError as e:
-            return str(e)
-        return None
+    """None if the file is a usable image, else the reason. Both checks decode every
+    pixel (a header check misses truncated JPEGs); quick decodes JPEGs at reduced scale."""
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e)[:80]}"
+        cc.read_image_gray(path, draft_size=cc.IMAGE_SIZE if how == "quick" else None)
+    except cc.ImageReadError as e:
+        return str(e)
     return None
 
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +39,8 @@ import cxr_common as cc  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
 CSV_FIELDS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
-              "uncertain", "threshold", "temperature", "error"]
+              "uncertain", "threshold", "temperature", "error", "model", "resolved_path"]
+MANIFEST = "run.json"  # what made this folder's rows: --resume must match it
 
 
 def parse_args(argv=None):
@@ -48,16 +52,24 @@ def parse_args(argv=None):
     p.add_argument("--dir", action="append", default=[], help="a folder, searched recursively")
     p.add_argument("--model", action="append", default=[],
                    help=f"checkpoint; repeat to average an ensemble (default {cc.DEFAULT_MODEL})")
-    p.add_argument("--out", help="output folder (default outputs/predict_<timestamp>)")
+    p.add_argument("--out", type=cc.folder_or_new,
+                   help="a NEW output folder (default outputs/predict_<timestamp>)")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted run in OUT_DIR, skipping files already done")
     p.add_argument("--json", action="store_true", help="also write predictions.jsonl")
     p.add_argument("--gradcam", action="store_true", help="write <name>_gradcam.png per image")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1, help="decoding worker processes")
+    p.add_argument("--batch-size", type=cc.positive_int, default=32)
+    p.add_argument("--workers", type=cc.nonnegative_int, default=1,
+                   help="decoding worker processes (0: decode in the main process)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="one line per image, not the block")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out and args.resume:
+        p.error("give --out for a new run or --resume for an interrupted one, not both")
+    if args.out and Path(args.out).exists():
+        p.error(f"--out {args.out} already exists: each run writes to a new folder "
+                f"(use --resume {args.out} to continue that run)")
+    return args
 
 
 # ---------------------------------------------------------------------------------
@@ -65,14 +77,31 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------
 
 
-def collect_inputs(args) -> list[Path]:
-    files = [Path(f) for f in args.image]
+def collect_inputs(args) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files to predict (each once, by resolved path) and the ones not read, with why."""
+    files, not_read = [Path(f) for f in args.image], []
     for d in args.dir:
         if not Path(d).is_dir():
-            print(f"skipped: {cc.display_name(d)}: not a folder", file=sys.stderr)
+            not_read.append((Path(d), "not a folder"))
             continue
-        files += cc.list_images(d)
-    return files
+        images, others = cc.scan_folder(d)
+        files += images
+        not_read += others
+    unique, seen = [], set()
+    for f in files:
+        key = resolved(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, not_read
+
+
+def resolved(path) -> str:
+    """The key a file is known by across runs: its absolute, resolved path."""
+    try:
+        return cc.display_name(Path(path).resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return cc.display_name(Path(path).absolute())
 
 
 class FileImages(Dataset):
@@ -83,10 +112,8 @@ class FileImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            return i, cc.load_image_array(self.paths[i], self.size), ""
-        except cc.ImageReadError as e:
-            return i, None, str(e)
+        array, error = cc.try_load_image_array(self.paths[i], self.size)
+        return i, array, error
 
 
 def collate(items):
@@ -98,17 +125,24 @@ def collate(items):
 # ---------------------------------------------------------------------------------
 
 
-def result_row(name, p_pneu, cal, temperatures):
+def result_row(path, p_pneu, cal, temperatures, model_id):
     pred = 1 if p_pneu >= cal["threshold"] else 0
     conf = p_pneu if pred == 1 else 1.0 - p_pneu
     uncertain = cal["band"][0] <= p_pneu < cal["band"][1]
     return {
-        "file": name, "prediction": cc.CLASS_NAMES[pred], "confidence": round(conf, 6),
-        "prob_normal": round(1.0 - p_pneu, 6), "prob_pneumonia": round(p_pneu, 6),
-        "uncertain": uncertain, "threshold": cal["threshold"],
+        "file": cc.display_name(path), "prediction": cc.CLASS_NAMES[pred],
+        "confidence": round(conf, 6), "prob_normal": round(1.0 - p_pneu, 6),
+        "prob_pneumonia": round(p_pneu, 6), "uncertain": uncertain,
+        "threshold": cal["threshold"],
         "temperature": temperatures[0] if len(temperatures) == 1 else temperatures,
-        "error": "",
+        "error": "", "model": model_id, "resolved_path": resolved(path),
     }
+
+
+def error_row(path, reason, model_id):
+    return dict.fromkeys(CSV_FIELDS, "") | {
+        "file": cc.display_name(path), "error": reason, "model": model_id,
+        "resolved_path": resolved(path)}
 
 
 def print_block(row):
@@ -123,12 +157,13 @@ def print_block(row):
     print(f"  PNEUMONIA: {row['prob_pneumonia'] * 100:.2f}%")
 
 
-def save_gradcam(path_out, gray, heat, row):
+def save_gradcam(path_out, gray, heat, row, explained):
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
     axes[0].imshow(gray, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title(f"X-ray ({gray.shape[1]} px, as decoded)")
     axes[1].imshow(overlay(gray, heat))
-    axes[1].set_title(f"Grad-CAM for {row['prediction']} ({row['confidence'] * 100:.1f}%)")
+    axes[1].set_title(f"Grad-CAM for {row['prediction']} ({row['confidence'] * 100:.1f}%)"
+                      + (f"\n{explained}" if explained else ""), fontsize=10)
     for ax in axes:
         ax.axis("off")
     fig.suptitle(f"{row['file']}\n{cc.DISCLAIMER}", fontsize=8)
@@ -146,63 +181,164 @@ def unused_name(folder: Path, stem: str, suffix: str) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------
+# The output folder: predictions.csv (and .jsonl), appended batch by batch, and a
+# manifest of what made them, so that --resume continues only the same run.
+# ---------------------------------------------------------------------------------
+
+
+def run_manifest(model_paths, members, cal, json_lines) -> dict:
+    hashes = [cc.sha256_file(p) for p in model_paths]
+    model_id = hashlib.sha256("".join(hashes).encode()).hexdigest()[:12]
+    return {
+        "model_id": model_id,
+        "members": [{"path": str(p), "sha256": h,
+                     "preprocessing": m["preprocessing"]} for p, h, (_, m)
+                    in zip(model_paths, hashes, members)],
+        "calibration": cal,
+        "json": json_lines,
+    }
+
+
+def check_resumable(out_dir: Path, manifest: dict) -> dict:
+    """The manifest of the run in out_dir; exits if this invocation would mix results."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise SystemExit(f"error: --resume: {out_dir} has no {MANIFEST}, so it cannot be "
+                         "checked that the same model made its rows; start a new run")
+    old = json.loads(path.read_text(encoding="utf-8"))
+    for key, what in (("model_id", "model file(s)"), ("calibration", "calibration"),
+                      ("members", "model files or preprocessing")):
+        a, b = old.get(key), manifest[key]
+        if key == "members":
+            a = [(m["sha256"], m["preprocessing"]) for m in a or []]
+            b = [(m["sha256"], m["preprocessing"]) for m in b]
+        if a != b:
+            raise SystemExit(f"error: --resume: the {what} differ from the run in {out_dir} "
+                             f"(see its {MANIFEST}); give the same --model, or start a new run")
+    return old
+
+
 class ResultWriter:
-    """Appends rows to predictions.csv (and .jsonl), flushing after every batch."""
+    """Appends rows to predictions.csv (and .jsonl): each batch is written with one
+    write call per file, JSONL first, so a kill leaves at most one cut-off record."""
 
     def __init__(self, out_dir: Path, json_lines: bool):
         self.csv_path = out_dir / "predictions.csv"
-        new = not self.csv_path.exists()
-        self.csv_file = open(self.csv_path, "a", newline="", encoding="utf-8")
-        self.csv = csv.DictWriter(self.csv_file, fieldnames=CSV_FIELDS)
-        if new:
-            self.csv.writeheader()
-        self.jsonl = open(out_dir / "predictions.jsonl", "a", encoding="utf-8") \
-            if json_lines else None
+        self.jsonl_path = out_dir / "predictions.jsonl" if json_lines else None
+        if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
+            self._append(self.csv_path, self._csv_text([dict(zip(CSV_FIELDS, CSV_FIELDS))]))
+
+    @staticmethod
+    def _csv_text(rows) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\r\n")
+        for row in rows:
+            w.writerow(row)
+        return buf.getvalue()
+
+    @staticmethod
+    def _append(path: Path, text: str):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
 
     def write(self, rows):
-        for row in rows:
-            flat = dict(row, temperature=json.dumps(row["temperature"]))
-            self.csv.writerow(flat)
-            if self.jsonl:
-                self.jsonl.write(json.dumps(row) + "\n")
-        self.csv_file.flush()
-        if self.jsonl:
-            self.jsonl.flush()
-
-    def close(self):
-        self.csv_file.close()
-        if self.jsonl:
-            self.jsonl.close()
+        if self.jsonl_path:
+            self._append(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows))
+        flat = [dict(r, temperature=json.dumps(r["temperature"]) if r["temperature"] != "" else "")
+                for r in rows]
+        self._append(self.csv_path, self._csv_text(flat))
 
 
-def done_files(out_dir: Path) -> set[str]:
-    """Files already in predictions.csv: the part of the run that --resume keeps.
-
-    A row cut off by a kill is dropped, together with everything after it."""
-    path = out_dir / "predictions.csv"
+def complete_csv_rows(path: Path) -> list[dict]:
+    """The complete data rows of predictions.csv; a record cut off by a kill is dropped."""
     if not path.exists():
-        return set()
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    good = [ln for ln in lines if ln.endswith("\n")]
-    path.write_text("".join(good), encoding="utf-8")  # drop a half-written last line
-    with open(path, newline="", encoding="utf-8") as f:
-        done = {row["file"] for row in csv.DictReader(f)}
-    jsonl = out_dir / "predictions.jsonl"
-    if jsonl.exists():  # keep the JSONL consistent with the CSV
-        keep = []
-        for ln in jsonl.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(ln)["file"] in done:
-                    keep.append(ln + "\n")
-            except (json.JSONDecodeError, KeyError):
-                pass
-        jsonl.write_text("".join(keep), encoding="utf-8")
+        return []
+    text = path.read_bytes().decode("utf-8", "replace")
+    records = []
+    try:
+        for rec in csv.reader(io.StringIO(text, newline="")):
+            records.append(rec)
+    except csv.Error:  # a quoted field cut off at the end of the file
+        pass
+    else:
+        if records and not text.endswith("\r\n"):
+            records.pop()  # the last record has no line end: cut off
+    if records and records[0] == CSV_FIELDS:
+        records = records[1:]
+    return [dict(zip(CSV_FIELDS, r)) for r in records if len(r) == len(CSV_FIELDS)]
+
+
+def complete_jsonl_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_bytes().decode("utf-8", "replace").split("\n"):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "resolved_path" in row:
+            rows.append(row)
+    return rows
+
+
+def done_files(out_dir: Path, json_lines: bool) -> set[str]:
+    """Resolved paths already predicted: rows present in the CSV (and the JSONL, when
+    written). Both files are rewritten to exactly those rows, so after any kill they
+    agree; everything else is redone."""
+    csv_rows = complete_csv_rows(out_dir / "predictions.csv")
+    done = {r["resolved_path"] for r in csv_rows}
+    jsonl_rows = []
+    if json_lines:
+        jsonl_rows = complete_jsonl_rows(out_dir / "predictions.jsonl")
+        done &= {r["resolved_path"] for r in jsonl_rows}
+    keep_csv = [r for r in csv_rows if r["resolved_path"] in done]
+    text = ResultWriter._csv_text([dict(zip(CSV_FIELDS, CSV_FIELDS)), *keep_csv])
+    cc.write_atomic(out_dir / "predictions.csv", lambda f: f.write(text.encode("utf-8")))
+    if json_lines:
+        seen, lines = set(), []
+        for r in jsonl_rows:
+            if r["resolved_path"] in done and r["resolved_path"] not in seen:
+                seen.add(r["resolved_path"])
+                lines.append(json.dumps(r) + "\n")
+        data = "".join(lines).encode("utf-8")
+        cc.write_atomic(out_dir / "predictions.jsonl", lambda f: f.write(data))
     return done
 
 
 # ---------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------
+
+
+def open_output(args, manifest) -> tuple[Path, set[str], bool]:
+    """The output folder (new, or the one resumed), the files done, and whether JSONL."""
+    if args.resume:
+        out_dir = Path(args.resume)
+        if not out_dir.is_dir():
+            raise SystemExit(f"error: --resume: {out_dir} is not a folder")
+        old = check_resumable(out_dir, manifest)
+        json_lines = bool(old.get("json"))
+        if args.json != json_lines:
+            print(f"note: the run being resumed was started {'with' if json_lines else 'without'}"
+                  " --json; continuing it that way")
+        return out_dir, done_files(out_dir, json_lines), json_lines
+    if args.out:
+        try:
+            out_dir = cc.new_output_dir(args.out)
+        except FileExistsError:
+            raise SystemExit(f"error: --out {args.out} already exists (another run started "
+                             "at the same time?): choose a new folder") from None
+    else:
+        out_dir = cc.unique_dir("outputs", f"predict_{cc.timestamp()}")
+    manifest = dict(manifest, json=args.json, command=" ".join(sys.argv))
+    text = json.dumps(manifest, indent=2)
+    cc.write_atomic(out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+    return out_dir, set(), args.json
 
 
 def main(argv=None):
@@ -214,62 +350,69 @@ def main(argv=None):
     model_paths = args.model or [cc.DEFAULT_MODEL]
     models, cal, size = cc.load_ensemble(model_paths, device)
     temperatures = cal["temperature"]
+    manifest = run_manifest(model_paths, models, cal, args.json)
+    model_id = manifest["model_id"]
+    out_dir, done, json_lines = open_output(args, manifest)
 
-    if args.resume:
-        out_dir = Path(args.resume)
-        if not out_dir.is_dir():
-            raise SystemExit(f"error: --resume: {out_dir} is not a folder")
-    else:
-        out_dir = Path(args.out) if args.out else Path("outputs") / f"predict_{cc.timestamp()}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-    done = done_files(out_dir)
-
-    files = collect_inputs(args)
-    todo = [p for p in files if cc.display_name(p) not in done]
+    files, not_read = collect_inputs(args)
+    todo = [p for p in files if resolved(p) not in done]
+    not_read = [(p, r) for p, r in not_read if resolved(p) not in done]
     names = "ensemble of " + str(len(models)) if len(models) > 1 else str(model_paths[0])
-    print(f"Model: {names} | temperature {', '.join(f'{t:.4f}' for t in temperatures)}"
+    print(f"Model: {names} (id {model_id}) | temperature "
+          f"{', '.join(f'{t:.4f}' for t in temperatures)}"
           f" | threshold P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band "
           f"[{cal['band'][0]:.3f}, {cal['band'][1]:.3f})")
     if done:
         print(f"Resuming: {len(files) - len(todo)} of {len(files)} files already done")
     print(cc.DISCLAIMER)
 
-    writer = ResultWriter(out_dir, args.json)
+    writer = ResultWriter(out_dir, json_lines)
+    skipped = []
+    if not_read:
+        for p, reason in not_read:
+            print(f"skipped: {cc.display_name(p)}: {reason}", file=sys.stderr)
+            skipped.append((cc.display_name(p), reason))
+        writer.write([error_row(p, r, model_id) for p, r in not_read])
     loader = DataLoader(FileImages(todo, size), batch_size=args.batch_size,
-                        num_workers=args.workers, collate_fn=collate)
+                        num_workers=args.workers, collate_fn=collate,
+                        worker_init_fn=cc.die_with_parent)
     cam = GradCAM(models[0][0]) if args.gradcam else None
-    n_ok, skipped = 0, []
+    explained = (f"map of member 1 of {len(models)} ({Path(model_paths[0]).name})"
+                 if len(models) > 1 else "")
+    n_ok = 0
     for items in loader:
         good = [(i, a) for i, a, _ in items if a is not None]
-        rows = {}
-        for i, _, err in items:
-            if err:
-                name = cc.display_name(todo[i])
-                print(f"skipped: {name}: {err}", file=sys.stderr)
-                skipped.append((name, err))
-                rows[i] = dict.fromkeys(CSV_FIELDS, "") | {"file": name, "error": err,
-                                                            "temperature": ""}
+        rows = {i: error_row(todo[i], err, model_id) for i, a, err in items if a is None}
+        probs = []
         if good:
-            gray = np.stack([a for _, a in good])
-            x = torch.from_numpy(gray).unsqueeze(1).to(device)
+            x = torch.from_numpy(np.stack([a for _, a in good])).unsqueeze(1).to(device)
             probs = cc.pneumonia_probability(models, x, temperatures)
-            for (i, g), p in zip(good, probs):
-                row = result_row(cc.display_name(todo[i]), float(p), cal, temperatures)
-                rows[i] = row
-                if args.quiet:
-                    print(f"{row['file']}: {row['prediction']} ({row['confidence']:.1%})"
-                          + ("  UNCERTAIN" if row["uncertain"] else ""))
-                else:
-                    print_block(row)
-                if cam is not None:
-                    x1 = torch.from_numpy(g)[None, None].to(device)
-                    heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(models[0][1])))
-                    png = unused_name(out_dir, f"{Path(todo[i]).stem}_gradcam", ".png")
-                    save_gradcam(png, g, heat, row)
-                    print(f"Grad-CAM: {cc.display_name(png)}")
-                n_ok += 1
+        for (i, g), p in zip(good, probs):
+            if not np.isfinite(p):
+                rows[i] = error_row(todo[i], "the model's output is not a finite number "
+                                    "(NaN or infinity): no verdict", model_id)
+                continue
+            row = result_row(todo[i], float(p), cal, temperatures, model_id)
+            rows[i] = row
+            if args.quiet:
+                print(f"{row['file']}: {row['prediction']} ({row['confidence']:.1%})"
+                      + ("  UNCERTAIN" if row["uncertain"] else ""))
+            else:
+                print_block(row)
+            if cam is not None:
+                x1 = torch.from_numpy(g)[None, None].to(device)
+                reported = cc.CLASS_NAMES.index(row["prediction"])
+                heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(models[0][1])),
+                                 class_idx=reported)
+                png = unused_name(out_dir, f"{Path(todo[i]).stem}_gradcam", ".png")
+                save_gradcam(png, g, heat, row, explained)
+                print(f"Grad-CAM: {cc.display_name(png)}")
+            n_ok += 1
+        for i in sorted(rows):
+            if rows[i]["error"]:
+                print(f"skipped: {rows[i]['file']}: {rows[i]['error']}", file=sys.stderr)
+                skipped.append((rows[i]["file"], rows[i]["error"]))
         writer.write([rows[i] for i in sorted(rows)])
-    writer.close()
 
     print(f"\nPredicted {n_ok} image(s); results in {out_dir / 'predictions.csv'}")
     if skipped:

@@ -18,12 +18,16 @@ training_plot_<ts>.png and val_split.csv.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
+import csv
+import hashlib
 import json
 import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -107,17 +111,20 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", default="chest_xray", help="folder with train/ [val/] test/")
-    p.add_argument("--out", default="runs", help="parent folder of the run folders")
+    p.add_argument("--out", default="runs", type=cc.folder_or_new,
+                   help="parent folder of the run folders")
     p.add_argument("--recipe", default="reference", choices=sorted(RECIPES))
-    p.add_argument("--epochs", type=int, help="default: the recipe's (reference: 8)")
-    p.add_argument("--batch-size", type=int, help="global batch size (reference: 16)")
-    p.add_argument("--lr", type=float, help="learning rate (reference: 1e-4)")
-    p.add_argument("--image-size", type=int, default=cc.IMAGE_SIZE)
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--epochs", type=cc.positive_int, help="default: the recipe's (reference: 8)")
+    p.add_argument("--batch-size", type=cc.positive_int,
+                   help="global batch size (reference: 16)")
+    p.add_argument("--lr", type=cc.positive_float, help="learning rate (reference: 1e-4)")
+    p.add_argument("--image-size", type=cc.positive_int, default=cc.IMAGE_SIZE)
+    p.add_argument("--val-fraction", type=cc.open_fraction, default=0.1,
                    help="patient-grouped validation share of train/ when there is no val/")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=cc.nonnegative_int, default=0,
+                   help="DataLoader worker processes")
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
                    help="bf16 autocast; auto = on for CUDA only")
     p.add_argument("--no-pretrained", action="store_true",
@@ -134,6 +141,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.ablate or args.add) and args.recipe != "improved":
         p.error("--ablate and --add change the improved recipe: use them with --recipe improved")
+    if args.image_size < 32:
+        p.error(f"--image-size {args.image_size}: MobileNetV2 needs at least 32 px")
     recipe = RECIPES[args.recipe]
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is None:
@@ -182,12 +191,19 @@ def grouped_split(paths, labels, val_fraction: float, seed: int):
     return sorted(train_idx.tolist()), sorted(val_idx.tolist())
 
 
-def load_splits(args, run_dir: Path, rank: int):
+def check_data(args):
+    """The training folder exists and holds both classes (one line otherwise)."""
     data = Path(args.data)
     if not (data / "train").is_dir():
         raise SystemExit(
             f"error: {data}/train not found: run download_dataset.py first (or pass --data)"
         )
+    require_both_classes(cc.list_labelled(data / "train")[1], f"{data}/train")
+
+
+def load_splits(args, run_dir: Path, rank: int):
+    data = Path(args.data)
+    check_data(args)
     train_paths, train_labels = cc.list_labelled(data / "train")
     if (data / "val").is_dir() and cc.list_labelled(data / "val")[0]:
         val_paths, val_labels = cc.list_labelled(data / "val")
@@ -200,24 +216,50 @@ def load_splits(args, run_dir: Path, rank: int):
         train_labels = [train_labels[i] for i in tr]
         val_source = f"patient-grouped {args.val_fraction:.0%} of {data}/train, seed {args.seed}"
     test_paths, test_labels = cc.list_labelled(data / "test")
-    if rank == 0:
-        write_split_csv(run_dir / "val_split.csv", train_paths, train_labels,
-                        val_paths, val_labels)
     cache = args.cache_dir or None
-    size = args.image_size
-    splits = {
-        "train": (cc.decode_all(train_paths, size, cache, "train"), np.array(train_labels)),
-        "val": (cc.decode_all(val_paths, size, cache, "val"), np.array(val_labels)),
-    }
+    splits, skipped = {}, []
+    for name, paths, labels in (("train", train_paths, train_labels),
+                                ("val", val_paths, val_labels)):
+        images, kept, bad = cc.decode_all(paths, args.image_size, cache, name)
+        splits[name] = (images, np.array([labels[i] for i in kept], dtype=np.int64),
+                        [paths[i] for i in kept])
+        skipped += bad
+        require_both_classes(splits[name][1], f"the {name} split")
+    if rank == 0:
+        report_skipped(run_dir, skipped)
+        (_, y_tr, p_tr), (_, y_va, p_va) = splits["train"], splits["val"]
+        write_split_csv(run_dir / "val_split.csv", p_tr, y_tr, p_va, y_va)
+    splits = {k: v[:2] for k, v in splits.items()}
     return splits, (test_paths, test_labels), val_source
 
 
+def require_both_classes(labels, where: str):
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(cc.CLASS_NAMES))
+    empty = [cc.CLASS_NAMES[i] for i, n in enumerate(counts) if n == 0]
+    if empty:
+        raise SystemExit(f"error: {where} has no usable {' or '.join(empty)} images: a "
+                         "classifier needs examples of both classes")
+
+
+def report_skipped(run_dir: Path, skipped):
+    """Name each unusable file on the console and in skipped_files.txt; training goes on."""
+    if not skipped:
+        return
+    lines = [f"{cc.display_name(p)}: {reason}" for p, reason in skipped]
+    for line in lines:
+        print(f"skipped: {line}", file=sys.stderr)
+    with open(run_dir / "skipped_files.txt", "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    print(f"Skipped {len(lines)} unusable file(s), listed in {run_dir / 'skipped_files.txt'}")
+
+
 def write_split_csv(path, train_paths, train_labels, val_paths, val_labels):
-    with open(path, "w") as f:
-        f.write("split,label,patient,file\n")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "label", "patient", "file"])
         for split, ps, ls in (("train", train_paths, train_labels), ("val", val_paths, val_labels)):
             for p, y in zip(ps, ls):
-                f.write(f"{split},{cc.CLASS_NAMES[y]},{cc.patient_id(p)},{p}\n")
+                w.writerow([split, cc.CLASS_NAMES[y], cc.patient_id(p), cc.display_name(p)])
 
 
 class XrayArrays(Dataset):
@@ -424,8 +466,10 @@ def make_optimisation(args, model, y_train, steps_per_epoch, device):
 # ---------------------------------------------------------------------------------
 
 
-def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loader_gen, args):
+def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loader_gen, args,
+               commands):
     state = {
+        "commands": json.dumps(commands),
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -440,16 +484,39 @@ def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loade
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = run_dir / "last_state.pth.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / "last_state.pth")
+    cc.write_atomic(run_dir / "last_state.pth", lambda f: torch.save(state, f))
 
 
 def load_state(run_dir: Path):
     path = run_dir / "last_state.pth"
     if not path.is_file():
-        raise SystemExit(f"error: --resume: {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise SystemExit(f"error: --resume: {path} not found (a finished run has none)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        json.loads(state["args"])
+        return state
+    except Exception as e:  # noqa: BLE001 - any damage to the file: one line, no traceback
+        raise SystemExit(f"error: --resume: {path} is damaged and cannot be resumed "
+                         f"({type(e).__name__}); start the run again") from None
+
+
+def remove_if_unfinished(run_dir: Path):
+    """A new run that stopped before saving its first epoch leaves no folder behind."""
+    if run_dir.is_dir() and not any((run_dir / n).exists()
+                                    for n in ("mobilenet_cxr.pth", "last_state.pth")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_replicas_in_sync(model, world: int, rank: int):
+    """DDP must leave every process with the same parameters (a missing wrapper would
+    let each process train on its own shard): compare hashes, refuse to save if not."""
+    flat = torch.cat([p.detach().float().cpu().flatten() for p in model.parameters()])
+    digests = [None] * world
+    dist.all_gather_object(digests, hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+    if len(set(digests)) != 1:
+        raise SystemExit(f"error: DDP processes ended with different weights "
+                         f"({len(set(digests))} distinct): not saving a checkpoint")
+    log(rank, f"DDP: weights identical on all {world} processes")
 
 
 # ---------------------------------------------------------------------------------
@@ -511,6 +578,9 @@ def main(argv=None):
         saved.update(resume=args.resume, device=args.device, workers=args.workers)
         args = argparse.Namespace(**saved)
     world, rank, device = setup_distributed(args.device)
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is the global batch: it must "
+                         f"divide evenly among the {world} processes")
     cc.tune_cpu_allocator()  # keeps freed tensor memory: faster CPU steps, see cxr_common
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     torch.manual_seed(args.seed)
@@ -523,14 +593,20 @@ def main(argv=None):
     elif rank == 0:
         name = args.recipe + "".join(f"-no-{a}" for a in args.ablate) \
             + "".join(f"+{a}" for a in args.add)
+        check_data(args)  # before making a folder: a wrong --data leaves nothing behind
         run_dir = cc.unique_dir(args.out, f"{ts}_{name}_seed{args.seed}")
+        atexit.register(remove_if_unfinished, run_dir)
     if world > 1:  # every process needs rank 0's folder name
         names = [str(run_dir) if rank == 0 else None]
         dist.broadcast_object_list(names, src=0)
         run_dir = Path(names[0])
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    invocation = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if world > 1:
-        command = f"torchrun --nproc_per_node {world} " + command[len("python "):]
+        invocation = f"torchrun --nproc_per_node {world} " + invocation[len("python "):]
+    # the command that made the run, then each --resume that continued it
+    commands = json.loads(resumed.get("commands", '["(not recorded)"]')) if resumed else []
+    commands.append(invocation)
+    command = commands[0]
     log(rank, f"Run folder: {run_dir}")
     log(rank, f"Device: {hardware(device)} x {world} process(es), bf16 autocast: {amp}")
 
@@ -552,7 +628,7 @@ def main(argv=None):
     loader_gen = torch.Generator().manual_seed(args.seed)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
         if world > 1 else None
-    loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world),
+    loader = DataLoader(train_set, batch_size=args.batch_size // world,
                         shuffle=sampler is None, sampler=sampler, generator=loader_gen,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.workers > 0)
@@ -614,8 +690,9 @@ def main(argv=None):
                         "val_auc": val["auc"], "lr": lr, "seconds": time.time() - t0})
         if rank == 0:
             save_state(run_dir, model, optimizer, scheduler, epoch, history, best,
-                       loader_gen, args)
+                       loader_gen, args, commands)
     if world > 1:
+        check_replicas_in_sync(model, world, rank)
         dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
@@ -642,8 +719,10 @@ def main(argv=None):
         test_text = ("Test split not read: development run (--skip-test, --ablate or --add); "
                      "decide on validation, evaluate the final recipe once.\n")
     else:
-        x_test = cc.decode_all(test_paths, args.image_size, args.cache_dir or None, "test")
-        y_test = np.array(test_labels)
+        x_test, kept, bad = cc.decode_all(test_paths, args.image_size, args.cache_dir or None,
+                                          "test")
+        report_skipped(run_dir, bad)
+        y_test = np.array([test_labels[i] for i in kept], dtype=np.int64)
         test = evaluate(model, x_test, y_test, device, amp, intensity, desc="test",
                         calibration=calibration)
         cm = confusion_matrix(y_test, test["pred"], labels=[0, 1])
@@ -663,14 +742,17 @@ def main(argv=None):
                 seed=args.seed,
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 weights=weight_source, validation=val_source, metrics=metrics,
-                command=command, hardware=hardware(device), processes=world,
+                command=command, resumed_with=commands[1:], hardware=hardware(device),
+                processes=world,
                 wall_seconds=round(wall, 1), calibration=calibration)
     cc.save_checkpoint(run_dir / "mobilenet_cxr.pth", best["state"], meta)
     (run_dir / f"training_history_{ts}.json").write_text(
         json.dumps({"meta": meta, "history": history}, indent=2))
     save_plot(history, run_dir / f"training_plot_{ts}.png")
     with open(run_dir / f"training_results_{ts}.txt", "w") as f:
-        f.write(f"Command: {command}\nRecipe: {args.recipe}, seed {args.seed}\n"
+        f.write(f"Command: {command}\n"
+                + "".join(f"Resumed with: {c}\n" for c in commands[1:])
+                + f"Recipe: {args.recipe}, seed {args.seed}\n"
                 f"Hardware: {hardware(device)} x {world}\nWall time: {wall:.0f} s\n"
                 f"Validation: {val_source}\nBest epoch ({recipe['selection']}): "
                 f"{best['epoch']} (F1 {val['f1']:.4f}, AUC {val['auc']:.4f})\n"

@@ -59,12 +59,18 @@ def parse_args(argv=None):
                    help=f"checkpoint; repeat for an ensemble (default {cc.DEFAULT_MODEL})")
     p.add_argument("--data", default="chest_xray/test",
                    help="folder with NORMAL/ and PNEUMONIA/ subfolders")
-    p.add_argument("--out", help="output folder (default outputs/eval_<timestamp>)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the 95%% CIs")
-    p.add_argument("--gallery", type=int, default=8, help="confident errors shown in the report")
+    p.add_argument("--out", type=cc.folder_or_new,
+                   help="a NEW output folder (default outputs/eval_<timestamp>)")
+    p.add_argument("--batch-size", type=cc.positive_int, default=64)
+    p.add_argument("--bootstrap", type=cc.positive_int, default=2000,
+                   help="resamples for the 95%% CIs")
+    p.add_argument("--gallery", type=cc.nonnegative_int, default=8,
+                   help="confident errors shown in the report")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out and Path(args.out).exists():
+        p.error(f"--out {args.out} already exists: each evaluation writes to a new folder")
+    return args
 
 
 # ---------------------------------------------------------------------------------
@@ -73,17 +79,22 @@ def parse_args(argv=None):
 
 
 def read_folder(folder: Path, size: int):
-    paths, labels = cc.list_labelled(folder)
+    """Decode every labelled image; unusable files are listed, never fatal."""
+    paths, labels, others = cc.scan_labelled(folder)
     if not paths:
-        raise SystemExit(f"error: no images in {folder}/NORMAL or {folder}/PNEUMONIA")
-    images, keep, skipped = [], [], []
+        raise SystemExit(f"error: no images in {folder}/NORMAL or {folder}/PNEUMONIA "
+                         "(class folders may be in any letter case)")
+    skipped = [(cc.display_name(p), r) for p, r in others]
+    images, keep = [], []
     for i, p in enumerate(tqdm(paths, desc="reading", unit="img", leave=False)):
-        try:
-            images.append(cc.load_image_array(p, size))
+        array, reason = cc.try_load_image_array(p, size)
+        if array is None:
+            skipped.append((cc.display_name(p), reason))
+        else:
+            images.append(array)
             keep.append(i)
-        except cc.ImageReadError as e:
-            print(f"skipped: {cc.display_name(p)}: {e}", file=sys.stderr)
-            skipped.append((cc.display_name(p), str(e)))
+    for name, reason in skipped:
+        print(f"skipped: {name}: {reason}", file=sys.stderr)
     if not keep:
         raise SystemExit(f"error: no readable image in {folder}")
     return [paths[i] for i in keep], np.array([labels[i] for i in keep]), np.stack(images), skipped
@@ -104,28 +115,47 @@ def predict_all(members, images, temperatures, device, batch_size):
 
 
 def binary_metrics(y, p, threshold):
+    """Accuracy, sensitivity, specificity, AUC; NaN where a class is missing, so the
+    measure is not defined (sensitivity needs PNEUMONIA images, AUC needs both)."""
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
     return {
         "accuracy": accuracy_score(y, pred),
-        "sensitivity": tp / max(tp + fn, 1),
-        "specificity": tn / max(tn + fp, 1),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
         "auc": roc_auc_score(y, p) if len(set(y)) == 2 else float("nan"),
     }
 
 
 def bootstrap_ci(y, p, threshold, n, seed=0):
-    """95% percentile intervals over n resamples of the images."""
+    """95% percentile intervals over n resamples of the images (measures that are not
+    defined in a resample, e.g. AUC with one class drawn, skip it)."""
     rng = np.random.default_rng(seed)
     draws = {k: [] for k in ("accuracy", "sensitivity", "specificity", "auc")}
     for _ in range(n):
         idx = rng.integers(0, len(y), len(y))
-        if len(set(y[idx])) < 2:
-            continue
         for k, v in binary_metrics(y[idx], p[idx], threshold).items():
-            draws[k].append(v)
+            if np.isfinite(v):
+                draws[k].append(v)
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
             for k, v in draws.items() if v}
+
+
+def json_safe(obj):
+    """Plain JSON types; a measure that is not defined (NaN) becomes null."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def fmt(value, spec=".4f", undefined="not defined with one class"):
+    return format(value, spec) if np.isfinite(value) else undefined
 
 
 def confidence_of_prediction(p, threshold):
@@ -317,11 +347,26 @@ def main(argv=None):
     members, cal, size = cc.load_ensemble(model_paths, device)
     temps, thr = cal["temperature"], cal["threshold"]
     data = Path(args.data)
-    out_dir = Path(args.out) if args.out else cc.unique_dir("outputs", f"eval_{cc.timestamp()}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     paths, y, images, skipped = read_folder(data, size)
     p = predict_all(members, images, temps, device, args.batch_size)
+    finite = np.isfinite(p)
+    for i in np.flatnonzero(~finite):
+        reason = "the model's output is not a finite number (NaN or infinity): no verdict"
+        print(f"skipped: {cc.display_name(paths[i])}: {reason}", file=sys.stderr)
+        skipped.append((cc.display_name(paths[i]), reason))
+    if not finite.all():
+        paths, y, images, p = [q for q, f in zip(paths, finite) if f], y[finite], images[finite], p[finite]
+    if not len(y):
+        raise SystemExit("error: no image got a valid prediction")
+    both = len(set(y.tolist())) == 2
+    if not both:
+        present = cc.CLASS_NAMES[int(y[0])]
+        print(f"note: only {present} images in {data}: "
+              + ("specificity" if present == "NORMAL" else "sensitivity")
+              + ", accuracy, confidence and calibration are reported; ROC AUC, the ROC and "
+              "precision-recall curves need both classes and are left out")
+    out_dir = cc.new_output_dir(args.out) if args.out else \
+        cc.unique_dir("outputs", f"eval_{cc.timestamp()}")
     pred, conf = confidence_of_prediction(p, thr)
     correct = pred == y
     at_half = binary_metrics(y, p, 0.5)
@@ -340,9 +385,9 @@ def main(argv=None):
         f"Temperature: {', '.join(f'{t:.4f}' for t in temps)}, threshold on "
         f"P(PNEUMONIA): {thr:.4f}\n\n"
         f"Accuracy: {at_thr['accuracy'] * 100:.2f}%\n"
-        f"Sensitivity (PNEUMONIA recall): {at_thr['sensitivity']:.4f}\n"
-        f"Specificity (NORMAL recall): {at_thr['specificity']:.4f}\n"
-        f"ROC AUC: {at_thr['auc']:.4f}\n"
+        f"Sensitivity (PNEUMONIA recall): {fmt(at_thr['sensitivity'])}\n"
+        f"Specificity (NORMAL recall): {fmt(at_thr['specificity'])}\n"
+        f"ROC AUC: {fmt(at_thr['auc'])}\n"
         f"ECE ({ECE_BINS} bins): {ece:.4f}\n"
         f"Confusion matrix (rows: true NORMAL, PNEUMONIA; columns: predicted):\n{cm}\n\n"
         f"Error analysis:\n"
@@ -363,7 +408,7 @@ def main(argv=None):
     ci_thr = bootstrap_ci(y, p, thr, args.bootstrap)
     metric_rows = []
     for k in ("accuracy", "sensitivity", "specificity", "auc"):
-        cells = [f"{m[k]:.4f} [{c[k][0]:.4f}, {c[k][1]:.4f}]"
+        cells = [f"{m[k]:.4f} [{c[k][0]:.4f}, {c[k][1]:.4f}]" if k in c else fmt(m[k])
                  for m, c in ((at_half, ci_half), (at_thr, ci_thr))]
         metric_rows.append((k, cells))
         print(f"  {k:<12} at 0.5: {cells[0]}   at {thr:.3f}: {cells[1]}")
@@ -373,8 +418,9 @@ def main(argv=None):
 
     plot_confusion(y, pred, out_dir / "confusion_matrix.png",
                    f"Confusion matrix (accuracy {at_thr['accuracy']:.1%})")
-    plot_roc(y, p, out_dir / "roc_curve.png")
-    plot_pr(y, p, out_dir / "pr_curve.png")
+    if both:
+        plot_roc(y, p, out_dir / "roc_curve.png")
+        plot_pr(y, p, out_dir / "pr_curve.png")
     plot_confidence(conf, correct, out_dir / "prediction_confidence.png")
     plot_reliability(rel_rows, ece, out_dir / "reliability_diagram.png")
     cov, acc = coverage_curve(correct, conf)
@@ -394,9 +440,9 @@ def main(argv=None):
                "ci95_at_threshold": ci_thr, "ece": ece, "confusion": cm.tolist(), **errs,
                "coverage": float(answered.mean()), "accuracy_answered": band_acc,
                "skipped": skipped}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
     items = gallery(members, paths, images, y, p, pred, conf, out_dir, args.gallery, device)
-    figures = ["confusion_matrix.png", "roc_curve.png", "pr_curve.png",
+    figures = ["confusion_matrix.png", *(["roc_curve.png", "pr_curve.png"] if both else []),
                "prediction_confidence.png", "reliability_diagram.png", "accuracy_coverage.png"]
     notes = [f"Data: {data} ({len(y)} images)", f"Model(s): {names}",
              f"Threshold {thr:.4f} and temperature {', '.join(f'{t:.4f}' for t in temps)} come "

@@ -184,8 +184,8 @@ def test_16bit_dicom_with_rescale_and_window(tmp_path):
 
 def test_dicom_prediction_never_prints_patient_tags(model_path, tmp_path):
     proc = run_script("predict.py", "--model", model_path, "--image", SIIM, "--image",
-                      FAKE_MONO1, "--json", "--out", tmp_path)
-    text = proc.stdout + proc.stderr + (tmp_path / "predictions.jsonl").read_text()
+                      FAKE_MONO1, "--json", "--out", tmp_path / "out")
+    text = proc.stdout + proc.stderr + (tmp_path / "out" / "predictions.jsonl").read_text()
     import pydicom
 
     ds = pydicom.dcmread(SIIM)

@@ -81,12 +81,12 @@ def test_checkpoint_round_trip_is_the_best_epoch(trained_run, model_path):
 def test_predict_single_image_with_gradcam_and_json(model_path, tmp_path):
     img = DATA / "fullres" / "person20_bacteria_69.jpeg"  # full resolution, 1118 x 740
     proc = run_script("predict.py", "--model", model_path, "--image", img, "--gradcam",
-                      "--json", "--out", tmp_path)
+                      "--json", "--out", tmp_path / "out")
     assert "Prediction: " in proc.stdout and "Confidence: " in proc.stdout
     assert "NORMAL: " in proc.stdout and "PNEUMONIA: " in proc.stdout
     assert "not a diagnosis" in proc.stdout
-    assert (tmp_path / "person20_bacteria_69_gradcam.png").stat().st_size > 10_000
-    (row,) = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert (tmp_path / "out" / "person20_bacteria_69_gradcam.png").stat().st_size > 10_000
+    (row,) = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert row["prediction"] in cc.CLASS_NAMES
     assert abs(row["prob_normal"] + row["prob_pneumonia"] - 1) < 1e-5
 
@@ -150,14 +150,16 @@ def test_no_pretrained_trains_from_scratch(tmp_path):
 
 def test_shipped_model_on_bundled_examples(tmp_path):
     """The README's main job: the default (shipped) model on examples/, with Grad-CAM."""
-    proc = run_script("predict.py", "--dir", ROOT / "examples", "--gradcam", "--out", tmp_path)
-    assert "Predicted 5 image(s)" in proc.stdout and "Skipped" not in proc.stdout
+    proc = run_script("predict.py", "--dir", ROOT / "examples", "--gradcam", "--out", tmp_path / "o")
+    assert "Predicted 5 image(s)" in proc.stdout
+    assert "Skipped 1 file(s)" in proc.stdout and "README.md: not an image" in proc.stdout
     assert "threshold P(PNEUMONIA) >=" in proc.stdout
-    rows = {r["file"].split("/")[-1]: r for r in csv.DictReader(open(tmp_path / "predictions.csv"))}
+    rows = {r["file"].split("/")[-1]: r for r in csv.DictReader(open(tmp_path / "o" / "predictions.csv"))
+            if not r["error"]}
     # the two bundled test-split pneumonia images are ones the shipped model gets right
     assert rows["person100_bacteria_475.jpeg"]["prediction"] == "PNEUMONIA"
     assert rows["person10_virus_35.jpeg"]["prediction"] == "PNEUMONIA"
-    assert len(list(tmp_path.glob("*_gradcam.png"))) == 5
+    assert len(list((tmp_path / "o").glob("*_gradcam.png"))) == 5
     meta = torch.load(ROOT / "models" / "mobilenet_cxr.pth", weights_only=True)["meta"]
     assert meta["recipe"] == "improved" and meta["calibration"]["temperature"] > 0
 
