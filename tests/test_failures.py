@@ -53,7 +53,7 @@ def test_download_force_never_deletes_its_own_source(tmp_path):
     used to delete the data it was importing."""
     shutil.copytree(TINY, tmp_path / "chest_xray" / "chest_xray")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    for extra in ([], ["--force"], ["--force", "--mode", "copy"]):
+    for extra in ([], ["--force", "--mode", "copy"]):
         proc = run_script("download_dataset.py", "--source", "chest_xray", *extra,
                           cwd=tmp_path, check=False)
         one_line_error(proc, "would delete it", "--dest chest_xray/chest_xray")
@@ -88,12 +88,15 @@ def test_a_model_that_cannot_answer_is_refused(model_path, tmp_path):
     nan_model = tmp_path / "nan.pth"
     cc.save_checkpoint(nan_model, state, payload["meta"])
     zero_t = recalibrated(model_path, tmp_path, "zero_t.pth", temperature=0.0, threshold=0.5)
+    for bad, words, script, extra in (
+            (nan_model, "NaN or infinity", "predict.py", ["--image", XRAY, "--out", tmp_path / "o"]),
+            (zero_t, "temperature 0", "visualize_results.py", ["--data", TINY / "test"])):
+        proc = run_script(script, "--model", bad, *extra, check=False)
+        one_line_error(proc, bad.name, words)
+        assert "nan%" not in proc.stdout
     for bad, words in ((nan_model, "NaN or infinity"), (zero_t, "temperature 0")):
-        for script, extra in (("predict.py", ["--image", XRAY, "--out", tmp_path / "o"]),
-                              ("visualize_results.py", ["--data", TINY / "test"])):
-            proc = run_script(script, "--model", bad, *extra, check=False)
-            one_line_error(proc, bad.name, words)
-            assert "nan%" not in proc.stdout
+        with pytest.raises(cc.CheckpointError, match=words):
+            cc.load_checkpoint(bad)
 
 
 def test_images_with_nothing_to_judge_are_refused(model_path, tmp_path):
@@ -372,24 +375,37 @@ def test_resume_repairs_any_cut_and_keys_by_resolved_path(model_path, tmp_path):
 # --- bad arguments and bad training data ---------------------------------------------
 
 
-@pytest.mark.parametrize("script,args", [
-    ("train_cxray.py", ["--epochs", "0"]),
-    ("train_cxray.py", ["--batch-size", "0"]),
-    ("train_cxray.py", ["--lr", "-1"]),
-    ("train_cxray.py", ["--lr", "inf"]),
-    ("train_cxray.py", ["--val-fraction", "0"]),
-    ("train_cxray.py", ["--val-fraction", "1"]),
-    ("train_cxray.py", ["--out", "README.md"]),
-    ("predict.py", ["--image", "x.png", "--batch-size", "0"]),
-    ("predict.py", ["--image", "x.png", "--workers", "-1"]),
-    ("predict.py", ["--image", "x.png", "--out", "README.md"]),
-    ("visualize_results.py", ["--bootstrap", "0"]),
-])
-def test_bad_arguments_are_argparse_errors(script, args):
-    proc = run_script(script, *args, check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert "error: argument" in proc.stderr or "error: --out" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+BAD_ARGUMENTS = [
+    ("train_cxray", ["--epochs", "0"]),
+    ("train_cxray", ["--batch-size", "0"]),
+    ("train_cxray", ["--lr", "-1"]),
+    ("train_cxray", ["--lr", "inf"]),
+    ("train_cxray", ["--val-fraction", "0"]),
+    ("train_cxray", ["--val-fraction", "1"]),
+    ("train_cxray", ["--out", str(ROOT / "README.md")]),
+    ("predict", ["--image", "x.png", "--batch-size", "0"]),
+    ("predict", ["--image", "x.png", "--workers", "-1"]),
+    ("predict", ["--image", "x.png", "--out", str(ROOT / "README.md")]),
+    ("visualize_results", ["--bootstrap", "0"]),
+]
+
+
+@pytest.mark.parametrize("script,args", BAD_ARGUMENTS)
+def test_bad_arguments_are_argparse_errors(script, args, capsys):
+    """Each used to be a traceback or a silent substitute (batch size 0 became 1)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).parse_args(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err or "error: --out" in err, err
+
+
+def test_a_bad_argument_is_one_line_from_the_command_line():
+    proc = run_script("predict.py", "--image", "x.png", "--workers", "-1", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("predict.py: error: argument --workers")
 
 
 def test_training_refuses_an_empty_class_and_leaves_no_folder(tmp_path):
