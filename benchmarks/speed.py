@@ -93,8 +93,8 @@ def training(args, device, amp):
     n = args.batch_size * (args.batches + args.warmup)
     idx = rng.choice(len(paths), size=min(len(paths), 4 * n), replace=False)
     sub = [paths[i] for i in idx]
-    arrays = cc.decode_all(sub, 224, ROOT / ".cache", "speed")
-    y = np.array([labels[i] for i in idx])
+    arrays, kept, _ = cc.decode_all(sub, 224, ROOT / ".cache", "speed")
+    y = np.array([labels[idx[i]] for i in kept])
     model, _ = cc.build_model(pretrained=False)
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
