@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import cxr_common as cc
+import cxr_io as cio
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 SPLITS = ["train", "val", "test"]
@@ -127,8 +128,8 @@ def check_file(path: Path, how: str) -> str | None:
     """None if the file is a usable image, else the reason. Both checks decode every
     pixel (a header check misses truncated JPEGs); quick decodes JPEGs at reduced scale."""
     try:
-        cc.read_image_gray(path, draft_size=cc.IMAGE_SIZE if how == "quick" else None)
-    except cc.ImageReadError as e:
+        cio.read_image_gray(path, draft_size=cc.IMAGE_SIZE if how == "quick" else None)
+    except cio.ImageReadError as e:
         return str(e)
     return None
 
@@ -138,7 +139,7 @@ def survey(dest: Path, how: str):
     for split in SPLITS:
         for cls in cc.CLASS_NAMES:
             folder = dest / split / cls
-            files = cc.list_images(folder) if folder.is_dir() else []
+            files = cio.list_images(folder) if folder.is_dir() else []
             if files:
                 counts[(split, cls)] = len(files)
             for f in files:
@@ -161,7 +162,7 @@ def report(dest: Path, counts, bad, dupes) -> str:
         lines.append("(no val/: train_cxray.py carves a patient-grouped split out of train/)")
     lines.append("")
     lines.append(f"Unreadable files: {len(bad)}")
-    lines += [f"  {cc.display_name(f)}: {r}" for f, r in bad]
+    lines += [f"  {cio.display_name(f)}: {r}" for f, r in bad]
     rel = [[str(p.relative_to(dest)) for p in group] for group in dupes]
     cross = [g for g in rel if len({p.split(os.sep)[0] for p in g}) > 1]
     lines.append(f"Exact duplicate groups: {len(dupes)} ({sum(len(g) - 1 for g in dupes)} "
@@ -194,7 +195,7 @@ def main(argv=None):
     counts, bad, dupes = survey(dest, args.check)
     text = report(dest, counts, bad, dupes)
     print(text, end="")
-    path = dest / f"dataset_report_{cc.timestamp()}.txt"
+    path = dest / f"dataset_report_{cio.timestamp()}.txt"
     try:
         path.write_text(text)
         print(f"Report saved to {path}")

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import cxr_common as cc  # noqa: E402
+import cxr_io as cio  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
 CSV_FIELDS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
@@ -52,23 +53,19 @@ def parse_args(argv=None):
     p.add_argument("--dir", action="append", default=[], help="a folder, searched recursively")
     p.add_argument("--model", action="append", default=[],
                    help=f"checkpoint; repeat to average an ensemble (default {cc.DEFAULT_MODEL})")
-    p.add_argument("--out", type=cc.folder_or_new,
-                   help="a NEW output folder (default outputs/predict_<timestamp>)")
+    p.add_argument("--out", type=cio.folder_or_new, default="outputs",
+                   help="parent folder: each run writes to a new OUT/predict_<timestamp>/")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted run in OUT_DIR, skipping files already done")
     p.add_argument("--json", action="store_true", help="also write predictions.jsonl")
     p.add_argument("--gradcam", action="store_true", help="write <name>_gradcam.png per image")
-    p.add_argument("--batch-size", type=cc.positive_int, default=32)
-    p.add_argument("--workers", type=cc.nonnegative_int, default=1,
+    p.add_argument("--batch-size", type=cio.positive_int, default=32)
+    p.add_argument("--workers", type=cio.nonnegative_int, default=1,
                    help="decoding worker processes (0: decode in the main process)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=cio.device_name,
+                   help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="one line per image, not the block")
     args = p.parse_args(argv)
-    if args.out and args.resume:
-        p.error("give --out for a new run or --resume for an interrupted one, not both")
-    if args.out and Path(args.out).exists():
-        p.error(f"--out {args.out} already exists: each run writes to a new folder "
-                f"(use --resume {args.out} to continue that run)")
     return args
 
 
@@ -84,7 +81,7 @@ def collect_inputs(args) -> tuple[list[Path], list[tuple[Path, str]]]:
         if not Path(d).is_dir():
             not_read.append((Path(d), "not a folder"))
             continue
-        images, others = cc.scan_folder(d)
+        images, others = cio.scan_folder(d)
         files += images
         not_read += others
     unique, seen = [], set()
@@ -99,9 +96,9 @@ def collect_inputs(args) -> tuple[list[Path], list[tuple[Path, str]]]:
 def resolved(path) -> str:
     """The key a file is known by across runs: its absolute, resolved path."""
     try:
-        return cc.display_name(Path(path).resolve())
+        return cio.display_name(Path(path).resolve())
     except (OSError, RuntimeError):  # a symlink loop
-        return cc.display_name(Path(path).absolute())
+        return cio.display_name(Path(path).absolute())
 
 
 class FileImages(Dataset):
@@ -125,14 +122,14 @@ def collate(items):
 # ---------------------------------------------------------------------------------
 
 
-def result_row(path, p_pneu, cal, temperatures, model_id):
-    pred = 1 if p_pneu >= cal["threshold"] else 0
-    conf = p_pneu if pred == 1 else 1.0 - p_pneu
-    uncertain = cal["band"][0] <= p_pneu < cal["band"][1]
+def result_row(path, p_pneu, cal, model_id):
+    pred, conf = cc.decide(p_pneu, cal["threshold"])
+    lo, hi = cal["uncertain_band"]
+    temperatures = cal["temperatures"]
     return {
-        "file": cc.display_name(path), "prediction": cc.CLASS_NAMES[pred],
-        "confidence": round(conf, 6), "prob_normal": round(1.0 - p_pneu, 6),
-        "prob_pneumonia": round(p_pneu, 6), "uncertain": uncertain,
+        "file": cio.display_name(path), "prediction": cc.CLASS_NAMES[int(pred)],
+        "confidence": round(float(conf), 6), "prob_normal": round(1.0 - p_pneu, 6),
+        "prob_pneumonia": round(p_pneu, 6), "uncertain": bool(lo <= p_pneu < hi),
         "threshold": cal["threshold"],
         "temperature": temperatures[0] if len(temperatures) == 1 else temperatures,
         "error": "", "model": model_id, "resolved_path": resolved(path),
@@ -141,20 +138,32 @@ def result_row(path, p_pneu, cal, temperatures, model_id):
 
 def error_row(path, reason, model_id):
     return dict.fromkeys(CSV_FIELDS, "") | {
-        "file": cc.display_name(path), "error": reason, "model": model_id,
+        "file": cio.display_name(path), "error": reason, "model": model_id,
         "resolved_path": resolved(path)}
 
 
-def print_block(row):
-    verdict = row["prediction"]
+def referral(row, cal) -> str:
+    """Whether the model's own rules send this image to a radiologist first, and why."""
+    lo, hi = cal["uncertain_band"]
+    if hi <= lo:
+        return "no rule of this model's (it has no uncertain band)"
     if row["uncertain"]:
-        verdict += "  (UNCERTAIN - refer to a radiologist)"
+        return (f"YES - P(PNEUMONIA) is inside the uncertain band {lo:.1%} to {hi:.1%}, "
+                "chosen on validation data as where this model's calls are unreliable")
+    return f"not by this model's rules (outside its uncertain band {lo:.1%} to {hi:.1%})"
+
+
+def print_block(row, cal):
     print(f"\nImage: {row['file']}")
-    print(f"Prediction: {verdict}")
-    print(f"Confidence: {row['confidence'] * 100:.2f}%")
-    print("Class probabilities:")
-    print(f"  NORMAL: {row['prob_normal'] * 100:.2f}%")
-    print(f"  PNEUMONIA: {row['prob_pneumonia'] * 100:.2f}%")
+    print(f"P(PNEUMONIA), calibrated: {row['prob_pneumonia']:.1%}   (decision: PNEUMONIA at "
+          f">= {row['threshold']:.1%})")
+    print(f"Prediction: {row['prediction']}")
+    print(f"Refer first: {referral(row, cal)}")
+
+
+def print_line(row):
+    print(f"{row['file']}: {row['prediction']} (P(PNEUMONIA) {row['prob_pneumonia']:.1%})"
+          + ("  REFER: uncertain" if row["uncertain"] else ""))
 
 
 def save_gradcam(path_out, gray, heat, row, explained):
@@ -188,7 +197,7 @@ def unused_name(folder: Path, stem: str, suffix: str) -> Path:
 
 
 def run_manifest(model_paths, members, cal, json_lines) -> dict:
-    hashes = [cc.sha256_file(p) for p in model_paths]
+    hashes = [cio.sha256_file(p) for p in model_paths]
     model_id = hashlib.sha256("".join(hashes).encode()).hexdigest()[:12]
     return {
         "model_id": model_id,
@@ -298,7 +307,7 @@ def done_files(out_dir: Path, json_lines: bool) -> set[str]:
         done &= {r["resolved_path"] for r in jsonl_rows}
     keep_csv = [r for r in csv_rows if r["resolved_path"] in done]
     text = ResultWriter._csv_text([dict(zip(CSV_FIELDS, CSV_FIELDS)), *keep_csv])
-    cc.write_atomic(out_dir / "predictions.csv", lambda f: f.write(text.encode("utf-8")))
+    cio.write_atomic(out_dir / "predictions.csv", lambda f: f.write(text.encode("utf-8")))
     if json_lines:
         seen, lines = set(), []
         for r in jsonl_rows:
@@ -306,7 +315,7 @@ def done_files(out_dir: Path, json_lines: bool) -> set[str]:
                 seen.add(r["resolved_path"])
                 lines.append(json.dumps(r) + "\n")
         data = "".join(lines).encode("utf-8")
-        cc.write_atomic(out_dir / "predictions.jsonl", lambda f: f.write(data))
+        cio.write_atomic(out_dir / "predictions.jsonl", lambda f: f.write(data))
     return done
 
 
@@ -327,17 +336,10 @@ def open_output(args, manifest) -> tuple[Path, set[str], bool]:
             print(f"note: the run being resumed was started {'with' if json_lines else 'without'}"
                   " --json; continuing it that way")
         return out_dir, done_files(out_dir, json_lines), json_lines
-    if args.out:
-        try:
-            out_dir = cc.new_output_dir(args.out)
-        except FileExistsError:
-            raise SystemExit(f"error: --out {args.out} already exists (another run started "
-                             "at the same time?): choose a new folder") from None
-    else:
-        out_dir = cc.unique_dir("outputs", f"predict_{cc.timestamp()}")
+    out_dir = cio.unique_dir(args.out, f"predict_{cio.timestamp()}")
     manifest = dict(manifest, json=args.json, command=" ".join(sys.argv))
     text = json.dumps(manifest, indent=2)
-    cc.write_atomic(out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+    cio.write_atomic(out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")))
     return out_dir, set(), args.json
 
 
@@ -345,11 +347,14 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.image and not args.dir:
         raise SystemExit("error: give --image FILE and/or --dir FOLDER (see --help)")
-    cc.tune_cpu_allocator()  # ~2x faster CPU inference, see cxr_common
-    device = cc.pick_device(args.device)
+    cio.tune_cpu_allocator()  # ~2x faster CPU inference, see cxr_io
+    device = cio.pick_device(args.device)
     model_paths = args.model or [cc.DEFAULT_MODEL]
-    models, cal, size = cc.load_ensemble(model_paths, device)
-    temperatures = cal["temperature"]
+    try:
+        models, cal, size = cc.load_ensemble(model_paths, device)
+    except cc.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    temperatures = cal["temperatures"]
     manifest = run_manifest(model_paths, models, cal, args.json)
     model_id = manifest["model_id"]
     out_dir, done, json_lines = open_output(args, manifest)
@@ -361,7 +366,7 @@ def main(argv=None):
     print(f"Model: {names} (id {model_id}) | temperature "
           f"{', '.join(f'{t:.4f}' for t in temperatures)}"
           f" | threshold P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band "
-          f"[{cal['band'][0]:.3f}, {cal['band'][1]:.3f})")
+          f"[{cal['uncertain_band'][0]:.3f}, {cal['uncertain_band'][1]:.3f})")
     if done:
         print(f"Resuming: {len(files) - len(todo)} of {len(files)} files already done")
     print(cc.DISCLAIMER)
@@ -370,12 +375,12 @@ def main(argv=None):
     skipped = []
     if not_read:
         for p, reason in not_read:
-            print(f"skipped: {cc.display_name(p)}: {reason}", file=sys.stderr)
-            skipped.append((cc.display_name(p), reason))
+            print(f"skipped: {cio.display_name(p)}: {reason}", file=sys.stderr)
+            skipped.append((cio.display_name(p), reason))
         writer.write([error_row(p, r, model_id) for p, r in not_read])
     loader = DataLoader(FileImages(todo, size), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate,
-                        worker_init_fn=cc.die_with_parent)
+                        worker_init_fn=cio.die_with_parent)
     cam = GradCAM(models[0][0]) if args.gradcam else None
     explained = (f"map of member 1 of {len(models)} ({Path(model_paths[0]).name})"
                  if len(models) > 1 else "")
@@ -385,20 +390,16 @@ def main(argv=None):
         rows = {i: error_row(todo[i], err, model_id) for i, a, err in items if a is None}
         probs = []
         if good:
-            x = torch.from_numpy(np.stack([a for _, a in good])).unsqueeze(1).to(device)
-            probs = cc.pneumonia_probability(models, x, temperatures)
+            probs = cc.ensemble_probability(models, np.stack([a for _, a in good]),
+                                            temperatures, batch_size=len(good))
         for (i, g), p in zip(good, probs):
             if not np.isfinite(p):
                 rows[i] = error_row(todo[i], "the model's output is not a finite number "
                                     "(NaN or infinity): no verdict", model_id)
                 continue
-            row = result_row(todo[i], float(p), cal, temperatures, model_id)
+            row = result_row(todo[i], float(p), cal, model_id)
             rows[i] = row
-            if args.quiet:
-                print(f"{row['file']}: {row['prediction']} ({row['confidence']:.1%})"
-                      + ("  UNCERTAIN" if row["uncertain"] else ""))
-            else:
-                print_block(row)
+            print_line(row) if args.quiet else print_block(row, cal)
             if cam is not None:
                 x1 = torch.from_numpy(g)[None, None].to(device)
                 reported = cc.CLASS_NAMES.index(row["prediction"])
@@ -406,7 +407,7 @@ def main(argv=None):
                                  class_idx=reported)
                 png = unused_name(out_dir, f"{Path(todo[i]).stem}_gradcam", ".png")
                 save_gradcam(png, g, heat, row, explained)
-                print(f"Grad-CAM: {cc.display_name(png)}")
+                print(f"Grad-CAM: {cio.display_name(png)}")
             n_ok += 1
         for i in sorted(rows):
             if rows[i]["error"]:

@@ -7,6 +7,7 @@ of the best validation F1. The test split is read once, at the very end.
 
     python train_cxray.py                      # the reference run on chest_xray/
     python train_cxray.py --seed 2 --out runs  # another seed
+    python train_cxray.py --recipe improved    # the recipe that beats it
     torchrun --nproc_per_node 2 train_cxray.py # several processes (DDP)
     python train_cxray.py --resume runs/<run>  # continue an interrupted run
 
@@ -39,13 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    accuracy_score,
-    classification_report,
-    confusion_matrix,
-    f1_score,
-    roc_auc_score,
-)
+from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -54,55 +49,94 @@ from torchvision.transforms import v2  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import cxr_common as cc  # noqa: E402
+import cxr_io as cio  # noqa: E402
+
+# ---------------------------------------------------------------------------------
+# Recipes are data: every field is read by the code below, and the text in the
+# checkpoint and the README is generated from the fields (describe()).
+# ---------------------------------------------------------------------------------
 
 RECIPES = {
     # The published reference run, unchanged.
-    "reference": {
-        "epochs": 8,
-        "batch_size": 16,
-        "lr": 1e-4,
-        "optimizer": "Adam",
-        "scheduler": "ReduceLROnPlateau(mode=max on val F1, factor=0.5, patience=2)",
-        "augment": "RandomHorizontalFlip, RandomRotation(10), ColorJitter(brightness=0.1)",
-        "intensity": "none",
-        "loss": "CrossEntropyLoss",
-        "selection": "best validation F1 (PNEUMONIA positive)",
-        "calibration": "none: argmax (threshold 0.5), temperature 1",
-    },
+    "reference": dict(
+        epochs=8, batch_size=16, optimizer="adam", lr=1e-4, weight_decay=0.0,
+        schedule="plateau", augment=["flip", "rotate10", "brightness0.1"], noise=0.0,
+        intensity="none", class_weights=False, label_smoothing=0.0,
+        select="val_f1", select_mode="max", calibrate=False),
     # What fixes the normal-recall collapse: see README, "Beating the reference".
-    "improved": {
-        "epochs": 8,
-        "batch_size": 32,
-        "lr": 3e-4,
-        "optimizer": "AdamW(weight_decay=0.01)",
-        "scheduler": "linear warm-up for 1 epoch, then cosine decay to 0 (per step)",
-        "augment": "RandomResizedCrop(scale 0.7-1, ratio 0.85-1.15), RandomHorizontalFlip, "
-                   "RandomRotation(10), ColorJitter(brightness=0.3, contrast=0.3)",
-        "intensity": "equalize",
-        "loss": "CrossEntropyLoss(class-balanced weights, label_smoothing=0.1)",
-        "selection": "lowest validation loss",
-        "calibration": "temperature (min NLL) and threshold (highest with sensitivity >= "
-                       f"{0.97}) fitted on the validation split under simulated acquisition "
-                       "shift; uncertain band between the sensitivity-0.995 and "
-                       "specificity-0.995 thresholds",
-    },
+    "improved": dict(
+        epochs=8, batch_size=32, optimizer="adamw", lr=3e-4, weight_decay=0.01,
+        schedule="warmup_cosine",
+        augment=["resized_crop", "flip", "rotate10", "brightness_contrast0.3"], noise=0.0,
+        intensity="equalize", class_weights=True, label_smoothing=0.1,
+        select="val_loss", select_mode="min", calibrate=True),
 }
-# For the ablation table: the improved recipe minus one component, that component
-# replaced by the reference's choice (python train_cxray.py --recipe improved --ablate X).
+# --ablate X: the improved recipe minus one part, replaced by the reference's choice.
 ABLATIONS = {
-    "equalize": "no per-image histogram equalisation (intensity 'none', as the reference)",
-    "augment": "the reference augmentation (flip, rotation 10, brightness 0.1)",
-    "loss": "plain cross-entropy (no class weights, no label smoothing)",
+    "equalize": {"intensity": "none"},
+    "augment": {"augment": RECIPES["reference"]["augment"]},
+    "loss": {"class_weights": False, "label_smoothing": 0.0},
 }
-# Candidate additions, measured on validation before any recipe adopts them
-# (python train_cxray.py --recipe improved --add X --skip-test).
-ADDITIONS = {
-    "noise": "Gaussian sensor noise (sd 0.05 of the range, ~13 grey levels) on half the "
-             "images, before equalisation",
+# --add X: candidate additions, judged on validation before any recipe adopts them.
+ADDITIONS = {"noise": {"noise": 0.05}}
+# Augmentations by name: (plain words, the torchvision transform for a given image size).
+AUGMENTATIONS = {
+    "flip": ("RandomHorizontalFlip", lambda size: v2.RandomHorizontalFlip()),
+    "rotate10": ("RandomRotation(10)", lambda size: v2.RandomRotation(10)),
+    "brightness0.1": ("ColorJitter(brightness=0.1)", lambda size: v2.ColorJitter(brightness=0.1)),
+    "resized_crop": ("RandomResizedCrop(scale 0.7-1, ratio 0.85-1.15)",
+                     lambda size: v2.RandomResizedCrop(size, scale=(0.7, 1.0),
+                                                       ratio=(0.85, 1.15), antialias=True)),
+    "brightness_contrast0.3": ("ColorJitter(brightness=0.3, contrast=0.3)",
+                               lambda size: v2.ColorJitter(brightness=0.3, contrast=0.3)),
 }
-TARGET_SENSITIVITY = 0.97
-BAND_LEVEL = 0.995
-STRESS_COPIES = 3
+STRESS_COPIES = 3  # shifted copies of the validation split that calibration is fitted on
+
+
+def recipe_for(name: str, ablate=(), add=()) -> dict:
+    """The recipe's fields, with --ablate and --add applied as field overrides."""
+    recipe = copy.deepcopy(RECIPES[name])
+    for part in ablate:
+        recipe.update(copy.deepcopy(ABLATIONS[part]))
+    for part in add:
+        recipe.update(copy.deepcopy(ADDITIONS[part]))
+    return recipe
+
+
+def describe(recipe: dict) -> dict:
+    """The recipe in words, generated from its fields (stored in the checkpoint)."""
+    optimizer = {"adam": "Adam", "adamw": "AdamW"}[recipe["optimizer"]]
+    if recipe["weight_decay"]:
+        optimizer += f"(weight_decay={recipe['weight_decay']:g})"
+    metric = {"val_f1": "validation F1 (PNEUMONIA positive)", "val_loss": "validation loss"}
+    select = metric[recipe["select"]]
+    loss = []
+    if recipe["class_weights"]:
+        loss.append("class-balanced weights")
+    if recipe["label_smoothing"]:
+        loss.append(f"label_smoothing={recipe['label_smoothing']:g}")
+    augment = ", ".join(AUGMENTATIONS[a][0] for a in recipe["augment"])
+    if recipe["noise"]:
+        augment += (f"; plus Gaussian sensor noise (sd {recipe['noise']:g} of the range) on "
+                    "half the images, before equalisation")
+    return {
+        "epochs": recipe["epochs"], "batch_size": recipe["batch_size"], "lr": recipe["lr"],
+        "optimizer": optimizer,
+        "scheduler": {"plateau": f"ReduceLROnPlateau(mode={recipe['select_mode']} on {select},"
+                                 " factor=0.5, patience=2)",
+                      "warmup_cosine": "linear warm-up for 1 epoch, then cosine decay to 0 "
+                                       "(per step)"}[recipe["schedule"]],
+        "augment": augment,
+        "intensity": recipe["intensity"],
+        "loss": "CrossEntropyLoss" + (f"({', '.join(loss)})" if loss else ""),
+        "selection": f"{'best' if recipe['select_mode'] == 'max' else 'lowest'} {select}",
+        "calibration": (
+            f"temperature (min NLL) and threshold (highest with sensitivity >= "
+            f"{cc.TARGET_SENSITIVITY}) fitted on the validation split under simulated "
+            f"acquisition shift; uncertain band between the sensitivity-{cc.BAND_LEVEL} and "
+            f"specificity-{cc.BAND_LEVEL} thresholds" if recipe["calibrate"]
+            else "none: argmax (threshold 0.5), temperature 1"),
+    }
 
 
 def parse_args(argv=None):
@@ -110,23 +144,24 @@ def parse_args(argv=None):
         description="Fine-tune MobileNetV2 on chest X-rays (NORMAL vs PNEUMONIA).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", default="chest_xray", help="folder with train/ [val/] test/")
-    p.add_argument("--out", default="runs", type=cc.folder_or_new,
-                   help="parent folder of the run folders")
+    p.add_argument("--data", default="chest_xray", help="the dataset root: train/ [val/] test/")
+    p.add_argument("--out", default="runs", type=cio.folder_or_new,
+                   help="parent folder: each run writes to a new OUT/<ts>_<recipe>_seed<N>/")
     p.add_argument("--recipe", default="reference", choices=sorted(RECIPES))
-    p.add_argument("--epochs", type=cc.positive_int, help="default: the recipe's (reference: 8)")
-    p.add_argument("--batch-size", type=cc.positive_int,
+    p.add_argument("--epochs", type=cio.positive_int, help="default: the recipe's (reference: 8)")
+    p.add_argument("--batch-size", type=cio.positive_int,
                    help="global batch size (reference: 16)")
-    p.add_argument("--lr", type=cc.positive_float, help="learning rate (reference: 1e-4)")
-    p.add_argument("--image-size", type=cc.positive_int, default=cc.IMAGE_SIZE)
-    p.add_argument("--val-fraction", type=cc.open_fraction, default=0.1,
+    p.add_argument("--lr", type=cio.positive_float, help="learning rate (reference: 1e-4)")
+    p.add_argument("--image-size", type=cio.positive_int, default=cc.IMAGE_SIZE)
+    p.add_argument("--val-fraction", type=cio.open_fraction, default=0.1,
                    help="patient-grouped validation share of train/ when there is no val/")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=cc.nonnegative_int, default=0,
-                   help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", type=cio.device_name, help="auto, cpu or cuda")
+    p.add_argument("--workers", type=cio.nonnegative_int, default=0,
+                   help="DataLoader worker processes (0 keeps the published runs' random "
+                        "augmentation stream)")
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
-                   help="bf16 autocast; auto = on for CUDA only")
+                   help="bf16 autocast in the training step; auto = on for CUDA only")
     p.add_argument("--no-pretrained", action="store_true",
                    help="start from random weights instead of ImageNet")
     p.add_argument("--cache-dir", default=".cache",
@@ -143,25 +178,126 @@ def parse_args(argv=None):
         p.error("--ablate and --add change the improved recipe: use them with --recipe improved")
     if args.image_size < 32:
         p.error(f"--image-size {args.image_size}: MobileNetV2 needs at least 32 px")
-    recipe = RECIPES[args.recipe]
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is None:
-            setattr(args, key, recipe[key])
+            setattr(args, key, RECIPES[args.recipe][key])
     return args
 
 
 # ---------------------------------------------------------------------------------
-# Distributed set-up (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK).
+# The run: set-up, the epoch loop, then calibration, the test split (read once), and
+# the report.
 # ---------------------------------------------------------------------------------
 
 
-def setup_distributed(device_name: str):
+def main(argv=None):
+    args, resumed = resume_arguments(parse_args(argv))
+    world, rank, device = setup_distributed(args)  # one process unless started by torchrun
+    cio.tune_cpu_allocator()  # keeps freed tensor memory: faster CPU steps, see cxr_io
+    recipe = recipe_for(args.recipe, args.ablate, args.add)
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    torch.manual_seed(args.seed)
+    start = time.time()
+    run_dir, commands = open_run_folder(args, resumed, world, rank)
+    log(rank, f"Run folder: {run_dir}")
+    log(rank, f"Device: {hardware(device)} x {world} process(es), bf16 autocast: {amp}")
+
+    # Data: a patient-grouped validation split, decoded once, augmented on tensors.
+    (x_train, y_train), (x_val, y_val), test_files, val_source = load_splits(args, run_dir, rank)
+    log(rank, f"Train: {len(y_train)} images ({np.bincount(y_train, minlength=2).tolist()} "
+              f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})")
+    loader, sampler, loader_gen = make_loader(x_train, y_train, recipe, args, world, rank, device)
+
+    # Model, loss, optimiser and schedule; a resumed run picks up where it stopped.
+    model, weight_source = make_model(args, device)
+    log(rank, f"MobileNetV2 weights: {weight_source}")
+    net = wrap_distributed(model, world, device)
+    criterion, optimizer, scheduler = make_optimisation(recipe, model, y_train, len(loader),
+                                                        args.lr, args.epochs)
+    history, best, first_epoch = restore(resumed, model, optimizer, scheduler, loader_gen,
+                                         recipe, rank)
+
+    for epoch in range(first_epoch, args.epochs + 1):
+        t0 = time.time()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        # one pass over the training images (a warm-up + cosine schedule steps per batch)
+        train_loss, train_acc = train_one_epoch(
+            net, loader, criterion, optimizer, device, amp, rank, epoch, args.epochs,
+            scheduler if recipe["schedule"] == "warmup_cosine" else None)
+        # validation, the same on every process; a plateau schedule steps on it
+        val = evaluate(model, x_val, y_val, recipe["intensity"])
+        if recipe["schedule"] == "plateau":
+            scheduler.step(val[recipe["select"]])
+        # keep the weights of the best epoch by the recipe's selection metric
+        improved = is_better(val[recipe["select"]], best["score"], recipe["select_mode"])
+        if improved:
+            best = {"score": val[recipe["select"]], "epoch": epoch,
+                    "state": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})}
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                        "val_loss": val["val_loss"], "val_acc": val["accuracy"],
+                        "val_f1": val["val_f1"], "val_auc": val["auc"],
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0})
+        log_epoch(rank, history[-1], args.epochs, improved, recipe)
+        if rank == 0:  # resumable after every epoch
+            save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loader_gen,
+                       args, commands)
+    if world > 1:
+        check_replicas_in_sync(model, world, rank)
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
+
+    # The best epoch's weights, their calibration (validation data only), then the test
+    # split, read once.
+    model.load_state_dict(best["state"])
+    calibration = calibrate(model, x_val, y_val, recipe, args.seed) if recipe["calibrate"] else None
+    val = evaluate(model, x_val, y_val, recipe["intensity"], calibration)
+    metrics = {"best_epoch": best["epoch"], "val_f1": val["val_f1"], "val_acc": val["accuracy"],
+               "val_auc": val["auc"]}
+    test_metrics, test_text = test_once(model, test_files, recipe, calibration, args, run_dir)
+    metrics.update(test_metrics)
+    print("\n" + test_text, flush=True)
+    meta = cc.base_meta(args.image_size, recipe["intensity"])
+    meta.update(recipe=args.recipe, recipe_details=describe(recipe), recipe_fields=recipe,
+                ablate=args.ablate, add=args.add, seed=args.seed, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, weights=weight_source,
+                validation=val_source, metrics=metrics, command=commands[0],
+                resumed_with=commands[1:], hardware=hardware(device), processes=world,
+                wall_seconds=round(time.time() - start, 1), calibration=calibration)
+    write_outputs(run_dir, best, meta, history, test_text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------
+# Set-up: arguments of a resumed run, processes, the run folder.
+# ---------------------------------------------------------------------------------
+
+
+def resume_arguments(args):
+    """With --resume, the interrupted run's own arguments (device and workers may
+    change) and its saved state; otherwise args and None."""
+    if not args.resume:
+        return args, None
+    state = load_state(Path(args.resume))
+    saved = json.loads(state["args"])
+    saved = {"ablate": [], "add": [], "skip_test": False, **saved}  # older run states
+    saved.update(resume=args.resume, device=args.device, workers=args.workers)
+    return argparse.Namespace(**saved), state
+
+
+def setup_distributed(args):
+    """(world size, rank, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is the global batch: it must "
+                         f"divide evenly among the {world} processes")
     if world == 1:
-        return 1, 0, cc.pick_device(device_name)
+        return 1, 0, cio.pick_device(args.device)
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
@@ -172,23 +308,44 @@ def setup_distributed(device_name: str):
     return world, rank, device
 
 
+def open_run_folder(args, resumed, world: int, rank: int) -> tuple[Path, list[str]]:
+    """A new run folder (or the resumed one), and the commands that made the run: the
+    first, then each --resume."""
+    invocation = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if world > 1:
+        invocation = f"torchrun --nproc_per_node {world} " + invocation[len("python "):]
+    commands = json.loads(resumed.get("commands", '["(not recorded)"]')) if resumed else []
+    commands.append(invocation)
+    if resumed is not None:
+        return Path(args.resume), commands
+    run_dir = None
+    if rank == 0:
+        check_data(args)  # before making a folder: a wrong --data leaves nothing behind
+        name = args.recipe + "".join(f"-no-{a}" for a in args.ablate) \
+            + "".join(f"+{a}" for a in args.add)
+        run_dir = cio.unique_dir(args.out, f"{cio.timestamp()}_{name}_seed{args.seed}")
+        atexit.register(remove_if_unfinished, run_dir)
+    if world > 1:  # every process needs rank 0's folder name
+        names = [str(run_dir) if rank == 0 else None]
+        dist.broadcast_object_list(names, src=0)
+        run_dir = Path(names[0])
+    return run_dir, commands
+
+
 def log(rank: int, *args, **kwargs):
     if rank == 0:
         print(*args, **kwargs, flush=True)
 
 
+def hardware(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 # ---------------------------------------------------------------------------------
 # Data: a patient-grouped validation split, decoded once, augmented on tensors.
 # ---------------------------------------------------------------------------------
-
-
-def grouped_split(paths, labels, val_fraction: float, seed: int):
-    """Stratified by class, grouped by patient: no patient on both sides."""
-    n_splits = max(2, round(1 / val_fraction))
-    groups = [cc.patient_id(p) for p in paths]
-    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(sgkf.split(np.zeros(len(labels)), labels, groups))
-    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
 
 
 def check_data(args):
@@ -201,7 +358,18 @@ def check_data(args):
     require_both_classes(cc.list_labelled(data / "train")[1], f"{data}/train")
 
 
+def grouped_split(paths, labels, val_fraction: float, seed: int):
+    """Stratified by class, grouped by patient: no patient on both sides."""
+    n_splits = max(2, round(1 / val_fraction))
+    groups = [cc.patient_id(p) for p in paths]
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(sgkf.split(np.zeros(len(labels)), labels, groups))
+    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+
+
 def load_splits(args, run_dir: Path, rank: int):
+    """(train images, labels), (validation images, labels), the test files (not read
+    yet) and where validation came from. Unusable files are skipped and listed."""
     data = Path(args.data)
     check_data(args)
     train_paths, train_labels = cc.list_labelled(data / "train")
@@ -215,22 +383,19 @@ def load_splits(args, run_dir: Path, rank: int):
         train_paths = [train_paths[i] for i in tr]
         train_labels = [train_labels[i] for i in tr]
         val_source = f"patient-grouped {args.val_fraction:.0%} of {data}/train, seed {args.seed}"
-    test_paths, test_labels = cc.list_labelled(data / "test")
-    cache = args.cache_dir or None
-    splits, skipped = {}, []
+    splits, used, skipped = [], [], []
     for name, paths, labels in (("train", train_paths, train_labels),
                                 ("val", val_paths, val_labels)):
-        images, kept, bad = cc.decode_all(paths, args.image_size, cache, name)
-        splits[name] = (images, np.array([labels[i] for i in kept], dtype=np.int64),
-                        [paths[i] for i in kept])
+        images, kept, bad = cc.decode_all(paths, args.image_size, args.cache_dir or None, name)
+        y = np.array([labels[i] for i in kept], dtype=np.int64)
+        require_both_classes(y, f"the {name} split")
+        splits.append((images, y))
+        used.append(([paths[i] for i in kept], y))
         skipped += bad
-        require_both_classes(splits[name][1], f"the {name} split")
     if rank == 0:
         report_skipped(run_dir, skipped)
-        (_, y_tr, p_tr), (_, y_va, p_va) = splits["train"], splits["val"]
-        write_split_csv(run_dir / "val_split.csv", p_tr, y_tr, p_va, y_va)
-    splits = {k: v[:2] for k, v in splits.items()}
-    return splits, (test_paths, test_labels), val_source
+        write_split_csv(run_dir / "val_split.csv", *used[0], *used[1])
+    return splits[0], splits[1], cc.list_labelled(data / "test"), val_source
 
 
 def require_both_classes(labels, where: str):
@@ -245,7 +410,7 @@ def report_skipped(run_dir: Path, skipped):
     """Name each unusable file on the console and in skipped_files.txt; training goes on."""
     if not skipped:
         return
-    lines = [f"{cc.display_name(p)}: {reason}" for p, reason in skipped]
+    lines = [f"{cio.display_name(p)}: {reason}" for p, reason in skipped]
     for line in lines:
         print(f"skipped: {line}", file=sys.stderr)
     with open(run_dir / "skipped_files.txt", "a", encoding="utf-8") as f:
@@ -259,7 +424,7 @@ def write_split_csv(path, train_paths, train_labels, val_paths, val_labels):
         w.writerow(["split", "label", "patient", "file"])
         for split, ps, ls in (("train", train_paths, train_labels), ("val", val_paths, val_labels)):
             for p, y in zip(ps, ls):
-                w.writerow([split, cc.CLASS_NAMES[y], cc.patient_id(p), cc.display_name(p)])
+                w.writerow([split, cc.CLASS_NAMES[y], cc.patient_id(p), cio.display_name(p)])
 
 
 class XrayArrays(Dataset):
@@ -278,44 +443,147 @@ class XrayArrays(Dataset):
         return x, int(self.labels[i])
 
 
-def train_transform(recipe: str, size: int, ablate=(), add=()):
-    reference = [
-        v2.RandomHorizontalFlip(),
-        v2.RandomRotation(10),
-        v2.ColorJitter(brightness=0.1),
-    ]
-    if recipe == "reference":
-        return v2.Compose(reference)
-    stronger = [
-        v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomRotation(10),
-        v2.ColorJitter(brightness=0.3, contrast=0.3),
-    ]
-    # the same per-image equalisation as at prediction time
-    equalize = [] if "equalize" in ablate else [v2.Lambda(cc.equalize)]
-    noise = [v2.RandomApply([v2.ToDtype(torch.float32, scale=True), v2.GaussianNoise(sigma=0.05),
-                             v2.ToDtype(torch.uint8, scale=True)], p=0.5)] \
-        if "noise" in add else []  # v2.GaussianNoise: torchvision >= 0.20
-    return v2.Compose(noise + equalize + (reference if "augment" in ablate else stronger))
+def train_transform(recipe: dict, size: int):
+    """Sensor noise (a candidate), the same per-image equalisation as at prediction time,
+    then the recipe's augmentations."""
+    steps = []
+    if recipe["noise"]:  # v2.GaussianNoise: torchvision >= 0.20
+        steps.append(v2.RandomApply([v2.ToDtype(torch.float32, scale=True),
+                                     v2.GaussianNoise(sigma=recipe["noise"]),
+                                     v2.ToDtype(torch.uint8, scale=True)], p=0.5))
+    if recipe["intensity"] == "equalize":
+        steps.append(v2.Lambda(cc.equalize))
+    steps += [AUGMENTATIONS[name][1](size) for name in recipe["augment"]]
+    return v2.Compose(steps)
 
 
-def recipe_of(args) -> dict:
-    """The recipe's settings as run, with any --ablate replacements written in."""
-    recipe = dict(RECIPES[args.recipe])
-    ablate, add = args.ablate, args.add
-    if "equalize" in ablate:
-        recipe["intensity"] = "none"
-    if "augment" in ablate:
-        recipe["augment"] = RECIPES["reference"]["augment"]
-    if "loss" in ablate:
-        recipe["loss"] = RECIPES["reference"]["loss"]
-    if ablate:
-        recipe["ablated"] = {a: ABLATIONS[a] for a in ablate}
-    if add:
-        recipe["augment"] += "; plus " + "; ".join(ADDITIONS[a] for a in add)
-        recipe["added"] = {a: ADDITIONS[a] for a in add}
-    return recipe
+def make_loader(x_train, y_train, recipe, args, world, rank, device):
+    """The shuffled, augmented training loader (a DistributedSampler under torchrun)."""
+    train_set = XrayArrays(x_train, y_train, train_transform(recipe, args.image_size))
+    loader_gen = torch.Generator().manual_seed(args.seed)
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
+        if world > 1 else None
+    loader = DataLoader(train_set, batch_size=args.batch_size // world,
+                        shuffle=sampler is None, sampler=sampler, generator=loader_gen,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0, worker_init_fn=cio.die_with_parent)
+    return loader, sampler, loader_gen
+
+
+# ---------------------------------------------------------------------------------
+# Model, loss, optimiser, schedule.
+# ---------------------------------------------------------------------------------
+
+
+def make_model(args, device):
+    try:
+        model, weight_source = cc.build_model(pretrained=not args.no_pretrained)
+    except cc.WeightsUnavailable as e:
+        raise SystemExit(f"error: {e}") from None
+    return model.to(device).to(memory_format=torch.channels_last), weight_source
+
+
+def wrap_distributed(model, world: int, device):
+    """Under torchrun, DDP averages the gradients of all processes at every step."""
+    if world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def make_optimisation(recipe: dict, model, y_train, steps_per_epoch: int, lr: float,
+                      epochs: int):
+    """Loss, optimiser and scheduler of the recipe."""
+    weights = None
+    if recipe["class_weights"]:
+        counts = np.bincount(y_train, minlength=2)
+        weights = torch.tensor(len(y_train) / (2.0 * counts), dtype=torch.float32,
+                               device=next(model.parameters()).device)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=recipe["label_smoothing"])
+    if recipe["optimizer"] == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr,
+                                     weight_decay=recipe["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
+                                      weight_decay=recipe["weight_decay"])
+    if recipe["schedule"] == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=recipe["select_mode"], factor=0.5, patience=2)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(steps_per_epoch, steps_per_epoch * epochs))
+    return criterion, optimizer, scheduler
+
+
+def warmup_cosine(warmup: int, total: int):
+    """Learning-rate factor per step: linear warm-up, then cosine decay to 0."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def is_better(score: float, best: float, mode: str) -> bool:
+    """Strictly better: on a tie the earlier epoch is kept."""
+    return score > best if mode == "max" else score < best
+
+
+# ---------------------------------------------------------------------------------
+# One epoch of training, one pass of evaluation.
+# ---------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoch, epochs,
+                    step_scheduler=None):
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"Epoch {epoch}/{epochs} [train]", unit="batch",
+               disable=rank != 0, leave=False)
+    for x, y in bar:
+        x = cc.normalize_batch(x.to(device, non_blocking=True))
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+    return total_loss / seen, correct / seen
+
+
+def evaluate(model, images, labels, intensity="none", calibration=None, desc=None) -> dict:
+    """Validation loss (cross-entropy at temperature 1) and cc.binary_metrics of (N, H, W)
+    uint8 images: at the calibration's temperature and threshold, or argmax without one."""
+    logits = cc.predict_logits(model, images, intensity, desc=desc)
+    cal = calibration or {"temperature": 1.0, "threshold": 0.5}
+    p = cc.probabilities(logits, cal["temperature"])
+    m = cc.binary_metrics(labels, p, cal["threshold"])
+    loss = nn.functional.cross_entropy(logits, torch.as_tensor(labels)).item()
+    return {**m, "val_loss": loss, "val_f1": m["f1"], "pred": cc.decide(p, cal["threshold"])[0]}
+
+
+def log_epoch(rank, h, epochs, improved, recipe):
+    log(rank, f"\nEpoch {h['epoch']}/{epochs}")
+    log(rank, f"Train Loss: {h['train_loss']:.4f}, Train Acc: {h['train_acc']:.4f}")
+    log(rank, f"Val Loss: {h['val_loss']:.4f}, Val Acc: {h['val_acc']:.4f}, "
+              f"Val F1: {h['val_f1']:.4f}, Val AUC: {h['val_auc']:.4f}")
+    if improved:
+        what = {"val_f1": "F1", "val_loss": "val loss"}[recipe["select"]]
+        log(rank, f"New best model saved with {what}: {h[recipe['select']]:.4f}")
+    log(rank, f"Learning rate: {h['lr']:.2e}")
+
+
+# ---------------------------------------------------------------------------------
+# After training: calibration (validation only), the test split (once), the report.
+# ---------------------------------------------------------------------------------
 
 
 def stress_transform(size: int):
@@ -342,197 +610,68 @@ def stressed_copies(images: np.ndarray, labels: np.ndarray, copies: int, seed: i
     return out, np.tile(labels, copies)
 
 
-def fit_calibration(logits: torch.Tensor, labels: np.ndarray) -> dict:
-    """Temperature by minimum NLL on a grid; threshold and uncertain band by the rules
-    in RECIPES['improved']['calibration']. Validation data only."""
-    y = torch.as_tensor(labels)
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 400))
-    nll = [nn.functional.cross_entropy(logits / t, y).item() for t in grid]
-    temperature = float(grid[int(np.argmin(nll))])
-    p = (logits / temperature).softmax(1)[:, 1].numpy()
-    pos, neg = np.sort(p[labels == 1]), np.sort(p[labels == 0])
-    threshold = float(pos[int(np.floor((1 - TARGET_SENSITIVITY) * len(pos)))])
-    lo = float(pos[int(np.floor((1 - BAND_LEVEL) * len(pos)))])
-    hi = float(np.nextafter(neg[min(len(neg) - 1, int(np.ceil(BAND_LEVEL * len(neg))) - 1)], 1))
-    band = [min(lo, threshold), max(hi, threshold)]
-    return {"temperature": temperature, "threshold": threshold, "uncertain_band": band,
-            "nll_at_temperature": float(min(nll)), "nll_at_1": float(
-                nn.functional.cross_entropy(logits, y).item())}
+def calibrate(model, x_val, y_val, recipe, seed) -> dict:
+    """Temperature, threshold and uncertain band, fitted on shifted validation copies."""
+    x_sv, y_sv = stressed_copies(x_val, y_val, STRESS_COPIES, seed)
+    calibration = cc.fit_calibration(cc.predict_logits(model, x_sv, recipe["intensity"]), y_sv)
+    calibration["fitted_on"] = (f"{STRESS_COPIES} shifted copies of the {len(y_val)} "
+                                "validation images (stress_transform)")
+    calibration["rule"] = describe(recipe)["calibration"]
+    lo, hi = calibration["uncertain_band"]
+    print(f"\nCalibration on shifted validation: temperature {calibration['temperature']:.3f}, "
+          f"threshold P(PNEUMONIA) >= {calibration['threshold']:.4f}, uncertain band "
+          f"[{lo:.4f}, {hi:.4f})")
+    return calibration
 
 
-# ---------------------------------------------------------------------------------
-# One epoch of training, one pass of evaluation.
-# ---------------------------------------------------------------------------------
+def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[dict, str]:
+    """The test split's metrics and the published run's report, or a note when this is
+    a development run that must not read it."""
+    if args.skip_test or args.ablate or args.add:
+        return {}, ("Test split not read: development run (--skip-test, --ablate or --add); "
+                    "decide on validation, evaluate the final recipe once.\n")
+    paths, labels = test_files
+    x_test, kept, bad = cc.decode_all(paths, args.image_size, args.cache_dir or None, "test")
+    report_skipped(run_dir, bad)
+    y_test = np.array([labels[i] for i in kept], dtype=np.int64)
+    test = evaluate(model, x_test, y_test, recipe["intensity"], calibration, desc="test")
+    cm = confusion_matrix(y_test, test["pred"], labels=[0, 1])
+    recalls = cm.diagonal() / np.maximum(cm.sum(1), 1)
+    report = classification_report(y_test, test["pred"], labels=[0, 1],
+                                   target_names=cc.CLASS_NAMES, digits=4, zero_division=0)
+    text = (f"Test Accuracy: {test['accuracy'] * 100:.2f}%\n\n"
+            f"Classification Report:\n{report}\n"
+            f"Confusion Matrix (rows: true {cc.CLASS_NAMES}, columns: predicted):\n{cm}\n"
+            f"Test ROC AUC: {test['auc']:.4f}\n")
+    return {"test_acc": test["accuracy"], "test_auc": test["auc"], "test_f1": test["f1"],
+            "test_confusion": cm.tolist(), "test_recall_normal": float(recalls[0]),
+            "test_recall_pneumonia": float(recalls[1])}, text
 
 
-def autocast(device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoch, epochs,
-                    step_scheduler=None):
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"Epoch {epoch}/{epochs} [train]", unit="batch",
-               disable=rank != 0, leave=False)
-    for x, y in bar:
-        x = cc.normalize_batch(x.to(device, non_blocking=True))
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            logits = model(x)
-            loss = criterion(logits.float(), y)
-        loss.backward()
-        optimizer.step()
-        if step_scheduler is not None:
-            step_scheduler.step()
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
-    return total_loss / seen, correct / seen
-
-
-@torch.no_grad()
-def predict_logits(model, images_u8: np.ndarray, device, amp=False, batch_size=64, desc=None,
-                   intensity="none"):
-    """Logits for (N, H, W) uint8 images, in order."""
-    model.eval()
-    out = []
-    starts = range(0, len(images_u8), batch_size)
-    for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
-        x = torch.from_numpy(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
-        x = cc.model_input(x, intensity).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, len(cc.CLASS_NAMES))
-
-
-def evaluate(model, images, labels, device, amp, intensity="none", desc=None, batch_size=64,
-             calibration=None):
-    """Loss, accuracy, F1, AUC of (N, H, W) uint8 images. With a calibration, predictions
-    use its temperature and threshold; without, argmax."""
-    logits = predict_logits(model, images, device, amp, batch_size, desc, intensity)
-    y = torch.as_tensor(labels)
-    loss = nn.functional.cross_entropy(logits, y).item()
-    if calibration is None:
-        prob = logits.softmax(1)[:, 1].numpy()
-        pred = logits.argmax(1).numpy()
-    else:
-        prob = (logits / calibration["temperature"]).softmax(1)[:, 1].numpy()
-        pred = (prob >= calibration["threshold"]).astype(int)
-    auc = roc_auc_score(labels, prob) if len(set(labels.tolist())) == 2 else float("nan")
-    return {
-        "loss": loss,
-        "acc": accuracy_score(labels, pred),
-        "f1": f1_score(labels, pred, zero_division=0),
-        "auc": float(auc),
-        "pred": pred,
-        "prob": prob,
-        "logits": logits,
-    }
-
-
-def make_optimisation(args, model, y_train, steps_per_epoch, device):
-    """Loss, optimiser and scheduler of the recipe. Returns (criterion, optimizer,
-    scheduler, whether the scheduler steps every batch)."""
-    if args.recipe == "reference":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max",
-                                                               factor=0.5, patience=2)
-        return nn.CrossEntropyLoss(), optimizer, scheduler, False
-    if "loss" in args.ablate:
-        criterion = nn.CrossEntropyLoss()
-    else:
-        counts = np.bincount(y_train, minlength=2)
-        weights = torch.tensor(len(y_train) / (2.0 * counts), dtype=torch.float32,
-                               device=device)
-        criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup, total = steps_per_epoch, steps_per_epoch * args.epochs
-
-    def schedule(step):  # linear warm-up, then cosine decay to 0
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return criterion, optimizer, scheduler, True
-
-
-# ---------------------------------------------------------------------------------
-# Resumable state: written atomically after every epoch.
-# ---------------------------------------------------------------------------------
-
-
-def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loader_gen, args,
-               commands):
-    state = {
-        "commands": json.dumps(commands),
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "history": json.dumps(history),
-        "best_score": best["score"],
-        "best_epoch": best["epoch"],
-        "best_state": best["state"],
-        "torch_rng": torch.get_rng_state(),
-        "loader_rng": loader_gen.get_state(),
-        "args": json.dumps(vars(args)),
-    }
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    cc.write_atomic(run_dir / "last_state.pth", lambda f: torch.save(state, f))
-
-
-def load_state(run_dir: Path):
-    path = run_dir / "last_state.pth"
-    if not path.is_file():
-        raise SystemExit(f"error: --resume: {path} not found (a finished run has none)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        json.loads(state["args"])
-        return state
-    except Exception as e:  # noqa: BLE001 - any damage to the file: one line, no traceback
-        raise SystemExit(f"error: --resume: {path} is damaged and cannot be resumed "
-                         f"({type(e).__name__}); start the run again") from None
-
-
-def remove_if_unfinished(run_dir: Path):
-    """A new run that stopped before saving its first epoch leaves no folder behind."""
-    if run_dir.is_dir() and not any((run_dir / n).exists()
-                                    for n in ("mobilenet_cxr.pth", "last_state.pth")):
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def check_replicas_in_sync(model, world: int, rank: int):
-    """DDP must leave every process with the same parameters (a missing wrapper would
-    let each process train on its own shard): compare hashes, refuse to save if not."""
-    flat = torch.cat([p.detach().float().cpu().flatten() for p in model.parameters()])
-    digests = [None] * world
-    dist.all_gather_object(digests, hashlib.sha256(flat.numpy().tobytes()).hexdigest())
-    if len(set(digests)) != 1:
-        raise SystemExit(f"error: DDP processes ended with different weights "
-                         f"({len(set(digests))} distinct): not saving a checkpoint")
-    log(rank, f"DDP: weights identical on all {world} processes")
-
-
-# ---------------------------------------------------------------------------------
-# Reports: console block, text file, history JSON, plot.
-# ---------------------------------------------------------------------------------
-
-
-def test_block(acc, labels, pred) -> str:
-    cm = confusion_matrix(labels, pred, labels=[0, 1])
-    report = classification_report(labels, pred, labels=[0, 1], target_names=cc.CLASS_NAMES,
-                                   digits=4, zero_division=0)
-    return (
-        f"Test Accuracy: {acc * 100:.2f}%\n\n"
-        f"Classification Report:\n{report}\n"
-        f"Confusion Matrix (rows: true {cc.CLASS_NAMES}, columns: predicted):\n{cm}\n"
-    )
+def write_outputs(run_dir: Path, best, meta, history, test_text):
+    """The checkpoint, the history, the plot and the results text, then the resumable
+    state is no longer needed."""
+    ts = cio.timestamp()
+    cc.save_checkpoint(run_dir / "mobilenet_cxr.pth", best["state"], meta)
+    (run_dir / f"training_history_{ts}.json").write_text(
+        json.dumps({"meta": meta, "history": history}, indent=2))
+    save_plot(history, run_dir / f"training_plot_{ts}.png")
+    best_h = history[best["epoch"] - 1]
+    lines = [f"Command: {meta['command']}", *(f"Resumed with: {c}" for c in meta["resumed_with"]),
+             f"Recipe: {meta['recipe']}, seed {meta['seed']}",
+             f"Hardware: {meta['hardware']} x {meta['processes']}",
+             f"Wall time: {meta['wall_seconds']:.0f} s", f"Validation: {meta['validation']}",
+             f"Best epoch ({meta['recipe_details']['selection']}): {best['epoch']} "
+             f"(F1 {best_h['val_f1']:.4f}, AUC {best_h['val_auc']:.4f})",
+             f"Calibration: {json.dumps(meta['calibration'])}", ""]
+    lines += [f"Epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f} | "
+              f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f} F1 {h['val_f1']:.4f} "
+              f"AUC {h['val_auc']:.4f} | lr {h['lr']:.2e} | {h['seconds']:.0f} s"
+              for h in history]
+    (run_dir / f"training_results_{ts}.txt").write_text("\n".join(lines) + "\n\n" + test_text)
+    (run_dir / "last_state.pth").unlink(missing_ok=True)
+    print(f"Saved {run_dir / 'mobilenet_cxr.pth'} and reports in {run_dir}/ "
+          f"({meta['wall_seconds'] / 60:.1f} min)")
 
 
 def save_plot(history, path):
@@ -556,217 +695,80 @@ def save_plot(history, path):
     plt.close(fig)
 
 
-def hardware(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 # ---------------------------------------------------------------------------------
-# The run.
+# Resumable state (written atomically after every epoch) and DDP's consistency check.
 # ---------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    resume_dir = Path(args.resume) if args.resume else None
-    resumed = None
-    if resume_dir:
-        resumed = load_state(resume_dir)
-        saved = json.loads(resumed["args"])
-        saved = {"ablate": [], "add": [], "skip_test": False, **saved}  # older run states
-        saved.update(resume=args.resume, device=args.device, workers=args.workers)
-        args = argparse.Namespace(**saved)
-    world, rank, device = setup_distributed(args.device)
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is the global batch: it must "
-                         f"divide evenly among the {world} processes")
-    cc.tune_cpu_allocator()  # keeps freed tensor memory: faster CPU steps, see cxr_common
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    start = time.time()
+def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loader_gen, args,
+               commands):
+    state = {
+        "commands": json.dumps(commands),
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": json.dumps(history),
+        "best_score": best["score"],
+        "best_epoch": best["epoch"],
+        "best_state": best["state"],
+        "torch_rng": torch.get_rng_state(),
+        "loader_rng": loader_gen.get_state(),
+        "args": json.dumps(vars(args)),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    cio.write_atomic(run_dir / "last_state.pth", lambda f: torch.save(state, f))
 
-    ts = cc.timestamp()
-    if resume_dir:
-        run_dir = resume_dir
-    elif rank == 0:
-        name = args.recipe + "".join(f"-no-{a}" for a in args.ablate) \
-            + "".join(f"+{a}" for a in args.add)
-        check_data(args)  # before making a folder: a wrong --data leaves nothing behind
-        run_dir = cc.unique_dir(args.out, f"{ts}_{name}_seed{args.seed}")
-        atexit.register(remove_if_unfinished, run_dir)
-    if world > 1:  # every process needs rank 0's folder name
-        names = [str(run_dir) if rank == 0 else None]
-        dist.broadcast_object_list(names, src=0)
-        run_dir = Path(names[0])
-    invocation = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    if world > 1:
-        invocation = f"torchrun --nproc_per_node {world} " + invocation[len("python "):]
-    # the command that made the run, then each --resume that continued it
-    commands = json.loads(resumed.get("commands", '["(not recorded)"]')) if resumed else []
-    commands.append(invocation)
-    command = commands[0]
-    log(rank, f"Run folder: {run_dir}")
-    log(rank, f"Device: {hardware(device)} x {world} process(es), bf16 autocast: {amp}")
 
-    # Data
-    splits, (test_paths, test_labels), val_source = load_splits(args, run_dir, rank)
-    x_train, y_train = splits["train"]
-    x_val, y_val = splits["val"]
-    log(rank, f"Train: {len(y_train)} images ({np.bincount(y_train, minlength=2).tolist()} "
-              f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})")
-    recipe = recipe_of(args)
-    intensity = recipe["intensity"]
-    skip_test = bool(args.skip_test or args.ablate or args.add)
-    if recipe.get("ablated"):
-        log(rank, f"Ablation: {'; '.join(recipe['ablated'].values())}")
-    if recipe.get("added"):
-        log(rank, f"Candidate addition: {'; '.join(recipe['added'].values())}")
-    train_set = XrayArrays(x_train, y_train, train_transform(args.recipe, args.image_size,
-                                                             args.ablate, args.add))
-    loader_gen = torch.Generator().manual_seed(args.seed)
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
-        if world > 1 else None
-    loader = DataLoader(train_set, batch_size=args.batch_size // world,
-                        shuffle=sampler is None, sampler=sampler, generator=loader_gen,
-                        num_workers=args.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.workers > 0)
-
-    # Model, loss, optimiser, scheduler
+def load_state(run_dir: Path):
+    path = run_dir / "last_state.pth"
+    if not path.is_file():
+        raise SystemExit(f"error: --resume: {path} not found (a finished run has none)")
     try:
-        model, weight_source = cc.build_model(pretrained=not args.no_pretrained)
-    except cc.WeightsUnavailable as e:
-        raise SystemExit(f"error: {e}") from None
-    log(rank, f"MobileNetV2 weights: {weight_source}")
-    model = model.to(device).to(memory_format=torch.channels_last)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
-                                              if device.type == "cuda" else None) \
-        if world > 1 else model
-    criterion, optimizer, scheduler, per_step = make_optimisation(args, model, y_train,
-                                                                  len(loader), device)
-    history, best, first_epoch = [], {"score": -np.inf, "epoch": 0, "state": None}, 1
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        history = json.loads(resumed["history"])
-        best = {"score": resumed["best_score"], "epoch": resumed["best_epoch"],
-                "state": resumed["best_state"]}
-        torch.set_rng_state(resumed["torch_rng"])
-        loader_gen.set_state(resumed["loader_rng"])
-        if "cuda_rng" in resumed and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resumed["cuda_rng"])
-        first_epoch = resumed["epoch"] + 1
-        log(rank, f"Resuming after epoch {resumed['epoch']} (best so far: epoch "
-                  f"{best['epoch']})")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        json.loads(state["args"])
+        return state
+    except Exception as e:  # noqa: BLE001 - any damage to the file: one line, no traceback
+        raise SystemExit(f"error: --resume: {path} is damaged and cannot be resumed "
+                         f"({type(e).__name__}); start the run again") from None
 
-    for epoch in range(first_epoch, args.epochs + 1):
-        t0 = time.time()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        train_loss, train_acc = train_one_epoch(net, loader, criterion, optimizer, device,
-                                                amp, rank, epoch, args.epochs,
-                                                scheduler if per_step else None)
-        val = evaluate(model, x_val, y_val, device, amp, intensity)  # same on every rank
-        if not per_step:
-            scheduler.step(val["f1"])
-        lr = optimizer.param_groups[0]["lr"]
-        log(rank, f"\nEpoch {epoch}/{args.epochs}")
-        log(rank, f"Train Loss: {train_loss:.4f}, Train Acc: {train_acc:.4f}")
-        log(rank, f"Val Loss: {val['loss']:.4f}, Val Acc: {val['acc']:.4f}, "
-                  f"Val F1: {val['f1']:.4f}, Val AUC: {val['auc']:.4f}")
-        score = val["f1"] if recipe["selection"].startswith("best validation F1") else -val["loss"]
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch,
-                    "state": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})}
-            if args.recipe == "reference":
-                log(rank, f"New best model saved with F1: {val['f1']:.4f}")
-            else:
-                log(rank, f"New best model saved with val loss: {val['loss']:.4f}")
-        log(rank, f"Learning rate: {lr:.2e}")
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                        "val_loss": val["loss"], "val_acc": val["acc"], "val_f1": val["f1"],
-                        "val_auc": val["auc"], "lr": lr, "seconds": time.time() - t0})
-        if rank == 0:
-            save_state(run_dir, model, optimizer, scheduler, epoch, history, best,
-                       loader_gen, args, commands)
-    if world > 1:
-        check_replicas_in_sync(model, world, rank)
-        dist.barrier()
-        dist.destroy_process_group()
-    if rank != 0:
-        return 0
 
-    # The best checkpoint, its calibration (validation data only), then the test split,
-    # read once.
-    model.load_state_dict(best["state"])
-    calibration = None
-    if args.recipe != "reference":
-        x_sv, y_sv = stressed_copies(x_val, y_val, STRESS_COPIES, args.seed)
-        sv_logits = predict_logits(model, x_sv, device, amp, intensity=intensity)
-        calibration = fit_calibration(sv_logits, y_sv)
-        calibration["fitted_on"] = (f"{STRESS_COPIES} shifted copies of the {len(y_val)} "
-                                    "validation images (stress_transform)")
-        calibration["rule"] = recipe["calibration"]
-        print(f"\nCalibration on shifted validation: temperature {calibration['temperature']:.3f},"
-              f" threshold P(PNEUMONIA) >= {calibration['threshold']:.4f}, uncertain band "
-              f"[{calibration['uncertain_band'][0]:.4f}, {calibration['uncertain_band'][1]:.4f})")
-    val = evaluate(model, x_val, y_val, device, amp, intensity, calibration=calibration)
-    metrics = {"best_epoch": best["epoch"], "val_f1": val["f1"], "val_acc": val["acc"],
-               "val_auc": val["auc"]}
-    if skip_test:
-        test_text = ("Test split not read: development run (--skip-test, --ablate or --add); "
-                     "decide on validation, evaluate the final recipe once.\n")
-    else:
-        x_test, kept, bad = cc.decode_all(test_paths, args.image_size, args.cache_dir or None,
-                                          "test")
-        report_skipped(run_dir, bad)
-        y_test = np.array([test_labels[i] for i in kept], dtype=np.int64)
-        test = evaluate(model, x_test, y_test, device, amp, intensity, desc="test",
-                        calibration=calibration)
-        cm = confusion_matrix(y_test, test["pred"], labels=[0, 1])
-        recalls = cm.diagonal() / np.maximum(cm.sum(1), 1)
-        metrics.update(
-            test_acc=test["acc"], test_auc=test["auc"], test_f1=test["f1"],
-            test_confusion=cm.tolist(), test_recall_normal=float(recalls[0]),
-            test_recall_pneumonia=float(recalls[1]))
-        test_text = (test_block(test["acc"], y_test, test["pred"])
-                     + f"Test ROC AUC: {test['auc']:.4f}\n")
-    wall = time.time() - start
-    print("\n" + test_text, flush=True)
+def restore(resumed, model, optimizer, scheduler, loader_gen, recipe, rank):
+    """(history, best so far, first epoch to run): fresh, or from a resumed state."""
+    if resumed is None:
+        worst = -math.inf if recipe["select_mode"] == "max" else math.inf
+        return [], {"score": worst, "epoch": 0, "state": None}, 1
+    model.load_state_dict(resumed["model"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    torch.set_rng_state(resumed["torch_rng"])
+    loader_gen.set_state(resumed["loader_rng"])
+    if "cuda_rng" in resumed and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resumed["cuda_rng"])
+    best = {"score": resumed["best_score"], "epoch": resumed["best_epoch"],
+            "state": resumed["best_state"]}
+    log(rank, f"Resuming after epoch {resumed['epoch']} (best so far: epoch {best['epoch']})")
+    return json.loads(resumed["history"]), best, resumed["epoch"] + 1
 
-    meta = cc.base_meta(args.image_size, intensity)
-    meta.update(recipe=args.recipe, recipe_details=recipe, ablate=args.ablate,
-                add=args.add,
-                seed=args.seed,
-                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                weights=weight_source, validation=val_source, metrics=metrics,
-                command=command, resumed_with=commands[1:], hardware=hardware(device),
-                processes=world,
-                wall_seconds=round(wall, 1), calibration=calibration)
-    cc.save_checkpoint(run_dir / "mobilenet_cxr.pth", best["state"], meta)
-    (run_dir / f"training_history_{ts}.json").write_text(
-        json.dumps({"meta": meta, "history": history}, indent=2))
-    save_plot(history, run_dir / f"training_plot_{ts}.png")
-    with open(run_dir / f"training_results_{ts}.txt", "w") as f:
-        f.write(f"Command: {command}\n"
-                + "".join(f"Resumed with: {c}\n" for c in commands[1:])
-                + f"Recipe: {args.recipe}, seed {args.seed}\n"
-                f"Hardware: {hardware(device)} x {world}\nWall time: {wall:.0f} s\n"
-                f"Validation: {val_source}\nBest epoch ({recipe['selection']}): "
-                f"{best['epoch']} (F1 {val['f1']:.4f}, AUC {val['auc']:.4f})\n"
-                f"Calibration: {json.dumps(calibration)}\n\n")
-        for h in history:
-            f.write(f"Epoch {h['epoch']}: train loss {h['train_loss']:.4f} acc "
-                    f"{h['train_acc']:.4f} | val loss {h['val_loss']:.4f} acc "
-                    f"{h['val_acc']:.4f} F1 {h['val_f1']:.4f} AUC {h['val_auc']:.4f} | "
-                    f"lr {h['lr']:.2e} | {h['seconds']:.0f} s\n")
-        f.write("\n" + test_text)
-    (run_dir / "last_state.pth").unlink(missing_ok=True)
-    print(f"Saved {run_dir / 'mobilenet_cxr.pth'} and reports in {run_dir}/ "
-          f"({wall / 60:.1f} min)")
-    return 0
+
+def remove_if_unfinished(run_dir: Path):
+    """A new run that stopped before saving its first epoch leaves no folder behind."""
+    if run_dir.is_dir() and not any((run_dir / n).exists()
+                                    for n in ("mobilenet_cxr.pth", "last_state.pth")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_replicas_in_sync(model, world: int, rank: int):
+    """DDP must leave every process with the same parameters (a missing wrapper would
+    let each process train on its own shard): compare hashes, refuse to save if not."""
+    flat = torch.cat([p.detach().float().cpu().flatten() for p in model.parameters()])
+    digests = [None] * world
+    dist.all_gather_object(digests, hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+    if len(set(digests)) != 1:
+        raise SystemExit(f"error: DDP processes ended with different weights "
+                         f"({len(set(digests))} distinct): not saving a checkpoint")
+    log(rank, f"DDP: weights identical on all {world} processes")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 
     python visualize_results.py                                # models/ + chest_xray/test
     python visualize_results.py --model runs/<run>/mobilenet_cxr.pth
-    python visualize_results.py --data /hospital/xrays         # any {NORMAL,PNEUMONIA}/
+    python visualize_results.py --model runs/<run>/mobilenet_cxr.pth --split val
+    python visualize_results.py --split /hospital/xrays        # any {NORMAL,PNEUMONIA}/
     python visualize_results.py --model a.pth --model b.pth    # ensemble
 
 Prints accuracy and the error analysis of the reference (false positives / negatives,
 confidence of the errors, share of errors made with confidence > 0.8) and writes to a
-new folder outputs/eval_<timestamp>/:
+new folder <out>/eval_<timestamp>/ (default outputs/):
   confusion_matrix.png, roc_curve.png, prediction_confidence.png, pr_curve.png,
   reliability_diagram.png (ECE, 15 bins), accuracy_coverage.png, predictions.csv,
   metrics.json and report.html (every figure, the metrics table with 95% bootstrap
@@ -36,18 +37,14 @@ from sklearn.metrics import (  # noqa: E402
     ConfusionMatrixDisplay,
     PrecisionRecallDisplay,
     RocCurveDisplay,
-    accuracy_score,
     average_precision_score,
     confusion_matrix,
     roc_auc_score,
 )
-from tqdm import tqdm  # noqa: E402
 
 import cxr_common as cc  # noqa: E402
+import cxr_io as cio  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
-
-CONFIDENT = 0.8
-ECE_BINS = 15
 
 
 def parse_args(argv=None):
@@ -57,20 +54,20 @@ def parse_args(argv=None):
     )
     p.add_argument("--model", action="append", default=[],
                    help=f"checkpoint; repeat for an ensemble (default {cc.DEFAULT_MODEL})")
-    p.add_argument("--data", default="chest_xray/test",
-                   help="folder with NORMAL/ and PNEUMONIA/ subfolders")
-    p.add_argument("--out", type=cc.folder_or_new,
-                   help="a NEW output folder (default outputs/eval_<timestamp>)")
-    p.add_argument("--batch-size", type=cc.positive_int, default=64)
-    p.add_argument("--bootstrap", type=cc.positive_int, default=2000,
+    p.add_argument("--data", default="chest_xray", help="the dataset root (train/, test/)")
+    p.add_argument("--split", default="test",
+                   help="test, train, val (the validation split of the model's run, from "
+                        "val_split.csv beside it), or any folder with NORMAL/ and PNEUMONIA/")
+    p.add_argument("--out", type=cio.folder_or_new, default="outputs",
+                   help="parent folder: each evaluation writes to a new OUT/eval_<timestamp>/")
+    p.add_argument("--batch-size", type=cio.positive_int, default=64)
+    p.add_argument("--bootstrap", type=cio.positive_int, default=2000,
                    help="resamples for the 95%% CIs")
-    p.add_argument("--gallery", type=cc.nonnegative_int, default=8,
+    p.add_argument("--gallery", type=cio.nonnegative_int, default=8,
                    help="confident errors shown in the report")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    args = p.parse_args(argv)
-    if args.out and Path(args.out).exists():
-        p.error(f"--out {args.out} already exists: each evaluation writes to a new folder")
-    return args
+    p.add_argument("--device", default="auto", type=cio.device_name,
+                   help="auto, cpu or cuda")
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------
@@ -78,67 +75,35 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------
 
 
-def read_folder(folder: Path, size: int):
-    """Decode every labelled image; unusable files are listed, never fatal."""
+def labelled_files(args, model_paths) -> tuple[list[Path], list[int], list, str]:
+    """The images to evaluate, their labels, the files not read, and where they came from."""
+    if args.split == "val":
+        if len(model_paths) != 1:
+            raise SystemExit("error: --split val needs one model (each run has its own split)")
+        split_csv = Path(model_paths[0]).parent / "val_split.csv"
+        if not split_csv.is_file():
+            raise SystemExit(f"error: --split val: no {split_csv} beside the model")
+        rows = [r for r in csv.DictReader(open(split_csv, newline="", encoding="utf-8"))
+                if r["split"] == "val"]
+        return ([Path(r["file"]) for r in rows], [cc.CLASS_NAMES.index(r["label"]) for r in rows],
+                [], f"validation split of {split_csv.parent}")
+    folder = Path(args.data) / args.split if args.split in ("test", "train") else Path(args.split)
     paths, labels, others = cc.scan_labelled(folder)
     if not paths:
         raise SystemExit(f"error: no images in {folder}/NORMAL or {folder}/PNEUMONIA "
                          "(class folders may be in any letter case)")
-    skipped = [(cc.display_name(p), r) for p, r in others]
-    images, keep = [], []
-    for i, p in enumerate(tqdm(paths, desc="reading", unit="img", leave=False)):
-        array, reason = cc.try_load_image_array(p, size)
-        if array is None:
-            skipped.append((cc.display_name(p), reason))
-        else:
-            images.append(array)
-            keep.append(i)
+    return paths, labels, others, str(folder)
+
+
+def read_images(paths, labels, others, size: int):
+    """Decode every image; unusable files are listed, never fatal."""
+    images, kept, bad = cc.decode_all(paths, size, desc="evaluation")
+    skipped = [(cio.display_name(p), r) for p, r in [*others, *bad]]
     for name, reason in skipped:
         print(f"skipped: {name}: {reason}", file=sys.stderr)
-    if not keep:
-        raise SystemExit(f"error: no readable image in {folder}")
-    return [paths[i] for i in keep], np.array([labels[i] for i in keep]), np.stack(images), skipped
-
-
-def predict_all(members, images, temperatures, device, batch_size):
-    out = []
-    for s in tqdm(range(0, len(images), batch_size), desc="predicting", unit="batch",
-                  leave=False):
-        x = torch.from_numpy(images[s:s + batch_size]).unsqueeze(1).to(device)
-        out.append(cc.pneumonia_probability(members, x, temperatures))
-    return np.concatenate(out)
-
-
-# ---------------------------------------------------------------------------------
-# Metrics.
-# ---------------------------------------------------------------------------------
-
-
-def binary_metrics(y, p, threshold):
-    """Accuracy, sensitivity, specificity, AUC; NaN where a class is missing, so the
-    measure is not defined (sensitivity needs PNEUMONIA images, AUC needs both)."""
-    pred = (p >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    return {
-        "accuracy": accuracy_score(y, pred),
-        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-        "auc": roc_auc_score(y, p) if len(set(y)) == 2 else float("nan"),
-    }
-
-
-def bootstrap_ci(y, p, threshold, n, seed=0):
-    """95% percentile intervals over n resamples of the images (measures that are not
-    defined in a resample, e.g. AUC with one class drawn, skip it)."""
-    rng = np.random.default_rng(seed)
-    draws = {k: [] for k in ("accuracy", "sensitivity", "specificity", "auc")}
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        for k, v in binary_metrics(y[idx], p[idx], threshold).items():
-            if np.isfinite(v):
-                draws[k].append(v)
-    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-            for k, v in draws.items() if v}
+    if not kept:
+        raise SystemExit("error: no readable image to evaluate")
+    return [paths[i] for i in kept], np.array([labels[i] for i in kept]), images, skipped
 
 
 def json_safe(obj):
@@ -156,37 +121,6 @@ def json_safe(obj):
 
 def fmt(value, spec=".4f", undefined="not defined with one class"):
     return format(value, spec) if np.isfinite(value) else undefined
-
-
-def confidence_of_prediction(p, threshold):
-    pred = (p >= threshold).astype(int)
-    return pred, np.where(pred == 1, p, 1 - p)
-
-
-def expected_calibration_error(correct, conf, bins=ECE_BINS):
-    """Top-label ECE: weighted mean |accuracy - confidence| over equal-width bins."""
-    edges = np.linspace(0, 1, bins + 1)
-    ece, rows = 0.0, []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            acc, c = correct[m].mean(), conf[m].mean()
-            ece += m.mean() * abs(acc - c)
-            rows.append((lo, hi, acc, c, int(m.sum())))
-    return float(ece), rows
-
-
-def error_analysis(y, pred, conf):
-    wrong = pred != y
-    cw = conf[wrong]
-    return {
-        "errors": int(wrong.sum()),
-        "false_positives": int(((pred == 1) & (y == 0)).sum()),
-        "false_negatives": int(((pred == 0) & (y == 1)).sum()),
-        "error_conf_mean": float(cw.mean()) if len(cw) else float("nan"),
-        "error_conf_median": float(np.median(cw)) if len(cw) else float("nan"),
-        "confident_error_share": float((cw > CONFIDENT).mean()) if len(cw) else 0.0,
-    }
 
 
 def coverage_curve(correct, conf):
@@ -239,7 +173,7 @@ def plot_confidence(conf, correct, path):
             color="tab:green")
     ax.hist(conf[~correct], bins=bins, alpha=0.7, label=f"incorrect ({(~correct).sum()})",
             color="tab:red")
-    ax.axvline(CONFIDENT, ls="--", color="k", lw=1, label=f"confidence {CONFIDENT}")
+    ax.axvline(cc.CONFIDENT, ls="--", color="k", lw=1, label=f"confidence {cc.CONFIDENT}")
     ax.set_xlabel("confidence of the predicted class")
     ax.set_ylabel("images")
     ax.set_title("Prediction confidence: correct vs incorrect")
@@ -250,7 +184,7 @@ def plot_confidence(conf, correct, path):
 def plot_reliability(rows, ece, path):
     fig, ax = plt.subplots(figsize=(5, 4.5))
     centers = [(lo + hi) / 2 for lo, hi, *_ in rows]
-    ax.bar(centers, [r[2] for r in rows], width=1 / ECE_BINS, edgecolor="k", alpha=0.7,
+    ax.bar(centers, [r[2] for r in rows], width=1 / cc.ECE_BINS, edgecolor="k", alpha=0.7,
            label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.plot([r[3] for r in rows], [r[2] for r in rows], "o", color="tab:red",
@@ -259,7 +193,7 @@ def plot_reliability(rows, ece, path):
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE = {ece:.4f}, {ECE_BINS} bins)")
+    ax.set_title(f"Reliability diagram (ECE = {ece:.4f}, {cc.ECE_BINS} bins)")
     ax.legend(loc="upper left")
     savefig(fig, path)
 
@@ -291,7 +225,7 @@ def gallery(members, paths, images, y, p, pred, conf, out_dir, n, device):
         pair = np.concatenate([np.repeat(images[i][..., None], 3, 2), overlay(images[i], heat)], 1)
         name = f"errors/error_{rank:02d}.png"
         plt.imsave(out_dir / name, pair)
-        items.append({"img": name, "file": cc.display_name(paths[i]),
+        items.append({"img": name, "file": cio.display_name(paths[i]),
                       "truth": cc.CLASS_NAMES[y[i]], "pred": cc.CLASS_NAMES[pred[i]],
                       "conf": float(conf[i]), "p": float(p[i])})
     return items
@@ -339,120 +273,155 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 # ---------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cc.tune_cpu_allocator()  # ~2x faster CPU inference, see cxr_common
-    device = cc.pick_device(args.device)
-    model_paths = args.model or [cc.DEFAULT_MODEL]
-    members, cal, size = cc.load_ensemble(model_paths, device)
-    temps, thr = cal["temperature"], cal["threshold"]
-    data = Path(args.data)
-    paths, y, images, skipped = read_folder(data, size)
-    p = predict_all(members, images, temps, device, args.batch_size)
-    finite = np.isfinite(p)
-    for i in np.flatnonzero(~finite):
-        reason = "the model's output is not a finite number (NaN or infinity): no verdict"
-        print(f"skipped: {cc.display_name(paths[i])}: {reason}", file=sys.stderr)
-        skipped.append((cc.display_name(paths[i]), reason))
-    if not finite.all():
-        paths, y, images, p = [q for q, f in zip(paths, finite) if f], y[finite], images[finite], p[finite]
-    if not len(y):
-        raise SystemExit("error: no image got a valid prediction")
-    both = len(set(y.tolist())) == 2
-    if not both:
-        present = cc.CLASS_NAMES[int(y[0])]
-        print(f"note: only {present} images in {data}: "
-              + ("specificity" if present == "NORMAL" else "sensitivity")
-              + ", accuracy, confidence and calibration are reported; ROC AUC, the ROC and "
-              "precision-recall curves need both classes and are left out")
-    out_dir = cc.new_output_dir(args.out) if args.out else \
-        cc.unique_dir("outputs", f"eval_{cc.timestamp()}")
-    pred, conf = confidence_of_prediction(p, thr)
+def evaluate(y, p, cal, n_boot) -> dict:
+    """Every number of the report, from labels y and probabilities p."""
+    thr = cal["threshold"]
+    lo, hi = cal["uncertain_band"]
+    pred, conf = cc.decide(p, thr)
     correct = pred == y
-    at_half = binary_metrics(y, p, 0.5)
-    at_thr = binary_metrics(y, p, thr)
-    ece, rel_rows = expected_calibration_error(correct, conf)
-    errs = error_analysis(y, pred, conf)
-    cm = confusion_matrix(y, pred, labels=[0, 1])
-    lo, hi = cal["band"]
     answered = ~((p >= lo) & (p < hi))
-    band_acc = float(correct[answered].mean()) if answered.any() else float("nan")
+    pred_half, conf_half = cc.decide(p, 0.5)
+    return {
+        "n": int(len(y)), "counts": np.bincount(y, minlength=2).tolist(),
+        "pred": pred, "conf": conf, "correct": correct, "answered": answered,
+        "at_0.5": cc.binary_metrics(y, p, 0.5), "at_threshold": cc.binary_metrics(y, p, thr),
+        "ci95_at_0.5": cc.bootstrap_ci(y, p, 0.5, n_boot),
+        "ci95_at_threshold": cc.bootstrap_ci(y, p, thr, n_boot),
+        "ece_at_0.5": cc.expected_calibration_error(pred_half == y, conf_half)[0],
+        "ece": cc.expected_calibration_error(correct, conf)[0],
+        "confusion": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
+        **cc.error_analysis(y, pred, conf),
+        "coverage": float(answered.mean()),
+        "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
+    }
 
-    names = ", ".join(str(m) for m in model_paths)
-    analysis = (
-        f"Images: {len(y)} ({np.bincount(y, minlength=2).tolist()} NORMAL/PNEUMONIA) from {data}\n"
+
+def analysis_text(m, cal, source, names) -> str:
+    t, lo, hi = m["at_threshold"], *cal["uncertain_band"]
+    return (
+        f"Images: {m['n']} ({m['counts']} NORMAL/PNEUMONIA) from {source}\n"
         f"Model: {names}\n"
-        f"Temperature: {', '.join(f'{t:.4f}' for t in temps)}, threshold on "
-        f"P(PNEUMONIA): {thr:.4f}\n\n"
-        f"Accuracy: {at_thr['accuracy'] * 100:.2f}%\n"
-        f"Sensitivity (PNEUMONIA recall): {fmt(at_thr['sensitivity'])}\n"
-        f"Specificity (NORMAL recall): {fmt(at_thr['specificity'])}\n"
-        f"ROC AUC: {fmt(at_thr['auc'])}\n"
-        f"ECE ({ECE_BINS} bins): {ece:.4f}\n"
-        f"Confusion matrix (rows: true NORMAL, PNEUMONIA; columns: predicted):\n{cm}\n\n"
+        f"Temperature: {', '.join(f'{x:.4f}' for x in cal['temperatures'])}, threshold on "
+        f"P(PNEUMONIA): {cal['threshold']:.4f}\n\n"
+        f"Accuracy: {t['accuracy'] * 100:.2f}%\n"
+        f"Sensitivity (PNEUMONIA recall): {fmt(t['sensitivity'])}\n"
+        f"Specificity (NORMAL recall): {fmt(t['specificity'])}\n"
+        f"ROC AUC: {fmt(t['auc'])}\n"
+        f"ECE ({cc.ECE_BINS} bins): {m['ece']:.4f}\n"
+        f"Confusion matrix (rows: true NORMAL, PNEUMONIA; columns: predicted):\n"
+        f"{np.array(m['confusion'])}\n\n"
         f"Error analysis:\n"
-        f"  Total errors: {errs['errors']}\n"
-        f"  False positives (NORMAL called PNEUMONIA): {errs['false_positives']}\n"
-        f"  False negatives (PNEUMONIA called NORMAL): {errs['false_negatives']}\n"
-        f"  Mean confidence of errors: {errs['error_conf_mean']:.4f}\n"
-        f"  Median confidence of errors: {errs['error_conf_median']:.4f}\n"
-        f"  Errors with confidence > {CONFIDENT}: {errs['confident_error_share'] * 100:.1f}%\n"
-        f"\nUncertain band [{lo:.3f}, {hi:.3f}): {int((~answered).sum())} images referred, "
-        f"accuracy on the other {int(answered.sum())} ({answered.mean():.1%} coverage): "
-        f"{band_acc * 100:.2f}%\n"
+        f"  Total errors: {m['errors']}\n"
+        f"  False positives (NORMAL called PNEUMONIA): {m['false_positives']}\n"
+        f"  False negatives (PNEUMONIA called NORMAL): {m['false_negatives']}\n"
+        f"  Mean confidence of errors: {m['error_conf_mean']:.4f}\n"
+        f"  Median confidence of errors: {m['error_conf_median']:.4f}\n"
+        f"  Errors with confidence > {cc.CONFIDENT}: {m['confident_error_share'] * 100:.1f}%\n"
+        f"\nUncertain band [{lo:.3f}, {hi:.3f}): {int((~m['answered']).sum())} images referred, "
+        f"accuracy on the other {int(m['answered'].sum())} ({m['coverage']:.1%} coverage): "
+        f"{m['accuracy_answered'] * 100:.2f}%\n"
     )
-    print(analysis)
 
-    print("Bootstrap intervals ...", flush=True)
-    ci_half = bootstrap_ci(y, p, 0.5, args.bootstrap)
-    ci_thr = bootstrap_ci(y, p, thr, args.bootstrap)
-    metric_rows = []
+
+def metric_table(m, threshold) -> list:
+    rows = []
     for k in ("accuracy", "sensitivity", "specificity", "auc"):
-        cells = [f"{m[k]:.4f} [{c[k][0]:.4f}, {c[k][1]:.4f}]" if k in c else fmt(m[k])
-                 for m, c in ((at_half, ci_half), (at_thr, ci_thr))]
-        metric_rows.append((k, cells))
-        print(f"  {k:<12} at 0.5: {cells[0]}   at {thr:.3f}: {cells[1]}")
-    pred_half, conf_half = confidence_of_prediction(p, 0.5)
-    ece_half, _ = expected_calibration_error(pred_half == y, conf_half)
-    metric_rows.append(("ECE (15 bins)", [f"{ece_half:.4f}", f"{ece:.4f}"]))
+        cells = [f"{v[k]:.4f} [{c[k][0]:.4f}, {c[k][1]:.4f}]" if k in c else fmt(v[k])
+                 for v, c in ((m["at_0.5"], m["ci95_at_0.5"]),
+                              (m["at_threshold"], m["ci95_at_threshold"]))]
+        rows.append((k, cells))
+        print(f"  {k:<12} at 0.5: {cells[0]}   at {threshold:.3f}: {cells[1]}")
+    rows.append((f"ECE ({cc.ECE_BINS} bins)", [f"{m['ece_at_0.5']:.4f}", f"{m['ece']:.4f}"]))
+    return rows
 
-    plot_confusion(y, pred, out_dir / "confusion_matrix.png",
-                   f"Confusion matrix (accuracy {at_thr['accuracy']:.1%})")
+
+def draw_figures(y, p, m, cal, out_dir) -> list[str]:
+    both = len(set(y.tolist())) == 2
+    plot_confusion(y, m["pred"], out_dir / "confusion_matrix.png",
+                   f"Confusion matrix (accuracy {m['at_threshold']['accuracy']:.1%})")
     if both:
         plot_roc(y, p, out_dir / "roc_curve.png")
         plot_pr(y, p, out_dir / "pr_curve.png")
-    plot_confidence(conf, correct, out_dir / "prediction_confidence.png")
+    plot_confidence(m["conf"], m["correct"], out_dir / "prediction_confidence.png")
+    ece, rel_rows = cc.expected_calibration_error(m["correct"], m["conf"])
     plot_reliability(rel_rows, ece, out_dir / "reliability_diagram.png")
-    cov, acc = coverage_curve(correct, conf)
-    plot_coverage(cov, acc, (answered.mean(), band_acc) if hi > lo else None,
+    cov, acc = coverage_curve(m["correct"], m["conf"])
+    lo, hi = cal["uncertain_band"]
+    plot_coverage(cov, acc, (m["coverage"], m["accuracy_answered"]) if hi > lo else None,
                   out_dir / "accuracy_coverage.png")
-    with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+    return ["confusion_matrix.png", *(["roc_curve.png", "pr_curve.png"] if both else []),
+            "prediction_confidence.png", "reliability_diagram.png", "accuracy_coverage.png"]
+
+
+def write_predictions(path, paths, y, p, m):
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "prediction", "prob_pneumonia", "confidence", "correct",
                     "uncertain"])
         for i in range(len(y)):
-            w.writerow([cc.display_name(paths[i]), cc.CLASS_NAMES[y[i]],
-                        cc.CLASS_NAMES[pred[i]], f"{p[i]:.6f}", f"{conf[i]:.6f}",
-                        int(correct[i]), int(not answered[i])])
-    metrics = {"data": str(data), "models": [str(m) for m in model_paths], "n": int(len(y)),
-               "temperature": temps, "threshold": thr, "uncertain_band": [lo, hi],
-               "at_0.5": at_half, "at_threshold": at_thr, "ci95_at_0.5": ci_half,
-               "ci95_at_threshold": ci_thr, "ece": ece, "confusion": cm.tolist(), **errs,
-               "coverage": float(answered.mean()), "accuracy_answered": band_acc,
-               "skipped": skipped}
+            w.writerow([cio.display_name(paths[i]), cc.CLASS_NAMES[y[i]],
+                        cc.CLASS_NAMES[m["pred"][i]], f"{p[i]:.6f}", f"{m['conf'][i]:.6f}",
+                        int(m["correct"][i]), int(not m["answered"][i])])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cio.tune_cpu_allocator()  # ~2x faster CPU inference, see cxr_io
+    device = cio.pick_device(args.device)
+    model_paths = args.model or [cc.DEFAULT_MODEL]
+    try:
+        members, cal, size = cc.load_ensemble(model_paths, device)
+    except cc.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    # 1. the images and the model's probabilities
+    files, labels, others, source = labelled_files(args, model_paths)
+    paths, y, images, skipped = read_images(files, labels, others, size)
+    p = cc.ensemble_probability(members, images, cal["temperatures"], args.batch_size,
+                                desc="predicting")
+    finite = np.isfinite(p)
+    for i in np.flatnonzero(~finite):
+        reason = "the model's output is not a finite number (NaN or infinity): no verdict"
+        print(f"skipped: {cio.display_name(paths[i])}: {reason}", file=sys.stderr)
+        skipped.append((cio.display_name(paths[i]), reason))
+    paths, y, images, p = [q for q, f in zip(paths, finite) if f], y[finite], images[finite], p[finite]
+    if not len(y):
+        raise SystemExit("error: no image got a valid prediction")
+    if len(set(y.tolist())) < 2:
+        present = cc.CLASS_NAMES[int(y[0])]
+        print(f"note: only {present} images in {source}: "
+              + ("specificity" if present == "NORMAL" else "sensitivity")
+              + ", accuracy, confidence and calibration are reported; ROC AUC, the ROC and "
+              "precision-recall curves need both classes and are left out")
+
+    # 2. the numbers, printed as the published run printed them
+    names = ", ".join(str(m) for m in model_paths)
+    print("Bootstrap intervals ...", flush=True)
+    m = evaluate(y, p, cal, args.bootstrap)
+    analysis = analysis_text(m, cal, source, names)
+    print(analysis)
+    table = metric_table(m, cal["threshold"])
+
+    # 3. figures, predictions.csv, metrics.json, report.html in a new folder
+    out_dir = cio.unique_dir(args.out, f"eval_{cio.timestamp()}")
+    figures = draw_figures(y, p, m, cal, out_dir)
+    write_predictions(out_dir / "predictions.csv", paths, y, p, m)
+    keep = {k: v for k, v in m.items() if k not in ("pred", "conf", "correct", "answered")}
+    metrics = {"data": source, "models": [str(x) for x in model_paths],
+               "temperatures": cal["temperatures"], "threshold": cal["threshold"],
+               "uncertain_band": cal["uncertain_band"], **keep, "skipped": skipped}
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
-    items = gallery(members, paths, images, y, p, pred, conf, out_dir, args.gallery, device)
-    figures = ["confusion_matrix.png", *(["roc_curve.png", "pr_curve.png"] if both else []),
-               "prediction_confidence.png", "reliability_diagram.png", "accuracy_coverage.png"]
-    notes = [f"Data: {data} ({len(y)} images)", f"Model(s): {names}",
-             f"Threshold {thr:.4f} and temperature {', '.join(f'{t:.4f}' for t in temps)} come "
-             "from the checkpoint "
+    items = gallery(members, paths, images, y, p, m["pred"], m["conf"], out_dir, args.gallery,
+                    device)
+    notes = [f"Data: {source} ({len(y)} images)", f"Model(s): {names}",
+             f"Threshold {cal['threshold']:.4f} and temperature "
+             f"{', '.join(f'{t:.4f}' for t in cal['temperatures'])} come from the checkpoint "
              "(chosen on validation data)."]
     if skipped:
         notes.append(f"Skipped {len(skipped)} unreadable file(s): "
                      + "; ".join(f"{n}: {r}" for n, r in skipped))
     write_html(out_dir / "report.html", "Chest X-ray classifier: evaluation report",
-               metric_rows, analysis, figures, items, notes)
+               table, analysis, figures, items, notes)
     if skipped:
         print(f"Skipped {len(skipped)} file(s):")
         for name, reason in skipped:

@@ -33,6 +33,7 @@ from torchvision import datasets, transforms
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import cxr_common as cc  # noqa: E402
+import cxr_io as cio  # noqa: E402
 import predict  # noqa: E402
 import train_cxray as tc  # noqa: E402
 
@@ -45,7 +46,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats of each pair")
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="glibc's default malloc thresholds (as before cc.tune_cpu_allocator)")
+                   help="glibc's default malloc thresholds (as before cio.tune_cpu_allocator)")
     p.add_argument("--skip-training", action="store_true", help="prediction figures only")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
@@ -131,15 +132,15 @@ def prediction(args, device):
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     members = [(model, {"preprocessing": {"intensity": "none"}})]
     bs = args.batch_size
-    ready = torch.randint(0, 255, (bs, 1, 224, 224), dtype=torch.uint8)
+    ready = torch.randint(0, 255, (bs, 224, 224), dtype=torch.uint8).numpy()
 
     def bare_rate():
         with torch.no_grad():
-            cc.pneumonia_probability(members, ready.to(device), [1.0])
+            cc.ensemble_probability(members, ready, [1.0], bs)
             sync(device)
             t0 = time.perf_counter()
             for _ in range(len(files) // bs):
-                cc.pneumonia_probability(members, ready.to(device), [1.0])
+                cc.ensemble_probability(members, ready, [1.0], bs)
             sync(device)
         return len(files) // bs * bs / (time.perf_counter() - t0)
 
@@ -151,8 +152,7 @@ def prediction(args, device):
             for b, items in enumerate(loader):
                 if b == 1:  # the first batch pays for the worker's start-up
                     t0, n = time.perf_counter(), 0
-                gray = torch.from_numpy(np.stack([a for _, a, _ in items])).unsqueeze(1)
-                cc.pneumonia_probability(members, gray.to(device), [1.0])
+                cc.ensemble_probability(members, np.stack([a for _, a, _ in items]), [1.0], bs)
                 n += len(items)
         sync(device)
         return n / (time.perf_counter() - t0)
@@ -185,11 +185,11 @@ def pair(name_a, a, name_b, b, unit="img/s"):
 
 def main():
     args = parse_args()
-    device = cc.pick_device(args.device)
+    device = cio.pick_device(args.device)
     amp = device.type == "cuda"
-    tuned = False if args.no_tune_allocator else cc.tune_cpu_allocator()
+    tuned = False if args.no_tune_allocator else cio.tune_cpu_allocator()
     print(f"Device: {tc.hardware(device)}, torch {torch.__version__}, batch {args.batch_size}, "
-          f"CPU allocator tuned (cc.tune_cpu_allocator): {tuned}")
+          f"CPU allocator tuned (cio.tune_cpu_allocator): {tuned}")
     # Prediction first: a training step's large frees would raise glibc's thresholds by
     # themselves and hide what the allocator tuning does.
     pred = prediction(args, device)

@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import cxr_common as cc  # noqa: E402
 import train_cxray as tc  # noqa: E402
-from visualize_results import binary_metrics, expected_calibration_error  # noqa: E402
 
 
 def noise(x, rng):
@@ -89,10 +88,9 @@ def held_out_copies(images: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
 
 
 def scores(probs, y, thr) -> dict:
-    m = binary_metrics(y, probs, thr)
-    pred = (probs >= thr).astype(int)
-    conf = np.where(pred == 1, probs, 1 - probs)
-    m["ece"], _ = expected_calibration_error(pred == y, conf)
+    m = cc.binary_metrics(y, probs, thr)
+    pred, conf = cc.decide(probs, thr)
+    m["ece"], _ = cc.expected_calibration_error(pred == y, conf)
     eps = 1e-7
     m["nll"] = float(-np.mean(np.where(y == 1, np.log(probs + eps), np.log(1 - probs + eps))))
     return m
@@ -109,15 +107,14 @@ def check(run: Path) -> dict:
     size, intensity = meta["preprocessing"]["image_size"], cc.intensity_of(meta)
     x = np.stack([cc.load_image_array(r["file"], size) for r in rows])
     y = np.array([cc.CLASS_NAMES.index(r["label"]) for r in rows])
-    cal = cc.calibration(meta)
+    cal = cc.calibration_of(meta)
     name = meta["recipe"] + "".join(f" -{a}" for a in meta.get("ablate", [])) \
         + "".join(f" +{a}" for a in meta.get("add", []))
     print(f"{run.name} ({name}, seed {meta['seed']}, temperature {cal['temperature']:.3f}, "
           f"threshold {cal['threshold']:.4f})", flush=True)
 
     def probs(images):
-        logits = tc.predict_logits(model, images, torch.device("cpu"), intensity=intensity)
-        return (logits / cal["temperature"]).softmax(1)[:, 1].numpy()
+        return cc.probabilities(cc.predict_logits(model, images, intensity), cal["temperature"])
 
     out = {"run": run.name, "name": name, "seed": meta["seed"]}
     out["validation"] = scores(probs(x), y, cal["threshold"])
