@@ -2,20 +2,20 @@
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
-from conftest import ROOT, TINY, run_script, train_args
+from conftest import ROOT, TINY, run_script, script_env, train_args
 
 
 def start(script, *args):
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=script_env())
 
 
 def kill_when(proc, condition, timeout=240):
@@ -28,6 +28,7 @@ def kill_when(proc, condition, timeout=240):
     proc.wait()
 
 
+@pytest.mark.slow
 def test_train_resume_gives_the_same_model(tmp_path):
     args = train_args(tmp_path / "full", "--epochs", 3, "--seed", 7)
     run_script("train_cxray.py", *args)
@@ -78,12 +79,13 @@ def test_predict_resume_redoes_and_duplicates_nothing(model_path, tmp_path):
     assert sorted(r["file"] for r in jsonl) == sorted(r["file"] for r in whole)
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "train_cxray.py"), *map(str, train_args(out, "--epochs", 2, "--seed", 3))],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=script_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Epoch 2/2\n") == 1  # rank 0 alone logs
     assert "x 2 process(es)" in proc.stdout
