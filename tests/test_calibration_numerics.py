@@ -102,7 +102,7 @@ def test_bootstrap_width_matches_the_binomial_standard_error():
     +- 1.96 * sqrt(0.8 * 0.2 / 200) = +- 0.055 around 0.8."""
     y = np.array([0, 1] * 100)
     p = np.where(np.arange(200) < 160, y * 0.8 + 0.1, 0.9 - y * 0.8)  # first 160 right
-    lo, hi = bootstrap_ci(y, p, 0.5, 1000)["accuracy"]
+    lo, hi = bootstrap_ci(y, p, 0.5, 400)["accuracy"]
     assert lo < 0.8 < hi
     assert 0.09 < hi - lo < 0.13, (lo, hi)
 
