@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import DATA, TINY, run_script
+from conftest import DATA, TINY, needs_pydicom, run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -135,6 +135,7 @@ SIIM = DATA / "dicom" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.
 FAKE_MONO1 = DATA / "dicom" / "Fake_MONOHR1.dcm"
 
 
+@needs_pydicom
 def test_monochrome1_is_the_exact_negative_of_its_twin():
     twin = np.asarray(cc.read_image_gray(SIIM)).astype(int)
     mono1 = np.asarray(cc.read_image_gray(FAKE_MONO1)).astype(int)
@@ -169,8 +170,8 @@ def grey_dicom(path, syntax, pixel_data, rows, cols, bits=8, stored=8, **tags):
     return path
 
 
+@needs_pydicom
 def test_16bit_dicom_with_rescale_and_window(tmp_path):
-    pytest.importorskip("pydicom")
     from pydicom.uid import ExplicitVRLittleEndian
 
     arr = (np.asarray(Image.open(GOOD).convert("L")).astype(np.uint16) * 16)  # 12-bit
@@ -182,6 +183,36 @@ def test_16bit_dicom_with_rescale_and_window(tmp_path):
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
 
 
+
+@needs_pydicom
+def test_dicom_rescale_then_window_gives_known_grey_levels(tmp_path):
+    """Guards against dropping the modality LUT (RescaleSlope/Intercept) or the VOI
+    window: a 12-bit ramp whose window clips both ends must come out exactly as the
+    DICOM linear VOI function (PS3.3 C.11.2.1.2.1) and the min-max step give.
+
+    (The correlation test above cannot see either step: any linear map keeps it.)"""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    stored = np.arange(4096, dtype=np.uint16).reshape(64, 64)  # every 12-bit value once
+    path = grey_dicom(tmp_path / "ramp.dcm", ExplicitVRLittleEndian, stored.tobytes(), 64, 64,
+                      bits=16, stored=12, RescaleSlope=2, RescaleIntercept=-1024,
+                      WindowCenter=1500, WindowWidth=2001)
+    out = np.asarray(cc.read_image_gray(path)).astype(int)
+
+    x = 2.0 * stored - 1024  # modality LUT: x = slope * stored + intercept
+    c, w = 1500 - 0.5, 2001 - 1  # LINEAR: c - 0.5, w - 1
+    frac = np.where(x <= c - w / 2, 0.0, np.where(x > c + w / 2, 1.0, (x - c) / w + 0.5))
+    expected = np.round(frac * 255).astype(int)  # window output spans its range: min-max
+    assert (x <= c - w / 2).sum() == 762 and (x > c + w / 2).sum() == 2334  # both ends clip
+    assert np.array_equal(out, expected), np.abs(out - expected).max()
+    # a few values worked out by hand: stored 1000 -> x 976 -> (976 - 499.5) / 2000
+    # = 0.23825 -> 60.75 -> 61; stored 1500 -> x 1976 -> 0.73825 -> 188.25 -> 188;
+    # stored 1750 -> x 2476 -> 0.98825 -> 252.0; stored 1762 -> x 2500 > 2499.5 -> 255
+    flat = out.ravel()
+    assert [flat[v] for v in (0, 761, 762, 1000, 1500, 1750, 1761, 1762, 4095)] == [
+        0, 0, 0, 61, 188, 252, 255, 255, 255]
+
+@needs_pydicom
 def test_dicom_prediction_never_prints_patient_tags(model_path, tmp_path):
     proc = run_script("predict.py", "--model", model_path, "--image", SIIM, "--image",
                       FAKE_MONO1, "--json", "--out", tmp_path / "out")
@@ -215,8 +246,8 @@ def compressed_dicom(path, syntax, frame: bytes, rows, cols):
     return grey_dicom(path, syntax, encapsulate([frame]), rows, cols)
 
 
+@needs_pydicom
 def test_jpeg_compressed_dicom_decodes_with_the_installed_handler(tmp_path):
-    pytest.importorskip("pydicom")
     from pydicom.uid import JPEGBaseline8Bit
 
     ref = Image.open(GOOD).convert("L")
@@ -228,8 +259,8 @@ def test_jpeg_compressed_dicom_decodes_with_the_installed_handler(tmp_path):
     assert np.abs(out - np.asarray(ref, dtype=float)).mean() < 2.0
 
 
+@needs_pydicom
 def test_compressed_dicom_without_a_handler_is_a_clear_one_line_error(model_path, tmp_path):
-    pytest.importorskip("pydicom")
     from pydicom.uid import JPEGLSLossless  # needs pylibjpeg-libjpeg, gdcm or pyjpegls
 
     scans = tmp_path / "scans"

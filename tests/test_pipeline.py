@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import DATA, ROOT, TINY, run_script, train_args
 
@@ -39,6 +40,7 @@ def test_download_fails_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_training_writes_all_artifacts(trained_run):
     run_dir, proc = trained_run
     out = proc.stdout
@@ -54,6 +56,7 @@ def test_training_writes_all_artifacts(trained_run):
     assert [h["epoch"] for h in history["history"]] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_is_the_best_epoch(trained_run, model_path):
     """weights_only load; the stored weights are the best epoch's, not the last's."""
     payload = torch.load(model_path, weights_only=True)
@@ -143,6 +146,7 @@ def test_scripts_have_help():
         assert "usage:" in run_script(script, "--help").stdout
 
 
+@pytest.mark.slow
 def test_no_pretrained_trains_from_scratch(tmp_path):
     proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--no-pretrained"))
     assert "MobileNetV2 weights: random-init" in proc.stdout
@@ -164,6 +168,7 @@ def test_shipped_model_on_bundled_examples(tmp_path):
     assert meta["recipe"] == "improved" and meta["calibration"]["temperature"] > 0
 
 
+@pytest.mark.slow
 def test_ablation_run_changes_one_part_and_never_reads_test(tmp_path):
     proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--recipe",
                                                     "improved", "--ablate", "equalize"))
@@ -178,6 +183,7 @@ def test_ablation_run_changes_one_part_and_never_reads_test(tmp_path):
     assert bad.returncode == 2 and "use them with --recipe improved" in bad.stderr
 
 
+@pytest.mark.slow
 def test_candidate_addition_is_recorded_and_never_reads_test(tmp_path):
     proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--recipe",
                                                     "improved", "--add", "noise"))

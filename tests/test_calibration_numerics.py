@@ -1,0 +1,225 @@
+"""The numbers behind the reports, on small arrays worked out by hand: ECE, the
+bootstrap intervals, the metrics at a threshold, calibration fitting and the
+learning-rate schedule. Each test names the bug it guards against."""
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import train_cxray
+from visualize_results import (
+    binary_metrics,
+    bootstrap_ci,
+    confidence_of_prediction,
+    expected_calibration_error,
+)
+
+# --- expected calibration error --------------------------------------------------------
+
+
+def test_ece_weights_each_bin_by_its_share_of_images():
+    """Guards against an unweighted ECE (mean or sum of the bins' gaps).
+
+    8 images at confidence 0.95, 6 right: gap |0.75 - 0.95| = 0.20, weight 8/10.
+    2 images at confidence 0.55, both right: gap |1.00 - 0.55| = 0.45, weight 2/10.
+    ECE = 0.8 * 0.20 + 0.2 * 0.45 = 0.25 (unweighted mean 0.325, sum 0.65)."""
+    conf = np.array([0.95] * 8 + [0.55] * 2)
+    correct = np.array([1, 1, 1, 1, 1, 1, 0, 0, 1, 1], dtype=bool)
+    ece, rows = expected_calibration_error(correct, conf)
+    assert ece == pytest.approx(0.25, abs=1e-12)
+    assert [(n, acc, c) for _, _, acc, c, n in rows] == [
+        (2, pytest.approx(1.0), pytest.approx(0.55)), (8, pytest.approx(0.75), pytest.approx(0.95))]
+
+
+def test_ece_bins_are_equal_width_and_right_closed():
+    """Guards against wrong bin edges: 15 bins of width 1/15, (lo, hi]; a confidence of
+    exactly 1 belongs to the last bin, and 0.6 = 9/15 to the bin (8/15, 9/15]."""
+    conf = np.array([1.0, 0.6, 0.6000001, 0.5])
+    correct = np.array([1, 1, 0, 1], dtype=bool)
+    ece, rows = expected_calibration_error(correct, conf)
+    edges = [(round(lo * 15), round(hi * 15), n) for lo, hi, _, _, n in rows]
+    assert edges == [(7, 8, 1), (8, 9, 1), (9, 10, 1), (14, 15, 1)]
+    # per image: |1 - 0.5|, |1 - 0.6|, |0 - 0.6000001|, |1 - 1|, each weight 1/4
+    assert ece == pytest.approx((0.5 + 0.4 + 0.6000001 + 0.0) / 4, abs=1e-12)
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy():
+    conf = np.array([0.75] * 4 + [0.9] * 10)
+    correct = np.array([1, 1, 1, 0] + [1] * 9 + [0], dtype=bool)
+    assert expected_calibration_error(correct, conf)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_confidence_is_that_of_the_predicted_class_at_the_threshold():
+    """Guards against confidence taken at 0.5 instead of the stored threshold."""
+    pred, conf = confidence_of_prediction(np.array([0.2, 0.65, 0.7, 0.9]), 0.7)
+    assert pred.tolist() == [0, 0, 1, 1]
+    assert conf == pytest.approx([0.8, 0.35, 0.7, 0.9])
+
+
+# --- metrics at a threshold and their bootstrap intervals --------------------------------
+
+
+def test_binary_metrics_at_a_threshold_by_hand():
+    """Guards against '>' for '>=' at the threshold and swapped sensitivity/specificity.
+
+    threshold 0.7: predictions 0 0 1 | 0 1 1 1 (0.7 itself is positive)
+    NORMAL: 2 of 3 right (specificity 2/3); PNEUMONIA: 3 of 4 (sensitivity 3/4)."""
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.69, 0.7, 0.3, 0.7, 0.8, 0.95])
+    m = binary_metrics(y, p, 0.7)
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(2 / 3)
+    # AUC: of the 12 (positive, negative) pairs 9 are ranked right, 1 is a tie (0.7, 0.7)
+    # and 2 are wrong (0.3 below 0.69 and 0.7)
+    assert m["auc"] == pytest.approx((9 + 0.5) / 12)
+
+
+def test_bootstrap_is_the_2_5_and_97_5_percentiles_of_resamples_with_replacement():
+    """Guards against resampling without replacement (intervals collapse to a point),
+    other percentiles, or a resample of the wrong size: the procedure, spelled out."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.4, 0.6, 0.2, 0.9, 0.7, 0.3, 0.8, 0.65, 0.55])
+    ci = bootstrap_ci(y, p, 0.5, 300, seed=3)
+    rng = np.random.default_rng(3)
+    acc = []
+    for _ in range(300):
+        idx = rng.integers(0, 10, 10)
+        if len(set(y[idx])) == 2:
+            acc.append(np.mean((p[idx] >= 0.5) == y[idx]))
+    assert ci["accuracy"] == pytest.approx([np.percentile(acc, 2.5), np.percentile(acc, 97.5)])
+    assert set(ci) == {"accuracy", "sensitivity", "specificity", "auc"}
+    for lo, hi in ci.values():
+        assert lo < hi
+
+
+def test_bootstrap_width_matches_the_binomial_standard_error():
+    """200 images, 160 right: the 95% interval of the accuracy is about
+    +- 1.96 * sqrt(0.8 * 0.2 / 200) = +- 0.055 around 0.8."""
+    y = np.array([0, 1] * 100)
+    p = np.where(np.arange(200) < 160, y * 0.8 + 0.1, 0.9 - y * 0.8)  # first 160 right
+    lo, hi = bootstrap_ci(y, p, 0.5, 400)["accuracy"]
+    assert lo < 0.8 < hi
+    assert 0.09 < hi - lo < 0.13, (lo, hi)
+
+
+def test_bootstrap_of_a_perfect_classifier_is_a_point():
+    y = np.array([0, 1] * 10)
+    ci = bootstrap_ci(y, y * 0.6 + 0.2, 0.5, 50)
+    assert ci["accuracy"] == ci["sensitivity"] == ci["specificity"] == [1.0, 1.0]
+
+
+# --- calibration fitting ----------------------------------------------------------------
+
+# Five groups of 40 images whose logit margins are 2 * logit(q): at temperature 2 every
+# group's probability equals its share of positives q, so the NLL is smallest at T = 2.
+QS = [0.05, 0.2, 0.5, 0.8, 0.95]
+
+
+def calibration_data():
+    margins, labels = [], []
+    for q in QS:
+        m = 2 * math.log(q / (1 - q))
+        pos = round(40 * q)
+        margins += [m] * 40
+        labels += [1] * pos + [0] * (40 - pos)
+    logits = torch.tensor([[0.0, m] for m in margins])
+    return logits, np.array(labels)
+
+
+def test_fit_calibration_temperature_minimises_the_nll():
+    """Guards against logits * T for logits / T, and argmax for argmin: the fitted
+    temperature is the grid point (400 log-spaced, 0.05-20) nearest the true 2."""
+    logits, y = calibration_data()
+    cal = train_cxray.fit_calibration(logits, y)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 400))
+    assert cal["temperature"] == pytest.approx(grid[np.argmin(abs(np.log(grid / 2)))], rel=1e-9)
+    assert abs(math.log(cal["temperature"] / 2)) < 0.0076  # within half a grid step
+    nll = nn.functional.cross_entropy(logits / cal["temperature"], torch.as_tensor(y)).item()
+    assert cal["nll_at_temperature"] == pytest.approx(nll, rel=1e-6)
+    assert cal["nll_at_1"] == pytest.approx(
+        nn.functional.cross_entropy(logits, torch.as_tensor(y)).item(), rel=1e-6)
+    assert cal["nll_at_temperature"] < cal["nll_at_1"]
+
+
+def test_fit_calibration_threshold_and_band_follow_their_rules():
+    """Guards against a wrong quantile or the wrong class in the threshold and band.
+
+    Positives: 2 at q=0.05, 8 at 0.2, 20 at 0.5, 32 at 0.8, 38 at 0.95 (100).
+    Threshold: the highest with sensitivity >= 0.97 -> 0.2 (98 of 100 above; at 0.5
+    only 90). Band low end: sensitivity >= 0.995 -> 0.05 (all 100). Band high end: the
+    lowest with specificity >= 0.995, i.e. every negative below it -> just above the
+    highest negative, 0.95."""
+    logits, y = calibration_data()
+    cal = train_cxray.fit_calibration(logits, y)
+    p = (logits / cal["temperature"]).softmax(1)[:, 1].numpy()
+    level = {q: float(p[40 * i]) for i, q in enumerate(QS)}  # the fitted probability per group
+    assert level[0.2] == pytest.approx(0.2, abs=0.005)
+    assert cal["threshold"] == pytest.approx(level[0.2], abs=1e-7)
+    lo, hi = cal["uncertain_band"]
+    assert lo == pytest.approx(level[0.05], abs=1e-7)
+    assert level[0.95] < hi <= level[0.95] + 1e-6
+    # and the rules themselves, whatever the levels are
+    sens = lambda t: np.mean(p[y == 1] >= t)  # noqa: E731
+    spec = lambda t: np.mean(p[y == 0] < t)  # noqa: E731
+    assert sens(cal["threshold"]) >= 0.97 and sens(level[0.5]) < 0.97
+    assert sens(lo) >= 0.995 and spec(hi) >= 0.995 and spec(level[0.95]) < 0.995
+
+
+# --- the learning-rate schedule ----------------------------------------------------------
+
+
+def improved_args(**kw):
+    return argparse.Namespace(**{"recipe": "improved", "ablate": [], "add": [], "lr": 0.1,
+                                 "epochs": 3, **kw})
+
+
+def lrs(scheduler, optimizer, steps):
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_improved_schedule_warms_up_for_one_epoch_then_cosine_to_zero():
+    """Guards against a warm-up of the wrong length, a schedule stepped per epoch instead
+    of per batch, or a cosine that does not end at 0.
+
+    4 steps per epoch, 3 epochs, lr 0.1: warm-up 0.025, 0.05, 0.075, 0.1; then
+    0.05 * (1 + cos(pi * k / 8)) for k = 0..7; 0 after the last step."""
+    model = nn.Linear(2, 2)
+    y = np.array([0, 1, 1, 1])
+    criterion, optimizer, scheduler, per_step = train_cxray.make_optimisation(
+        improved_args(), model, y, 4, "cpu")
+    assert per_step and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    cosine = [0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert lrs(scheduler, optimizer, 12) == pytest.approx([0.025, 0.05, 0.075, 0.1] + cosine)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert cosine[4] == pytest.approx(0.05)  # halfway through the decay: half the peak
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01
+    # class-balanced weights n / (2 * count): 4 / 2 = 2 for NORMAL, 4 / 6 for PNEUMONIA
+    assert criterion.weight.tolist() == pytest.approx([2.0, 2 / 3])
+    assert criterion.label_smoothing == 0.1
+
+
+def test_reference_schedule_halves_on_a_val_f1_plateau():
+    """The reference recipe: Adam, ReduceLROnPlateau on validation F1 (mode max,
+    factor 0.5, patience 2): two epochs without improvement keep the rate, the third
+    halves it."""
+    model = nn.Linear(2, 2)
+    criterion, optimizer, scheduler, per_step = train_cxray.make_optimisation(
+        improved_args(recipe="reference", lr=1e-4), model, np.array([0, 1]), 4, "cpu")
+    assert not per_step and isinstance(optimizer, torch.optim.Adam)
+    assert criterion.weight is None
+    seen = []
+    for f1 in (0.8, 0.9, 0.9, 0.85, 0.9):  # best 0.9 at epoch 2; 3 epochs without gain
+        scheduler.step(f1)
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([1e-4, 1e-4, 1e-4, 1e-4, 5e-5])

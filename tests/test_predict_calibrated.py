@@ -1,0 +1,189 @@
+"""predict.py and visualize_results.py reproduce probabilities, decisions and referrals
+computed here by hand, for checkpoints whose calibration is far from the defaults.
+
+The shared test model has temperature 1 and threshold 0.5, where argmax agrees with the
+stored threshold and logits * T with logits / T. The `calibrated` fixture (conftest) is
+the same weights with temperature 0.4, a threshold far from 0.5 that falls between two
+test images' probabilities (both within 0.02 of it) and an uncertain band around it; the
+`ensemble` fixture adds a second, differently trained and calibrated checkpoint.
+Expected values: softmax(logits / T)[:, 1] of cc.model_input(cc.load_image_array(f)).
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, run_script
+from PIL import Image
+
+import cxr_common as cc
+from gradcam import GradCAM, overlay
+
+TOL = 1e-4  # the CSVs hold 6 decimals; in-process and script forward passes agree to ~1e-6
+
+
+def truthy(text):
+    return str(text).strip().lower() in ("true", "1", "yes")
+
+
+def by_name(csv_path):
+    return {Path(r["file"]).name: r for r in csv.DictReader(open(csv_path, encoding="utf-8"))}
+
+
+def check_rows(rows, expected):
+    """Every test image: probability within TOL, decision and referral exact."""
+    assert sorted(rows) == sorted(f.name for f in expected.files)
+    for i, f in enumerate(expected.files):
+        row, p = rows[f.name], expected.prob[i]
+        pred, uncertain = expected.expected(f.name)
+        assert abs(float(row["prob_pneumonia"]) - p) < TOL, (f.name, row["prob_pneumonia"], p)
+        assert row["prediction"] == pred, (f.name, p, expected.threshold)
+        assert truthy(row["uncertain"]) == uncertain, (f.name, p, expected.band)
+
+
+def test_fixture_has_images_near_the_threshold(calibrated):
+    """The premise of the tests below: images within 0.02 on both sides of the threshold,
+    images between 0.5 and the threshold, images inside and outside the band."""
+    p, t = calibrated.prob, calibrated.threshold
+    assert ((p >= t) & (p < t + 0.02)).any() and ((p < t) & (p > t - 0.02)).any()
+    assert ((p >= 0.5) & (p < t)).sum() >= 2
+    assert calibrated.band[0] < t < calibrated.band[1]
+
+
+def test_predict_applies_the_stored_temperature_threshold_and_band(calibrated, tmp_path):
+    """Guards against predict.py deciding by argmax (0.5) instead of the stored threshold,
+    multiplying the logits by the temperature instead of dividing, and a wrong band."""
+    proc = run_script("predict.py", "--model", calibrated.path, "--dir", TINY / "test",
+                      "--quiet", "--batch-size", 5, "--out", tmp_path / "p")
+    rows = by_name(tmp_path / "p" / "predictions.csv")
+    check_rows(rows, calibrated)
+    for row in rows.values():
+        assert float(row["threshold"]) == pytest.approx(calibrated.threshold, abs=1e-9)
+    n_uncertain = sum(calibrated.expected(f.name)[1] for f in calibrated.files)
+    assert proc.stdout.count("UNCERTAIN") == n_uncertain
+
+
+def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
+    """Guards against evaluation with the wrong threshold or temperature: per-image
+    probabilities, decisions, confidences and referrals, and the metrics derived from
+    them, all computed here from the expected probabilities."""
+    out = tmp_path / "v"
+    run_script("visualize_results.py", "--model", calibrated.path, "--data", TINY / "test",
+               "--out", out, "--bootstrap", 20, "--gallery", 2)
+    rows = by_name(out / "predictions.csv")
+    check_rows(rows, calibrated)
+    y = np.array([0 if "/NORMAL/" in str(f) else 1 for f in calibrated.files])
+    p, t = calibrated.prob, calibrated.threshold
+    pred = (p >= t).astype(int)
+    for i, f in enumerate(calibrated.files):
+        row = rows[f.name]
+        assert row["label"] == cc.CLASS_NAMES[y[i]]
+        assert abs(float(row["confidence"]) - (p[i] if pred[i] else 1 - p[i])) < TOL
+        assert int(row["correct"]) == int(pred[i] == y[i])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold"] == pytest.approx(t, abs=1e-9)
+    assert metrics["uncertain_band"] == pytest.approx(calibrated.band, abs=1e-9)
+    assert metrics["temperature"] == pytest.approx([0.4])
+    at_t = metrics["at_threshold"]
+    assert at_t["accuracy"] == pytest.approx(np.mean(pred == y))
+    assert at_t["sensitivity"] == pytest.approx(np.mean(pred[y == 1] == 1))
+    assert at_t["specificity"] == pytest.approx(np.mean(pred[y == 0] == 0))
+    assert metrics["at_0.5"]["accuracy"] == pytest.approx(np.mean((p >= 0.5) == y))
+    answered = ~((p >= calibrated.band[0]) & (p < calibrated.band[1]))
+    assert metrics["coverage"] == pytest.approx(answered.mean())
+    assert metrics["accuracy_answered"] == pytest.approx(np.mean((pred == y)[answered]))
+
+
+def test_ensemble_of_two_different_checkpoints_averages_them(ensemble, tmp_path):
+    """Guards against an ensemble that silently uses only its first member (or one
+    temperature for both): the mean of the members' own temperature-scaled
+    probabilities, decided at the mean of their thresholds and bands."""
+    paths, expected = ensemble
+    proc = run_script("predict.py", "--model", paths[0], "--model", paths[1], "--dir",
+                      TINY / "test", "--quiet", "--out", tmp_path / "p")
+    assert "ensemble of 2" in proc.stdout
+    rows = by_name(tmp_path / "p" / "predictions.csv")
+    check_rows(rows, expected)
+    for row in rows.values():
+        assert float(row["threshold"]) == pytest.approx(expected.threshold, abs=1e-9)
+
+
+def test_visualize_ensemble_averages_them(ensemble, tmp_path):
+    paths, expected = ensemble
+    out = tmp_path / "v"
+    run_script("visualize_results.py", "--model", paths[0], "--model", paths[1], "--data",
+               TINY / "test", "--out", out, "--bootstrap", 20, "--gallery", 0)
+    check_rows(by_name(out / "predictions.csv"), expected)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["threshold"] == pytest.approx(expected.threshold, abs=1e-9)
+    assert metrics["temperature"] == pytest.approx([0.4, 2.5])
+
+
+# --- the Grad-CAM figure ------------------------------------------------------------------
+
+
+def overlay_panel(png, size):
+    """The Grad-CAM panel of predict.py's figure, sampled back to size x size.
+
+    The figure's only coloured pixels are the overlay's (the X-ray, the titles and the
+    background are grey): their bounding box is the panel, drawn with nearest-neighbour
+    upsampling, so sampling each cell's centre gives the overlay's pixels back."""
+    a = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    colour = (np.abs(a[..., 0] - a[..., 1]) > 2) | (np.abs(a[..., 1] - a[..., 2]) > 2)
+    ys, xs = np.nonzero(colour)
+    crop = a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    rows = ((np.arange(size) + 0.5) * crop.shape[0] / size).astype(int)
+    cols = ((np.arange(size) + 0.5) * crop.shape[1] / size).astype(int)
+    return crop[rows][:, cols]
+
+
+def expected_overlay(checkpoint, image, class_idx):
+    model, meta = cc.load_checkpoint(checkpoint)
+    gray = cc.load_image_array(image, meta["preprocessing"]["image_size"])
+    x = cc.model_input(torch.from_numpy(gray)[None, None], cc.intensity_of(meta))
+    heat, _, _ = GradCAM(model)(x, class_idx=class_idx)
+    assert heat.std() > 0.05  # a map with structure, or the comparison proves little
+    return overlay(gray, heat).astype(int), gray
+
+
+@pytest.fixture(scope="module")
+def gradcam_run(calibrated, tmp_path_factory):
+    """predict.py --gradcam on two images: one the stored threshold and argmax call alike,
+    one between 0.5 and the threshold (argmax PNEUMONIA, calibrated decision NORMAL)."""
+    p, t = calibrated.prob, calibrated.threshold
+    agree = calibrated.files[int(np.argmax(p))]  # PNEUMONIA either way
+    disagree = calibrated.files[int(np.flatnonzero((p >= 0.5) & (p < t))[0])]
+    out = tmp_path_factory.mktemp("gradcam") / "p"
+    run_script("predict.py", "--model", calibrated.path, "--image", agree, "--image", disagree,
+               "--gradcam", "--quiet", "--out", out)
+    return out, agree, disagree
+
+
+def test_gradcam_figure_shows_the_models_map(calibrated, gradcam_run):
+    """Guards against a Grad-CAM figure whose map is constant, another class's, or
+    not the model's: the saved panel must be the overlay of the map computed here.
+    (The old test only checked the PNG's file size.)"""
+    out, agree, _ = gradcam_run
+    exp, gray = expected_overlay(calibrated.path, agree, class_idx=1)
+    panel = overlay_panel(out / f"{agree.stem}_gradcam.png", gray.shape[0])
+    assert np.abs(panel - exp).mean() < 2.0, np.abs(panel - exp).mean()
+    # and not a uniform tint of the X-ray: the heat map must vary across the panel
+    tint = panel - 0.6 * gray[..., None]
+    assert tint.std(axis=(0, 1)).max() > 10
+
+
+@pytest.mark.xfail(reason="needs predict.py to draw Grad-CAM for the predicted (thresholded) "
+                          "class, not the argmax class", strict=False)
+def test_gradcam_figure_explains_the_thresholded_prediction(calibrated, gradcam_run):
+    """The figure's title names the calibrated prediction ('Grad-CAM for NORMAL'), so
+    the map must be that class's, as in visualize_results.py's gallery; predict.py
+    draws the argmax class's, which differs for images between 0.5 and the threshold."""
+    out, _, disagree = gradcam_run
+    rows = by_name(out / "predictions.csv")
+    assert rows[disagree.name]["prediction"] == "NORMAL"
+    exp, gray = expected_overlay(calibrated.path, disagree, class_idx=0)
+    panel = overlay_panel(out / f"{disagree.stem}_gradcam.png", gray.shape[0])
+    assert np.abs(panel - exp).mean() < 2.0, np.abs(panel - exp).mean()
