@@ -316,11 +316,12 @@ def fit_calibration(logits: torch.Tensor, labels: np.ndarray) -> dict:
 
 
 def load_ensemble(paths, device="cpu") -> tuple[list, dict, int]:
-    """One or more checkpoints: (members [(model, meta)], calibration, image size).
+    """One or more checkpoints (none: the shipped DEFAULT_MODEL): (members [(model,
+    meta)], calibration, image size).
 
     The calibration holds each member's temperature ("temperatures") and the mean of
     the members' thresholds and bands. Raises CheckpointError for a bad model file."""
-    members = [load_checkpoint(p, device) for p in paths]
+    members = [load_checkpoint(p, device) for p in paths or [DEFAULT_MODEL]]
     cals = [calibration_of(meta) for _, meta in members]
     sizes = {m["preprocessing"]["image_size"] for _, m in members}
     if len(sizes) != 1:

@@ -10,6 +10,7 @@ reason); only the scripts turn them into messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import hashlib
@@ -217,10 +218,21 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def exit_on(*errors):
+    """For scripts: turn the named exceptions into a one-line 'error: ...' exit."""
+    try:
+        yield
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def pick_device(name: str = "auto") -> torch.device:
-    """auto: the GPU when there is one, else the CPU."""
+    """auto: the GPU when there is one, else the CPU (with its allocator tuned)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        tune_cpu_allocator()
     return torch.device(name)
 
 

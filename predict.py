@@ -347,22 +347,19 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.image and not args.dir:
         raise SystemExit("error: give --image FILE and/or --dir FOLDER (see --help)")
-    cio.tune_cpu_allocator()  # ~2x faster CPU inference, see cxr_io
-    device = cio.pick_device(args.device)
+    device = cio.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
+    with cio.exit_on(cc.CheckpointError):
+        members, cal, size = cc.load_ensemble(args.model, device)
     model_paths = args.model or [cc.DEFAULT_MODEL]
-    try:
-        models, cal, size = cc.load_ensemble(model_paths, device)
-    except cc.CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
     temperatures = cal["temperatures"]
-    manifest = run_manifest(model_paths, models, cal, args.json)
+    manifest = run_manifest(model_paths, members, cal, args.json)
     model_id = manifest["model_id"]
     out_dir, done, json_lines = open_output(args, manifest)
 
     files, not_read = collect_inputs(args)
     todo = [p for p in files if resolved(p) not in done]
     not_read = [(p, r) for p, r in not_read if resolved(p) not in done]
-    names = "ensemble of " + str(len(models)) if len(models) > 1 else str(model_paths[0])
+    names = "ensemble of " + str(len(members)) if len(members) > 1 else str(model_paths[0])
     print(f"Model: {names} (id {model_id}) | temperature "
           f"{', '.join(f'{t:.4f}' for t in temperatures)}"
           f" | threshold P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band "
@@ -381,16 +378,16 @@ def main(argv=None):
     loader = DataLoader(FileImages(todo, size), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate,
                         worker_init_fn=cio.die_with_parent)
-    cam = GradCAM(models[0][0]) if args.gradcam else None
-    explained = (f"map of member 1 of {len(models)} ({Path(model_paths[0]).name})"
-                 if len(models) > 1 else "")
+    cam = GradCAM(members[0][0]) if args.gradcam else None
+    explained = (f"map of member 1 of {len(members)} ({Path(model_paths[0]).name})"
+                 if len(members) > 1 else "")
     n_ok = 0
     for items in loader:
         good = [(i, a) for i, a, _ in items if a is not None]
         rows = {i: error_row(todo[i], err, model_id) for i, a, err in items if a is None}
         probs = []
         if good:
-            probs = cc.ensemble_probability(models, np.stack([a for _, a in good]),
+            probs = cc.ensemble_probability(members, np.stack([a for _, a in good]),
                                             temperatures, batch_size=len(good))
         for (i, g), p in zip(good, probs):
             if not np.isfinite(p):
@@ -403,7 +400,7 @@ def main(argv=None):
             if cam is not None:
                 x1 = torch.from_numpy(g)[None, None].to(device)
                 reported = cc.CLASS_NAMES.index(row["prediction"])
-                heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(models[0][1])),
+                heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(members[0][1])),
                                  class_idx=reported)
                 png = unused_name(out_dir, f"{Path(todo[i]).stem}_gradcam", ".png")
                 save_gradcam(png, g, heat, row, explained)

@@ -139,6 +139,19 @@ def describe(recipe: dict) -> dict:
     }
 
 
+def recipe_changes(args) -> list[str]:
+    """What each --ablate and --add changes, in the words describe() gives the fields."""
+    base = describe(RECIPES[args.recipe])
+    lines = []
+    for label, parts, kind in (("Ablation", args.ablate, "ablate"),
+                               ("Candidate addition", args.add, "add")):
+        for part in parts:
+            changed = describe(recipe_for(args.recipe, **{kind: [part]}))
+            diff = "; ".join(f"{k} = {v}" for k, v in changed.items() if v != base[k])
+            lines.append(f"{label} ({part}): {diff}")
+    return lines
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Fine-tune MobileNetV2 on chest X-rays (NORMAL vs PNEUMONIA).",
@@ -193,7 +206,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args, resumed = resume_arguments(parse_args(argv))
     world, rank, device = setup_distributed(args)  # one process unless started by torchrun
-    cio.tune_cpu_allocator()  # keeps freed tensor memory: faster CPU steps, see cxr_io
     recipe = recipe_for(args.recipe, args.ablate, args.add)
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     torch.manual_seed(args.seed)
@@ -201,6 +213,7 @@ def main(argv=None):
     run_dir, commands = open_run_folder(args, resumed, world, rank)
     log(rank, f"Run folder: {run_dir}")
     log(rank, f"Device: {hardware(device)} x {world} process(es), bf16 autocast: {amp}")
+    log(rank, *recipe_changes(args), sep="\n")
 
     # Data: a patient-grouped validation split, decoded once, augmented on tensors.
     (x_train, y_train), (x_val, y_val), test_files, val_source = load_splits(args, run_dir, rank)
@@ -302,7 +315,7 @@ def setup_distributed(args):
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
-        device = torch.device("cpu")
+        device = cio.pick_device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return world, rank, device
@@ -444,8 +457,11 @@ class XrayArrays(Dataset):
 
 
 def train_transform(recipe: dict, size: int):
-    """Sensor noise (a candidate), the same per-image equalisation as at prediction time,
-    then the recipe's augmentations."""
+    """Sensor noise (a candidate), per-image equalisation, then the recipe's augmentations.
+
+    Equalisation comes first, so the contrast jitter and the black corners of a rotation
+    come after it: training inputs are not exactly equalised, while prediction inputs
+    are (cc.model_input). Equalising after augmentation is a candidate, not the recipe."""
     steps = []
     if recipe["noise"]:  # v2.GaussianNoise: torchvision >= 0.20
         steps.append(v2.RandomApply([v2.ToDtype(torch.float32, scale=True),
@@ -476,10 +492,8 @@ def make_loader(x_train, y_train, recipe, args, world, rank, device):
 
 
 def make_model(args, device):
-    try:
+    with cio.exit_on(cc.WeightsUnavailable):
         model, weight_source = cc.build_model(pretrained=not args.no_pretrained)
-    except cc.WeightsUnavailable as e:
-        raise SystemExit(f"error: {e}") from None
     return model.to(device).to(memory_format=torch.channels_last), weight_source
 
 

@@ -366,13 +366,10 @@ def write_predictions(path, paths, y, p, m):
 
 def main(argv=None):
     args = parse_args(argv)
-    cio.tune_cpu_allocator()  # ~2x faster CPU inference, see cxr_io
-    device = cio.pick_device(args.device)
+    device = cio.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
+    with cio.exit_on(cc.CheckpointError):
+        members, cal, size = cc.load_ensemble(args.model, device)
     model_paths = args.model or [cc.DEFAULT_MODEL]
-    try:
-        members, cal, size = cc.load_ensemble(model_paths, device)
-    except cc.CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
 
     # 1. the images and the model's probabilities
     files, labels, others, source = labelled_files(args, model_paths)

@@ -49,10 +49,12 @@ def train(args, seed) -> Path:
 
 
 def evaluate(run_dir: Path, data: str) -> dict:
-    out = run_dir / "test_eval"
-    if not (out / "metrics.json").exists():
+    found = sorted((run_dir / "test_eval").glob("*/metrics.json"))
+    if not found:
         run([sys.executable, "visualize_results.py", "--model", run_dir / "mobilenet_cxr.pth",
-             "--data", f"{data}/test", "--out", out])
+             "--data", data, "--split", "test", "--out", run_dir / "test_eval"])
+        found = sorted((run_dir / "test_eval").glob("*/metrics.json"))
+    out = found[-1].parent
     m = json.loads((out / "metrics.json").read_text())
     h = json.loads(next(run_dir.glob("training_history_*.json")).read_text())["meta"]
     t = m["at_threshold"]
@@ -62,6 +64,19 @@ def evaluate(run_dir: Path, data: str) -> dict:
             "confusion": m["confusion"], "val_auc": h["metrics"]["val_auc"],
             "minutes": h["wall_seconds"] / 60, "hardware": h["hardware"],
             "command": h["command"]}
+
+
+def is_development_run(run_dir: Path) -> bool:
+    """Ablation and candidate runs promised never to read the test split: never score
+    them on it, and say so."""
+    meta = json.loads(next(run_dir.glob("training_history_*.json")).read_text())["meta"]
+    why = [k for k in ("ablate", "add") if meta.get(k)]
+    if "test_acc" not in meta.get("metrics", {}):
+        why.append("skip_test")
+    if why:
+        print(f"NOT SCORED on test: {run_dir} is a development run ({', '.join(why)}); "
+              "it is judged on validation only (benchmarks/validation_check.py)", file=sys.stderr)
+    return bool(why)
 
 
 def summarise(rows):
@@ -89,6 +104,7 @@ def main():
     args = parse_args()
     if args.collect:
         run_dirs = [Path(p) for p in args.collect if (Path(p) / "mobilenet_cxr.pth").exists()]
+        run_dirs = [d for d in run_dirs if not is_development_run(d)]
     else:
         run_dirs = []
         for seed in args.seeds:

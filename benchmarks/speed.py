@@ -72,7 +72,7 @@ def timed_steps(model, batches, optimizer, criterion, device, warmup, amp):
         x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with tc.autocast(device, amp):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             loss = criterion(model(x).float(), y)
         loss.backward()
         optimizer.step()
@@ -104,7 +104,8 @@ def training(args, device, amp):
 
     synthetic = [(torch.randn(args.batch_size, 3, 224, 224),
                   torch.randint(0, 2, (args.batch_size,))) for _ in range(4)]
-    loader = DataLoader(tc.XrayArrays(arrays, y, tc.train_transform("reference", 224)),
+    transform = tc.train_transform(tc.recipe_for("reference"), 224)
+    loader = DataLoader(tc.XrayArrays(arrays, y, transform),
                         batch_size=args.batch_size, shuffle=True,
                         pin_memory=device.type == "cuda")
     bounds, reals = [], []
@@ -185,7 +186,8 @@ def pair(name_a, a, name_b, b, unit="img/s"):
 
 def main():
     args = parse_args()
-    device = cio.pick_device(args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)  # allocator: below
     amp = device.type == "cuda"
     tuned = False if args.no_tune_allocator else cio.tune_cpu_allocator()
     print(f"Device: {tc.hardware(device)}, torch {torch.__version__}, batch {args.batch_size}, "

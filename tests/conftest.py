@@ -59,6 +59,12 @@ def run_script(script, *args, cwd=None, check=True, timeout=300, env=None):
     return proc
 
 
+def run_folder(parent) -> Path:
+    """The one new folder a script made under --out parent (they never reuse one)."""
+    (child,) = [p for p in Path(parent).iterdir() if p.is_dir()]
+    return child
+
+
 def train_args(out, *extra):
     return ["--data", TINY, "--image-size", 64, "--out", out, "--cache-dir", "",
             "--batch-size", 8, *extra]
@@ -102,9 +108,9 @@ def selection_run(tmp_path_factory):
 
 
 def tiny_test_files():
-    import cxr_common as cc
+    import cxr_io as cio
 
-    return cc.list_images(TINY / "test")
+    return cio.list_images(TINY / "test")
 
 
 def logits_of(checkpoint, files):
@@ -171,7 +177,7 @@ class Calibrated:
     """A checkpoint and what predicting TINY/test with it must give, computed here."""
 
     path: Path
-    files: list  # TINY/test images, in cc.list_images order
+    files: list  # TINY/test images, in cio.list_images order
     prob: object  # expected P(PNEUMONIA) per file (numpy float64)
     threshold: float
     band: list

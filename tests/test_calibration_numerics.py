@@ -2,7 +2,6 @@
 bootstrap intervals, the metrics at a threshold, calibration fitting and the
 learning-rate schedule. Each test names the bug it guards against."""
 
-import argparse
 import math
 
 import numpy as np
@@ -10,13 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+import cxr_common as cc
 import train_cxray
-from visualize_results import (
-    binary_metrics,
-    bootstrap_ci,
-    confidence_of_prediction,
-    expected_calibration_error,
-)
+from cxr_common import binary_metrics, bootstrap_ci, expected_calibration_error
+from cxr_common import decide as confidence_of_prediction
 
 # --- expected calibration error --------------------------------------------------------
 
@@ -135,7 +131,7 @@ def test_fit_calibration_temperature_minimises_the_nll():
     """Guards against logits * T for logits / T, and argmax for argmin: the fitted
     temperature is the grid point (400 log-spaced, 0.05-20) nearest the true 2."""
     logits, y = calibration_data()
-    cal = train_cxray.fit_calibration(logits, y)
+    cal = cc.fit_calibration(logits, y)
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 400))
     assert cal["temperature"] == pytest.approx(grid[np.argmin(abs(np.log(grid / 2)))], rel=1e-9)
     assert abs(math.log(cal["temperature"] / 2)) < 0.0076  # within half a grid step
@@ -155,7 +151,7 @@ def test_fit_calibration_threshold_and_band_follow_their_rules():
     lowest with specificity >= 0.995, i.e. every negative below it -> just above the
     highest negative, 0.95."""
     logits, y = calibration_data()
-    cal = train_cxray.fit_calibration(logits, y)
+    cal = cc.fit_calibration(logits, y)
     p = (logits / cal["temperature"]).softmax(1)[:, 1].numpy()
     level = {q: float(p[40 * i]) for i, q in enumerate(QS)}  # the fitted probability per group
     assert level[0.2] == pytest.approx(0.2, abs=0.005)
@@ -173,9 +169,9 @@ def test_fit_calibration_threshold_and_band_follow_their_rules():
 # --- the learning-rate schedule ----------------------------------------------------------
 
 
-def improved_args(**kw):
-    return argparse.Namespace(**{"recipe": "improved", "ablate": [], "add": [], "lr": 0.1,
-                                 "epochs": 3, **kw})
+def optimisation(recipe, y, steps_per_epoch, lr, epochs=3):
+    return train_cxray.make_optimisation(train_cxray.recipe_for(recipe), nn.Linear(2, 2), y,
+                                         steps_per_epoch, lr, epochs)
 
 
 def lrs(scheduler, optimizer, steps):
@@ -193,11 +189,8 @@ def test_improved_schedule_warms_up_for_one_epoch_then_cosine_to_zero():
 
     4 steps per epoch, 3 epochs, lr 0.1: warm-up 0.025, 0.05, 0.075, 0.1; then
     0.05 * (1 + cos(pi * k / 8)) for k = 0..7; 0 after the last step."""
-    model = nn.Linear(2, 2)
-    y = np.array([0, 1, 1, 1])
-    criterion, optimizer, scheduler, per_step = train_cxray.make_optimisation(
-        improved_args(), model, y, 4, "cpu")
-    assert per_step and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    criterion, optimizer, scheduler = optimisation("improved", np.array([0, 1, 1, 1]), 4, 0.1)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
     cosine = [0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
     assert lrs(scheduler, optimizer, 12) == pytest.approx([0.025, 0.05, 0.075, 0.1] + cosine)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
@@ -213,10 +206,9 @@ def test_reference_schedule_halves_on_a_val_f1_plateau():
     """The reference recipe: Adam, ReduceLROnPlateau on validation F1 (mode max,
     factor 0.5, patience 2): two epochs without improvement keep the rate, the third
     halves it."""
-    model = nn.Linear(2, 2)
-    criterion, optimizer, scheduler, per_step = train_cxray.make_optimisation(
-        improved_args(recipe="reference", lr=1e-4), model, np.array([0, 1]), 4, "cpu")
-    assert not per_step and isinstance(optimizer, torch.optim.Adam)
+    criterion, optimizer, scheduler = optimisation("reference", np.array([0, 1]), 4, 1e-4)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert isinstance(optimizer, torch.optim.Adam)
     assert criterion.weight is None
     seen = []
     for f1 in (0.8, 0.9, 0.9, 0.85, 0.9):  # best 0.9 at epoch 2; 3 epochs without gain

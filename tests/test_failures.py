@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, ROOT, TINY, run_script, train_args
+from conftest import DATA, ROOT, TINY, run_folder, run_script, train_args
 from PIL import Image
 
 import cxr_common as cc
+import cxr_io as cio
 
 XRAY = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
 
@@ -34,6 +35,9 @@ def one_line_error(proc, *words):
 
 
 def rows_of(out_dir):
+    """The rows of predictions.csv in a run folder (or in the one run under a parent)."""
+    if not (Path(out_dir) / "predictions.csv").exists():
+        out_dir = run_folder(out_dir)
     return list(csv.DictReader(open(out_dir / "predictions.csv", newline="", encoding="utf-8")))
 
 
@@ -90,7 +94,7 @@ def test_a_model_that_cannot_answer_is_refused(model_path, tmp_path):
     zero_t = recalibrated(model_path, tmp_path, "zero_t.pth", temperature=0.0, threshold=0.5)
     for bad, words, script, extra in (
             (nan_model, "NaN or infinity", "predict.py", ["--image", XRAY, "--out", tmp_path / "o"]),
-            (zero_t, "temperature 0", "visualize_results.py", ["--data", TINY / "test"])):
+            (zero_t, "temperature 0", "visualize_results.py", ["--split", TINY / "test"])):
         proc = run_script(script, "--model", bad, *extra, check=False)
         one_line_error(proc, bad.name, words)
         assert "nan%" not in proc.stdout
@@ -126,28 +130,24 @@ def test_images_with_nothing_to_judge_are_refused(model_path, tmp_path):
 
 def test_no_dataset_image_is_refused_by_the_structure_checks():
     """The blank/noise/colour checks refuse none of the test data's real films."""
-    for f in cc.list_images(TINY) + cc.list_images(DATA / "fullres"):
+    for f in cio.list_images(TINY) + cio.list_images(DATA / "fullres"):
         for size in (64, 224):
             array, reason = cc.try_load_image_array(f, size)
             assert array is not None, (f.name, size, reason)
 
 
 def test_a_new_run_never_writes_into_an_old_folder(model_path, tmp_path):
-    first = run_script("predict.py", "--model", model_path, "--image", XRAY, "--out",
-                       tmp_path / "o")
-    assert first.returncode == 0
-    again = run_script("predict.py", "--model", model_path, "--image", XRAY, "--out",
-                       tmp_path / "o", check=False)
-    assert again.returncode == 2 and "already exists" in again.stderr
-    assert len(rows_of(tmp_path / "o")) == 1
-    # two runs started in the same second with the default folder get two folders
+    """--out is a parent: every run, even two started in the same second, gets its own
+    new folder, and every row names the model that made it."""
     procs = [subprocess.Popen([sys.executable, str(ROOT / "predict.py"), "--model",
-                               str(model_path), "--image", str(XRAY), "--quiet"],
+                               str(model_path), "--image", str(XRAY), "--quiet", "--out",
+                               str(tmp_path / "o")],
                               cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    folders = sorted((tmp_path / "outputs").iterdir())
-    assert len(folders) == 2
+    run_script("predict.py", "--model", model_path, "--image", XRAY, "--out", tmp_path / "o")
+    folders = sorted((tmp_path / "o").iterdir())
+    assert len(folders) == 3
     for f in folders:
         (row,) = rows_of(f)
         assert row["model"] == json.loads((f / "run.json").read_text())["model_id"]
@@ -156,15 +156,16 @@ def test_a_new_run_never_writes_into_an_old_folder(model_path, tmp_path):
 def test_resume_refuses_another_model_or_calibration(model_path, tmp_path):
     run_script("predict.py", "--model", model_path, "--dir", TINY / "test", "--quiet",
                "--out", tmp_path / "o")
+    out = run_folder(tmp_path / "o")
     other = recalibrated(model_path, tmp_path, threshold=0.3, temperature=2.0,
                          uncertain_band=[0.2, 0.4])
     proc = run_script("predict.py", "--model", other, "--dir", TINY / "test", "--resume",
-                      tmp_path / "o", check=False)
+                      out, check=False)
     one_line_error(proc, "differ from the run")
     same = run_script("predict.py", "--model", model_path, "--dir", TINY / "test",
-                      "--resume", tmp_path / "o")
+                      "--resume", out)
     assert "Resuming: 16 of 16 files already done" in same.stdout
-    assert len({r["model"] for r in rows_of(tmp_path / "o")}) == 1
+    assert len({r["model"] for r in rows_of(out)}) == 1
 
 
 def test_gradcam_explains_the_reported_class(model_path, tmp_path, monkeypatch):
@@ -190,7 +191,7 @@ def test_gradcam_explains_the_reported_class(model_path, tmp_path, monkeypatch):
         argmax = model(cc.model_input(x.unsqueeze(1))).argmax(1).tolist()
     assert 0 in argmax  # the case that matters: argmax NORMAL, reported PNEUMONIA
     assert explained == [cc.CLASS_NAMES.index(r["prediction"]) for r in rows]
-    assert len(list((tmp_path / "o").glob("*_gradcam.png"))) == len(rows)
+    assert len(list(run_folder(tmp_path / "o").glob("*_gradcam.png"))) == len(rows)
 
 
 # --- one bad file never stops a batch -----------------------------------------------
@@ -206,7 +207,7 @@ def test_any_decoder_exception_skips_only_that_file(model_path, tmp_path, monkey
             raise RuntimeError("decoder crashed")
         return real_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(cc.Image, "open", flaky_open)
+    monkeypatch.setattr(cio.Image, "open", flaky_open)
     import predict
     import visualize_results
 
@@ -216,7 +217,9 @@ def test_any_decoder_exception_skips_only_that_file(model_path, tmp_path, monkey
     crashed = [r for r in rows if "decoder crashed" in r["error"]]
     assert crashed and all("IM-" in r["file"] for r in crashed)
     assert len(rows) == 16 and any(r["prediction"] for r in rows)
-    paths, y, images, skipped = visualize_results.read_folder(TINY / "test", 64)
+    files, labels, others, _ = visualize_results.labelled_files(
+        visualize_results.parse_args(["--split", str(TINY / "test")]), [model_path])
+    paths, y, images, skipped = visualize_results.read_images(files, labels, others, 64)
     assert len(paths) + len(skipped) == 16 and len(skipped) == len(crashed)
     array, reason = cc.try_load_image_array(sorted((TINY / "test" / "NORMAL").glob("IM-*"))[0])
     assert array is None and "RuntimeError: decoder crashed" in reason
@@ -264,9 +267,9 @@ def test_dicom_header_is_checked_before_decoding(tmp_path):
         for k, v in tags.items():
             setattr(ds, k, v)
         ds.save_as(path)
-        with pytest.raises(cc.ImageReadError, match=words):
-            cc.read_image_gray(path)
-    assert cc.read_image_gray(dicom_with(tmp_path, "fine.dcm")).size == (64, 64)
+        with pytest.raises(cio.ImageReadError, match=words):
+            cio.read_image_gray(path)
+    assert cio.read_image_gray(dicom_with(tmp_path, "fine.dcm")).size == (64, 64)
 
 
 def test_dir_reads_dicoms_without_extension_gif_webp_and_lists_the_rest(model_path, tmp_path):
@@ -337,9 +340,9 @@ def test_resume_repairs_any_cut_and_keys_by_resolved_path(model_path, tmp_path):
     names = ["a\fb.jpeg", "c\u2028d.jpeg", "e,\"f\".jpeg", "plain.jpeg"]
     for n in names:
         shutil.copy(XRAY, folder / n)
-    out = tmp_path / "o"
     run_script("predict.py", "--model", model_path, "--dir", "odd", "--json", "--quiet",
-               "--out", out, cwd=tmp_path)
+               "--out", tmp_path / "o", cwd=tmp_path)
+    out = run_folder(tmp_path / "o")
     whole = {r["resolved_path"]: r for r in rows_of(out)}
     assert len(whole) == 4
     csv_path, jsonl = out / "predictions.csv", out / "predictions.jsonl"
@@ -421,15 +424,16 @@ def test_training_refuses_an_empty_class_and_leaves_no_folder(tmp_path):
 
 def test_visualize_one_class_in_lowercase_folder(model_path, tmp_path):
     shutil.copytree(TINY / "test" / "NORMAL", tmp_path / "site" / "normal")
-    proc = run_script("visualize_results.py", "--model", model_path, "--data",
+    proc = run_script("visualize_results.py", "--model", model_path, "--split",
                       tmp_path / "site", "--out", tmp_path / "v", "--bootstrap", 50)
+    out = run_folder(tmp_path / "v")
     assert "only NORMAL images" in proc.stdout
     assert "ROC AUC: not defined with one class" in proc.stdout
-    metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 8 and metrics["at_threshold"]["sensitivity"] is None
     assert 0 <= metrics["at_threshold"]["specificity"] <= 1
-    assert (tmp_path / "v" / "prediction_confidence.png").exists()
-    assert not (tmp_path / "v" / "roc_curve.png").exists()
+    assert (out / "prediction_confidence.png").exists()
+    assert not (out / "roc_curve.png").exists()
 
 
 def test_training_resume_on_a_damaged_state_is_one_line(tmp_path):

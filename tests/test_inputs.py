@@ -7,12 +7,13 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import DATA, TINY, needs_pydicom, run_script
+from conftest import DATA, TINY, needs_pydicom, run_folder, run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 import cxr_common as cc
+import cxr_io as cio
 
 GOOD = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
 
@@ -96,9 +97,9 @@ def test_unreadable_file(tmp_path, monkeypatch):
         def deny(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(cc.Image, "open", deny)
-    with pytest.raises(cc.ImageReadError, match="permission denied"):
-        cc.read_image_gray(f)
+        monkeypatch.setattr(cio.Image, "open", deny)
+    with pytest.raises(cio.ImageReadError, match="permission denied"):
+        cio.read_image_gray(f)
 
 
 def test_nothing_readable_exits_nonzero(model_path, tmp_path):
@@ -137,8 +138,8 @@ FAKE_MONO1 = DATA / "dicom" / "Fake_MONOHR1.dcm"
 
 @needs_pydicom
 def test_monochrome1_is_the_exact_negative_of_its_twin():
-    twin = np.asarray(cc.read_image_gray(SIIM)).astype(int)
-    mono1 = np.asarray(cc.read_image_gray(FAKE_MONO1)).astype(int)
+    twin = np.asarray(cio.read_image_gray(SIIM)).astype(int)
+    mono1 = np.asarray(cio.read_image_gray(FAKE_MONO1)).astype(int)
     assert twin.shape == (1024, 1024) and twin.std() > 20
     assert (mono1 == 255 - twin).all()
 
@@ -178,7 +179,7 @@ def test_16bit_dicom_with_rescale_and_window(tmp_path):
     path = grey_dicom(tmp_path / "x16.dcm", ExplicitVRLittleEndian, arr.tobytes(), *arr.shape,
                       bits=16, stored=12, RescaleSlope=1, RescaleIntercept=-1024,
                       WindowCenter=1024, WindowWidth=4096)
-    out = np.asarray(cc.read_image_gray(path)).astype(int)
+    out = np.asarray(cio.read_image_gray(path)).astype(int)
     ref = np.asarray(Image.open(GOOD).convert("L")).astype(int)
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
 
@@ -197,7 +198,7 @@ def test_dicom_rescale_then_window_gives_known_grey_levels(tmp_path):
     path = grey_dicom(tmp_path / "ramp.dcm", ExplicitVRLittleEndian, stored.tobytes(), 64, 64,
                       bits=16, stored=12, RescaleSlope=2, RescaleIntercept=-1024,
                       WindowCenter=1500, WindowWidth=2001)
-    out = np.asarray(cc.read_image_gray(path)).astype(int)
+    out = np.asarray(cio.read_image_gray(path)).astype(int)
 
     x = 2.0 * stored - 1024  # modality LUT: x = slope * stored + intercept
     c, w = 1500 - 0.5, 2001 - 1  # LINEAR: c - 0.5, w - 1
@@ -216,7 +217,7 @@ def test_dicom_rescale_then_window_gives_known_grey_levels(tmp_path):
 def test_dicom_prediction_never_prints_patient_tags(model_path, tmp_path):
     proc = run_script("predict.py", "--model", model_path, "--image", SIIM, "--image",
                       FAKE_MONO1, "--json", "--out", tmp_path / "out")
-    text = proc.stdout + proc.stderr + (tmp_path / "out" / "predictions.jsonl").read_text()
+    text = proc.stdout + proc.stderr + (run_folder(tmp_path / "out") / "predictions.jsonl").read_text()
     import pydicom
 
     ds = pydicom.dcmread(SIIM)
@@ -231,9 +232,9 @@ def test_dicom_without_pydicom_says_how_to_fix(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['pydicom'] = None; import cxr_common as cc\n"
-            f"try:\n    cc.read_image_gray({str(SIIM)!r})\n"
-            "except cc.ImageReadError as e:\n    print(e)")
+    code = ("import sys; sys.modules['pydicom'] = None; import cxr_io as cio\n"
+            f"try:\n    cio.read_image_gray({str(SIIM)!r})\n"
+            "except cio.ImageReadError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=DATA.parent.parent).stdout
     assert "pip install pydicom" in out
@@ -255,7 +256,7 @@ def test_jpeg_compressed_dicom_decodes_with_the_installed_handler(tmp_path):
     ref.save(buf, "JPEG", quality=95)
     path = compressed_dicom(tmp_path / "jpeg.dcm", JPEGBaseline8Bit, buf.getvalue(),
                             ref.height, ref.width)
-    out = np.asarray(cc.read_image_gray(path)).astype(float)
+    out = np.asarray(cio.read_image_gray(path)).astype(float)
     assert np.abs(out - np.asarray(ref, dtype=float)).mean() < 2.0
 
 
@@ -285,11 +286,11 @@ JPEG_BYTES = GOOD.read_bytes()
 
 def check_decoder(path):
     try:
-        img = cc.read_image_gray(path)
-    except cc.ImageReadError as e:
+        img = cio.read_image_gray(path)
+    except cio.ImageReadError as e:
         assert str(e) and "\n" not in str(e)
         return
-    assert img.mode == "L" and min(img.size) >= cc.MIN_SIDE
+    assert img.mode == "L" and min(img.size) >= cio.MIN_SIDE
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

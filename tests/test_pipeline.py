@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, ROOT, TINY, run_script, train_args
+from conftest import DATA, ROOT, TINY, run_folder, run_script, train_args
 
 import cxr_common as cc
 
@@ -24,8 +24,10 @@ def test_download_imports_local_copy_and_reports(tmp_path):
     proc = run_script("download_dataset.py", "--source", tmp_path / "archive", "--dest", dest,
                       "--mode", "copy")
     out = proc.stdout
-    assert "train       24         25     49" in out  # 24 + 24 images + the broken file
-    assert "test         9          8     17" in out
+    counts = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines()
+              if ln.split()[:1] in (["train"], ["test"])}
+    assert counts["train"] == ["24", "25", "49"]  # 24 + 24 images + the broken file
+    assert counts["test"] == ["9", "8", "17"]
     assert "Unreadable files: 1" in out and "broken.jpeg" in out
     assert "across splits: 1" in out and "copy_of_train.jpeg" in out
     assert not (dest / "__MACOSX").exists()
@@ -72,7 +74,7 @@ def test_checkpoint_round_trip_is_the_best_epoch(trained_run, model_path):
     val = [r for r in rows if r["split"] == "val"]
     x = np.stack([cc.load_image_array(r["file"], 64) for r in val])
     y = np.array([cc.CLASS_NAMES.index(r["label"]) for r in val])
-    probs = cc.pneumonia_probability([(model, meta)], torch.from_numpy(x).unsqueeze(1), [1.0])
+    probs = cc.ensemble_probability([(model, meta)], x, [1.0])
     from sklearn.metrics import f1_score
 
     assert abs(f1_score(y, probs >= 0.5) - meta["metrics"]["val_f1"]) < 1e-9
@@ -85,11 +87,12 @@ def test_predict_single_image_with_gradcam_and_json(model_path, tmp_path):
     img = DATA / "fullres" / "person20_bacteria_69.jpeg"  # full resolution, 1118 x 740
     proc = run_script("predict.py", "--model", model_path, "--image", img, "--gradcam",
                       "--json", "--out", tmp_path / "out")
-    assert "Prediction: " in proc.stdout and "Confidence: " in proc.stdout
-    assert "NORMAL: " in proc.stdout and "PNEUMONIA: " in proc.stdout
+    assert "Prediction: " in proc.stdout and "P(PNEUMONIA), calibrated: " in proc.stdout
+    assert "Refer first: " in proc.stdout
     assert "not a diagnosis" in proc.stdout
-    assert (tmp_path / "out" / "person20_bacteria_69_gradcam.png").stat().st_size > 10_000
-    (row,) = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    out = run_folder(tmp_path / "out")
+    assert (out / "person20_bacteria_69_gradcam.png").stat().st_size > 10_000
+    (row,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert row["prediction"] in cc.CLASS_NAMES
     assert abs(row["prob_normal"] + row["prob_pneumonia"] - 1) < 1e-5
 
@@ -98,9 +101,9 @@ def test_predict_dir_matches_visualize(model_path, tmp_path):
     """predict.py and visualize_results.py share preprocessing: same probabilities."""
     run_script("predict.py", "--model", model_path, "--dir", TINY / "test", "--quiet",
                "--out", tmp_path / "p")
-    rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
+    rows = list(csv.DictReader(open(run_folder(tmp_path / "p") / "predictions.csv")))
     assert len(rows) == 16
-    proc = run_script("visualize_results.py", "--model", model_path, "--data", TINY / "test",
+    proc = run_script("visualize_results.py", "--model", model_path, "--split", TINY / "test",
                       "--out", tmp_path / "v", "--bootstrap", 100)
     for text in ("Accuracy:", "False positives", "False negatives",
                  "Mean confidence of errors", "Median confidence of errors",
@@ -109,12 +112,12 @@ def test_predict_dir_matches_visualize(model_path, tmp_path):
     for f in ("confusion_matrix.png", "roc_curve.png", "prediction_confidence.png",
               "reliability_diagram.png", "pr_curve.png", "accuracy_coverage.png",
               "report.html", "metrics.json", "predictions.csv"):
-        assert (tmp_path / "v" / f).stat().st_size > 0, f
+        assert (run_folder(tmp_path / "v") / f).stat().st_size > 0, f
     vis = {r["file"]: float(r["prob_pneumonia"])
-           for r in csv.DictReader(open(tmp_path / "v" / "predictions.csv"))}
+           for r in csv.DictReader(open(run_folder(tmp_path / "v") / "predictions.csv"))}
     for r in rows:
         assert abs(vis[r["file"]] - float(r["prob_pneumonia"])) < 1e-4
-    metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    metrics = json.loads((run_folder(tmp_path / "v") / "metrics.json").read_text())
     labels = [0 if "/NORMAL/" in f else 1 for f in vis]
     preds = [int(p >= 0.5) for p in vis.values()]
     assert abs(metrics["at_threshold"]["accuracy"]
@@ -128,8 +131,8 @@ def test_ensemble_averages_members(model_path, tmp_path):
     two = run_script("predict.py", "--model", model_path, "--model", model_path, "--image",
                      img, "--json", "--out", tmp_path / "b")
     assert "ensemble of 2" in two.stdout and one.returncode == 0
-    a = json.loads((tmp_path / "a" / "predictions.jsonl").read_text())
-    b = json.loads((tmp_path / "b" / "predictions.jsonl").read_text())
+    a = json.loads((run_folder(tmp_path / "a") / "predictions.jsonl").read_text())
+    b = json.loads((run_folder(tmp_path / "b") / "predictions.jsonl").read_text())
     assert abs(a["prob_pneumonia"] - b["prob_pneumonia"]) < 1e-6
 
 
@@ -158,12 +161,13 @@ def test_shipped_model_on_bundled_examples(tmp_path):
     assert "Predicted 5 image(s)" in proc.stdout
     assert "Skipped 1 file(s)" in proc.stdout and "README.md: not an image" in proc.stdout
     assert "threshold P(PNEUMONIA) >=" in proc.stdout
-    rows = {r["file"].split("/")[-1]: r for r in csv.DictReader(open(tmp_path / "o" / "predictions.csv"))
+    rows = {r["file"].split("/")[-1]: r
+            for r in csv.DictReader(open(run_folder(tmp_path / "o") / "predictions.csv"))
             if not r["error"]}
     # the two bundled test-split pneumonia images are ones the shipped model gets right
     assert rows["person100_bacteria_475.jpeg"]["prediction"] == "PNEUMONIA"
     assert rows["person10_virus_35.jpeg"]["prediction"] == "PNEUMONIA"
-    assert len(list((tmp_path / "o").glob("*_gradcam.png"))) == 5
+    assert len(list(run_folder(tmp_path / "o").glob("*_gradcam.png"))) == 5
     meta = torch.load(ROOT / "models" / "mobilenet_cxr.pth", weights_only=True)["meta"]
     assert meta["recipe"] == "improved" and meta["calibration"]["temperature"] > 0
 
@@ -187,7 +191,8 @@ def test_ablation_run_changes_one_part_and_never_reads_test(tmp_path):
 def test_candidate_addition_is_recorded_and_never_reads_test(tmp_path):
     proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--recipe",
                                                     "improved", "--add", "noise"))
-    assert "Candidate addition: Gaussian sensor noise" in proc.stdout
+    assert "Candidate addition (noise): augment = " in proc.stdout
+    assert "Gaussian sensor noise" in proc.stdout
     assert "Test split not read" in proc.stdout and "Test Accuracy" not in proc.stdout
     (run_dir,) = list(tmp_path.iterdir())
     meta = torch.load(run_dir / "mobilenet_cxr.pth", weights_only=True)["meta"]
