@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 from torch import nn
 from torchvision import models
 
@@ -387,6 +386,9 @@ def decide(p: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
 def binary_metrics(y, p, threshold: float) -> dict:
     """Accuracy, sensitivity, specificity, F1 (PNEUMONIA positive) and ROC AUC; NaN where
     a measure is not defined (sensitivity needs PNEUMONIA images, AUC both classes)."""
+    # imported here: scikit-learn costs 1.5 s at start-up, which predict.py never needs
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
     y = np.asarray(y)
     pred, _ = decide(p, threshold)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
