@@ -36,13 +36,14 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--source", help="import a local copy from this folder instead of Kaggle")
-    p.add_argument("--dest", default="chest_xray", help="where the dataset is laid out")
+    p.add_argument("--data", "--dest", dest="dest", default="chest_xray",
+                   help="the dataset root to lay out (the --data of the other scripts)")
     p.add_argument("--mode", choices=["symlink", "copy"], default="symlink",
                    help="link the split folders to the source, or copy them")
     p.add_argument("--check", choices=["quick", "full", "none"], default="quick",
                    help="quick: decode every image at reduced scale (finds truncated and "
                         "corrupt files); full: decode at full resolution")
-    p.add_argument("--force", action="store_true", help="replace an existing --dest")
+    p.add_argument("--force", action="store_true", help="replace an existing --data folder")
     return p.parse_args(argv)
 
 
@@ -100,10 +101,10 @@ def lay_out(root: Path, dest: Path, mode: str, force: bool):
         sources = [root / s for s in SPLITS if (root / s).is_dir()]
         if not dest.is_symlink() and any(inside(s, dest) or inside(dest, s) for s in sources):
             # e.g. the Kaggle archive unzipped into chest_xray/ gives chest_xray/chest_xray/:
-            # replacing --dest would delete the data this command reads
-            fail(f"the dataset found in {root} lies inside --dest {dest}, so replacing {dest} "
-                 f"would delete it: use it where it is with --dest {root} (or "
-                 f"train_cxray.py --data {root}), or choose another --dest")
+            # replacing --data would delete the data this command reads
+            fail(f"the dataset found in {root} lies inside --data {dest}, so replacing {dest} "
+                 f"would delete it: use it where it is with --data {root} (and "
+                 f"train_cxray.py --data {root}), or choose another --data")
         if not force:
             if is_layout(dest):
                 print(f"{dest}/ already exists; checking it (use --force to replace it)")

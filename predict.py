@@ -131,7 +131,7 @@ def result_row(path, p_pneu, cal, model_id):
         "confidence": round(float(conf), 6), "prob_normal": round(1.0 - p_pneu, 6),
         "prob_pneumonia": round(p_pneu, 6), "uncertain": bool(lo <= p_pneu < hi),
         "threshold": cal["threshold"],
-        "temperature": temperatures[0] if len(temperatures) == 1 else temperatures,
+        "temperature": temperatures,  # one per ensemble member
         "error": "", "model": model_id, "resolved_path": resolved(path),
     }
 

@@ -60,10 +60,10 @@ def test_download_force_never_deletes_its_own_source(tmp_path):
     for extra in ([], ["--force", "--mode", "copy"]):
         proc = run_script("download_dataset.py", "--source", "chest_xray", *extra,
                           cwd=tmp_path, check=False)
-        one_line_error(proc, "would delete it", "--dest chest_xray/chest_xray")
+        one_line_error(proc, "would delete it", "--data chest_xray/chest_xray")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     # the suggested command works and leaves the data in place
-    ok = run_script("download_dataset.py", "--source", "chest_xray", "--dest",
+    ok = run_script("download_dataset.py", "--source", "chest_xray", "--data",
                     "chest_xray/chest_xray", cwd=tmp_path)
     assert "Unreadable files: 0" in ok.stdout
 
@@ -75,7 +75,7 @@ def test_download_default_check_finds_a_truncated_jpeg(tmp_path):
     good.save(src / "train" / "NORMAL" / "whole.jpeg", quality=90)
     data = (src / "train" / "NORMAL" / "whole.jpeg").read_bytes()
     (src / "train" / "NORMAL" / "cut.jpeg").write_bytes(data[: len(data) * 2 // 3])
-    proc = run_script("download_dataset.py", "--source", src, "--dest", tmp_path / "d")
+    proc = run_script("download_dataset.py", "--source", src, "--data", tmp_path / "d")
     assert "Unreadable files: 1" in proc.stdout
     (line,) = [s for s in proc.stdout.splitlines() if "cut.jpeg" in s]
     assert "truncated" in line

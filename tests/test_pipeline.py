@@ -21,7 +21,7 @@ def test_download_imports_local_copy_and_reports(tmp_path):
     shutil.copy(next((TINY / "train" / "NORMAL").iterdir()), dup)
     (nested / "chest_xray" / "train" / "PNEUMONIA" / "broken.jpeg").write_bytes(b"not a jpeg")
     dest = tmp_path / "chest_xray"
-    proc = run_script("download_dataset.py", "--source", tmp_path / "archive", "--dest", dest,
+    proc = run_script("download_dataset.py", "--source", tmp_path / "archive", "--data", dest,
                       "--mode", "copy")
     out = proc.stdout
     counts = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines()
@@ -35,7 +35,7 @@ def test_download_imports_local_copy_and_reports(tmp_path):
 
 
 def test_download_fails_in_one_line(tmp_path):
-    proc = run_script("download_dataset.py", "--source", tmp_path, "--dest", tmp_path / "d",
+    proc = run_script("download_dataset.py", "--source", tmp_path, "--data", tmp_path / "d",
                       check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "no train/ and test/" in proc.stderr
