@@ -362,14 +362,22 @@ def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
     return (logits / temperature).softmax(1)[:, 1].numpy()
 
 
+def member_logits(members, images_u8: np.ndarray, batch_size: int = 64,
+                  desc: str | None = None) -> list[torch.Tensor]:
+    """Each member's logits for the images, each with its own preprocessing."""
+    return [predict_logits(model, images_u8, intensity_of(meta), batch_size, desc)
+            for model, meta in members]
+
+
+def mean_probability(logits: list[torch.Tensor], temperatures) -> np.ndarray:
+    """The ensemble's P(PNEUMONIA): the mean of the members' temperature-scaled ones."""
+    return np.mean([probabilities(lg, t) for lg, t in zip(logits, temperatures)], axis=0)
+
+
 def ensemble_probability(members, images_u8: np.ndarray, temperatures, batch_size: int = 64,
                          desc: str | None = None) -> np.ndarray:
-    """Mean over the members of their temperature-scaled P(PNEUMONIA); each member gets
-    its own preprocessing."""
-    probs = [probabilities(predict_logits(model, images_u8, intensity_of(meta), batch_size,
-                                          desc), t)
-             for (model, meta), t in zip(members, temperatures)]
-    return np.mean(probs, axis=0)
+    """Mean over the members of their temperature-scaled P(PNEUMONIA)."""
+    return mean_probability(member_logits(members, images_u8, batch_size, desc), temperatures)
 
 
 # ---------------------------------------------------------------------------------
@@ -414,6 +422,22 @@ def expected_calibration_error(correct, conf, bins: int = ECE_BINS):
             ece += m.mean() * abs(acc - c)
             rows.append((lo, hi, acc, c, int(m.sum())))
     return float(ece), rows
+
+
+def classwise_ece(y, p, bins: int = ECE_BINS) -> float:
+    """Class-wise ECE: for each class, the size-weighted mean |frequency of the class -
+    mean predicted probability of it| over equal-width bins of that probability,
+    averaged over the classes. Unlike the top-label ECE it does not depend on a
+    threshold."""
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    return float(np.mean([expected_calibration_error(y == k, pk, bins)[0]
+                          for k, pk in ((1, p), (0, 1 - p))]))
+
+
+def log_loss(y, p, eps: float = 1e-7) -> float:
+    """Mean negative log-likelihood of the labels under P(PNEUMONIA) (natural log)."""
+    y, p = np.asarray(y), np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
+    return float(-np.mean(np.where(y == 1, np.log(p), np.log(1 - p))))
 
 
 def bootstrap_ci(y, p, threshold: float, n: int, seed: int = 0) -> dict:

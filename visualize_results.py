@@ -273,14 +273,16 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 # ---------------------------------------------------------------------------------
 
 
-def evaluate(y, p, cal, n_boot) -> dict:
-    """Every number of the report, from labels y and probabilities p."""
+def evaluate(y, p, cal, n_boot, p_at_t1) -> dict:
+    """Every number of the report, from labels y and probabilities p (and p_at_t1, the
+    same members' probabilities at temperature 1, to see what the temperature does)."""
     thr = cal["threshold"]
     lo, hi = cal["uncertain_band"]
     pred, conf = cc.decide(p, thr)
     correct = pred == y
     answered = ~((p >= lo) & (p < hi))
     pred_half, conf_half = cc.decide(p, 0.5)
+    conf_t1 = np.where(pred == 1, p_at_t1, 1 - p_at_t1)  # the same decisions, stated at T = 1
     return {
         "n": int(len(y)), "counts": np.bincount(y, minlength=2).tolist(),
         "pred": pred, "conf": conf, "correct": correct, "answered": answered,
@@ -289,6 +291,14 @@ def evaluate(y, p, cal, n_boot) -> dict:
         "ci95_at_threshold": cc.bootstrap_ci(y, p, thr, n_boot),
         "ece_at_0.5": cc.expected_calibration_error(pred_half == y, conf_half)[0],
         "ece": cc.expected_calibration_error(correct, conf)[0],
+        "calibration_check": {
+            "ece_variant": f"top-label, {cc.ECE_BINS} equal-width bins, correct = the decision "
+                           "at the stored threshold",
+            "ece": cc.expected_calibration_error(correct, conf)[0],
+            "ece_at_T1": cc.expected_calibration_error(correct, conf_t1)[0],
+            "classwise_ece": cc.classwise_ece(y, p),
+            "classwise_ece_at_T1": cc.classwise_ece(y, p_at_t1),
+            "nll": cc.log_loss(y, p), "nll_at_T1": cc.log_loss(y, p_at_t1)},
         "confusion": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
         **cc.error_analysis(y, pred, conf),
         "coverage": float(answered.mean()),
@@ -297,7 +307,7 @@ def evaluate(y, p, cal, n_boot) -> dict:
 
 
 def analysis_text(m, cal, source, names) -> str:
-    t, lo, hi = m["at_threshold"], *cal["uncertain_band"]
+    t, lo, hi, k = m["at_threshold"], *cal["uncertain_band"], m["calibration_check"]
     return (
         f"Images: {m['n']} ({m['counts']} NORMAL/PNEUMONIA) from {source}\n"
         f"Model: {names}\n"
@@ -308,6 +318,11 @@ def analysis_text(m, cal, source, names) -> str:
         f"Specificity (NORMAL recall): {fmt(t['specificity'])}\n"
         f"ROC AUC: {fmt(t['auc'])}\n"
         f"ECE ({cc.ECE_BINS} bins): {m['ece']:.4f}\n"
+        f"Calibration: at the stored temperature / at T = 1 (the same decisions)\n"
+        f"  ECE, {k['ece_variant']}: {k['ece']:.4f} / {k['ece_at_T1']:.4f}\n"
+        f"  class-wise ECE (P(NORMAL) and P(PNEUMONIA), {cc.ECE_BINS} bins): "
+        f"{k['classwise_ece']:.4f} / {k['classwise_ece_at_T1']:.4f}\n"
+        f"  NLL: {k['nll']:.4f} / {k['nll_at_T1']:.4f}\n"
         f"Confusion matrix (rows: true NORMAL, PNEUMONIA; columns: predicted):\n"
         f"{np.array(m['confusion'])}\n\n"
         f"Error analysis:\n"
@@ -374,14 +389,16 @@ def main(argv=None):
     # 1. the images and the model's probabilities
     files, labels, others, source = labelled_files(args, model_paths)
     paths, y, images, skipped = read_images(files, labels, others, size)
-    p = cc.ensemble_probability(members, images, cal["temperatures"], args.batch_size,
-                                desc="predicting")
+    logits = cc.member_logits(members, images, args.batch_size, desc="predicting")
+    p = cc.mean_probability(logits, cal["temperatures"])
+    p_t1 = cc.mean_probability(logits, [1.0] * len(members))  # what the temperature changes
     finite = np.isfinite(p)
     for i in np.flatnonzero(~finite):
         reason = "the model's output is not a finite number (NaN or infinity): no verdict"
         print(f"skipped: {cio.display_name(paths[i])}: {reason}", file=sys.stderr)
         skipped.append((cio.display_name(paths[i]), reason))
-    paths, y, images, p = [q for q, f in zip(paths, finite) if f], y[finite], images[finite], p[finite]
+    paths, y, images = [q for q, f in zip(paths, finite) if f], y[finite], images[finite]
+    p, p_t1 = p[finite], p_t1[finite]
     if not len(y):
         raise SystemExit("error: no image got a valid prediction")
     if len(set(y.tolist())) < 2:
@@ -394,7 +411,7 @@ def main(argv=None):
     # 2. the numbers, printed as the published run printed them
     names = ", ".join(str(m) for m in model_paths)
     print("Bootstrap intervals ...", flush=True)
-    m = evaluate(y, p, cal, args.bootstrap)
+    m = evaluate(y, p, cal, args.bootstrap, p_t1)
     analysis = analysis_text(m, cal, source, names)
     print(analysis)
     table = metric_table(m, cal["threshold"])

@@ -91,8 +91,7 @@ def scores(probs, y, thr) -> dict:
     m = cc.binary_metrics(y, probs, thr)
     pred, conf = cc.decide(probs, thr)
     m["ece"], _ = cc.expected_calibration_error(pred == y, conf)
-    eps = 1e-7
-    m["nll"] = float(-np.mean(np.where(y == 1, np.log(probs + eps), np.log(1 - probs + eps))))
+    m["nll"] = cc.log_loss(y, probs)
     return m
 
 

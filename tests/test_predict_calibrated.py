@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_folder, run_script
+from conftest import TINY, logits_of, run_folder, run_script, scaled_probability
 from PIL import Image
 
 import cxr_common as cc
@@ -96,6 +96,14 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
     answered = ~((p >= calibrated.band[0]) & (p < calibrated.band[1]))
     assert metrics["coverage"] == pytest.approx(answered.mean())
     assert metrics["accuracy_answered"] == pytest.approx(np.mean((pred == y)[answered]))
+    # the calibration check: the same logits at the stored temperature and at T = 1
+    p1 = scaled_probability(logits_of(calibrated.path, calibrated.files), 1.0)
+    nll = lambda q: -np.mean(np.where(y == 1, np.log(q), np.log(1 - q)))  # noqa: E731
+    check = metrics["calibration_check"]
+    assert check["nll"] == pytest.approx(nll(p), abs=1e-5)
+    assert check["nll_at_T1"] == pytest.approx(nll(p1), abs=1e-5)
+    assert abs(check["nll"] - check["nll_at_T1"]) > 1e-3  # T = 0.4 really changes them
+    assert "top-label, 15 equal-width bins" in check["ece_variant"]
 
 
 def test_ensemble_of_two_different_checkpoints_averages_them(ensemble, tmp_path):
