@@ -218,14 +218,15 @@ def test_reference_schedule_halves_on_a_val_f1_plateau():
 
 
 def test_classwise_ece_and_log_loss_by_hand():
-    """Class-wise ECE averages the two classes' reliability gaps; the NLL is the mean
-    -log of the probability given to the true class.
+    """Class-wise ECE averages the two classes' size-weighted reliability gaps; the NLL
+    is the mean -log of the probability given to the true class.
 
-    p = [0.9, 0.9, 0.2, 0.2], y = [1, 0, 0, 0]. P(PNEUMONIA): bin of 0.9 holds 2 images,
-    1 positive: gap |0.5 - 0.9| = 0.4; bin of 0.2 holds 2, none positive: gap 0.2;
-    ECE = 0.5 * 0.4 + 0.5 * 0.2 = 0.3. P(NORMAL) = [0.1, 0.1, 0.8, 0.8]: gaps |0.5 -
-    0.1| = 0.4 and |1 - 0.8| = 0.2: also 0.3. NLL = -(ln 0.9 + ln 0.1 + 2 ln 0.8) / 4."""
-    y, p = np.array([1, 0, 0, 0]), np.array([0.9, 0.9, 0.2, 0.2])
-    assert cc.classwise_ece(y, p) == pytest.approx(0.3)
-    expected = -(math.log(0.9) + math.log(0.1) + 2 * math.log(0.8)) / 4
+    p = [0.9, 0.9, 0.9, 0.2], y = [1, 1, 0, 0]. P(PNEUMONIA): the bin of 0.9 holds 3
+    images, 2 positive: gap |2/3 - 0.9|, weight 3/4; the bin of 0.2 holds 1, no
+    positive: gap 0.2, weight 1/4; ECE = 0.75 * 0.2333 + 0.25 * 0.2 = 0.225 (unweighted
+    0.2167). P(NORMAL) = [0.1, 0.1, 0.1, 0.8] against [0, 0, 1, 1]: the same 0.225.
+    NLL = -(2 ln 0.9 + ln 0.1 + ln 0.8) / 4 (classes swapped: a different number)."""
+    y, p = np.array([1, 1, 0, 0]), np.array([0.9, 0.9, 0.9, 0.2])
+    assert cc.classwise_ece(y, p) == pytest.approx(0.75 * (0.9 - 2 / 3) + 0.25 * 0.2)
+    expected = -(2 * math.log(0.9) + math.log(0.1) + math.log(0.8)) / 4
     assert cc.log_loss(y, p) == pytest.approx(expected)
