@@ -187,15 +187,6 @@ def unique_dir(parent, name: str) -> Path:
     raise FileExistsError(f"could not create a new run folder under {parent}")
 
 
-def new_output_dir(path) -> Path:
-    """Create path as a new, empty folder (atomically): a run never writes into an
-    earlier run's folder. Raises FileExistsError if it exists."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir()
-    return path
-
-
 def write_atomic(path, write) -> None:
     """Call write(binary file) on a temp file beside path, then rename it over path:
     a kill never leaves half a file, and concurrent writers (DDP ranks) never interleave."""
