@@ -46,6 +46,9 @@ DISCLAIMER = (
 TARGET_SENSITIVITY = 0.97  # the threshold is the highest with this sensitivity
 BAND_LEVEL = 0.995  # uncertain band: between the sensitivity- and specificity-0.995 cuts
 # Metrics
+TEMPERATURE_RANGE = (0.25, 4.0)  # a fitted temperature is bounded (a floor of 0.05 collapsed
+# the band of a separable validation set to [1, 1))
+BOOTSTRAP_CUTS = 200  # resamples whose median sets the threshold and the band
 ECE_BINS = 15
 CONFIDENT = 0.8  # "confidently wrong": an error made with confidence above this
 
@@ -216,19 +219,23 @@ class CheckpointError(Exception):
     pass
 
 
-def save_checkpoint(path, state_dict: dict, meta: dict) -> None:
-    """A state_dict plus plain metadata, written atomically."""
+def save_checkpoint(path, state_dict: dict, meta: dict, typicality: dict | None = None) -> None:
+    """A state_dict plus plain metadata (and the typicality statistics: tensors and
+    numbers), written atomically."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
         "meta": json.loads(json.dumps(meta)),  # plain types only
     }
+    if typicality is not None:
+        payload["typicality"] = typicality
     cio.write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
-    """Build the model from a checkpoint; returns (model in eval mode, metadata).
-    Refuses (CheckpointError) a file whose model could not give a valid probability."""
+    """Build the model from a checkpoint; returns (model in eval mode, metadata). The
+    typicality statistics, where the checkpoint has them, are model.typicality (else
+    None). Refuses (CheckpointError) a file whose model could not give a valid probability."""
     path = Path(path)
     name = cio.display_name(path)
     if not path.is_file():
@@ -256,6 +263,7 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     except RuntimeError as e:
         raise CheckpointError(f"{name}: weights do not fit MobileNetV2 "
                               f"({str(e).splitlines()[0][:120]})") from None
+    model.typicality = payload.get("typicality")
     return model.to(device).eval(), meta
 
 
@@ -295,23 +303,73 @@ def calibration_of(meta: dict) -> dict:
     }
 
 
-def fit_calibration(logits: torch.Tensor, labels: np.ndarray) -> dict:
-    """Temperature by minimum NLL on a grid; threshold: the highest with sensitivity >=
-    TARGET_SENSITIVITY; uncertain band between the sensitivity-BAND_LEVEL and
-    specificity-BAND_LEVEL cuts. For validation data only."""
+def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0) -> dict:
+    """Temperature, threshold and uncertain band from held-out data (never test).
+
+    Temperature: minimum NLL on a grid within TEMPERATURE_RANGE, kept only if it also
+    lowers the NLL on groups it was not fitted on (5-fold, grouped cross-fitting), else
+    1. Threshold (cuts()) and band: medians over BOOTSTRAP_CUTS group-resamples, so one
+    or two images cannot set them. groups: an id per row (patient, or an image and its
+    shifted copies); default one per row."""
+    from sklearn.model_selection import GroupKFold
+
+    labels = np.asarray(labels)
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
     y = torch.as_tensor(labels)
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 400))
-    nll = [nn.functional.cross_entropy(logits / t, y).item() for t in grid]
-    temperature = float(grid[int(np.argmin(nll))])
+    fitted = _fit_temperature(logits, y)
+    nll_t = nll_1 = 0.0
+    folds = GroupKFold(n_splits=min(5, len(np.unique(groups))))
+    for fit_idx, held_idx in folds.split(labels, labels, groups):
+        t = _fit_temperature(logits[fit_idx], y[fit_idx])
+        held, yh = logits[held_idx], y[held_idx]
+        nll_t += nn.functional.cross_entropy(held / t, yh, reduction="sum").item()
+        nll_1 += nn.functional.cross_entropy(held, yh, reduction="sum").item()
+    keep = nll_t < nll_1
+    temperature = fitted if keep else 1.0
     p = probabilities(logits, temperature)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    draws = []
+    for _ in range(BOOTSTRAP_CUTS):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        if len(np.unique(labels[idx])) == 2:
+            draws.append(cuts(p[idx], labels[idx]))
+    threshold, lo, hi = np.median(draws, axis=0)
+    band = [threshold, threshold] if hi <= lo else [min(lo, threshold), max(hi, threshold)]
+    spread = np.percentile(draws, [2.5, 97.5], axis=0)
+    n = len(labels)
+    return {
+        "temperature": float(temperature), "threshold": float(threshold),
+        "uncertain_band": [float(b) for b in band],
+        "temperature_fitted": float(fitted), "temperature_kept": bool(keep),
+        "temperature_decision": (
+            f"temperature {fitted:.3f} fitted; cross-fitted NLL {nll_t / n:.4f} vs "
+            f"{nll_1 / n:.4f} at T = 1: " + ("kept" if keep else "not kept, T = 1")),
+        "nll_cross_fitted": {"fitted": nll_t / n, "T1": nll_1 / n},
+        "threshold_interval": [float(v) for v in spread[:, 0]],
+        "band_low_interval": [float(v) for v in spread[:, 1]],
+        "band_high_interval": [float(v) for v in spread[:, 2]],
+        "nll_at_temperature": nn.functional.cross_entropy(logits / temperature, y).item(),
+        "nll_at_1": nn.functional.cross_entropy(logits, y).item(),
+    }
+
+
+def cuts(p, labels) -> tuple[float, float, float]:
+    """(threshold, band low, band high) on P(PNEUMONIA): the highest threshold with
+    sensitivity >= TARGET_SENSITIVITY; the highest with sensitivity >= BAND_LEVEL; the
+    lowest with specificity >= BAND_LEVEL."""
+    p, labels = np.asarray(p), np.asarray(labels)
     pos, neg = np.sort(p[labels == 1]), np.sort(p[labels == 0])
     threshold = float(pos[int(np.floor((1 - TARGET_SENSITIVITY) * len(pos)))])
     lo = float(pos[int(np.floor((1 - BAND_LEVEL) * len(pos)))])
     hi = float(np.nextafter(neg[min(len(neg) - 1, int(np.ceil(BAND_LEVEL * len(neg))) - 1)], 1))
-    return {"temperature": temperature, "threshold": threshold,
-            "uncertain_band": [min(lo, threshold), max(hi, threshold)],
-            "nll_at_temperature": float(min(nll)),
-            "nll_at_1": float(nn.functional.cross_entropy(logits, y).item())}
+    return threshold, lo, hi
+
+
+def _fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    grid = np.exp(np.linspace(*np.log(TEMPERATURE_RANGE), 400))
+    nll = [nn.functional.cross_entropy(logits / t, y).item() for t in grid]
+    return float(grid[int(np.argmin(nll))])
 
 
 def load_ensemble(paths, device="cpu") -> tuple[list, dict, int]:
@@ -340,21 +398,34 @@ def load_ensemble(paths, device="cpu") -> tuple[list, dict, int]:
 # ---------------------------------------------------------------------------------
 
 
+def forward_with_features(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MobileNetV2's own forward (torchvision), split so that the pooled 1280-d
+    penultimate features come out beside the logits."""
+    f = torch.flatten(nn.functional.adaptive_avg_pool2d(model.features(x), (1, 1)), 1)
+    return model.classifier(f), f
+
+
 @torch.no_grad()
 def predict_logits(model, images_u8: np.ndarray, intensity: str = "none",
-                   batch_size: int = 64, desc: str | None = None) -> torch.Tensor:
-    """Logits (N, 2), float32 on the CPU, for (N, H, W) uint8 images, in order."""
+                   batch_size: int = 64, desc: str | None = None, features: bool = False):
+    """Logits (N, 2), float32 on the CPU, for (N, H, W) uint8 images, in order; with
+    features=True, (logits, pooled features (N, 1280)) from the same pass."""
     from tqdm import tqdm
 
     model.eval()
     device = next(model.parameters()).device
-    out = []
+    out, feats = [], []
     starts = range(0, len(images_u8), batch_size)
     for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
         x = torch.as_tensor(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
         x = model_input(x, intensity).contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, len(CLASS_NAMES))
+        logits, f = forward_with_features(model, x)
+        out.append(logits.float().cpu())
+        feats.append(f.float().cpu())
+    logits = torch.cat(out) if out else torch.empty(0, len(CLASS_NAMES))
+    if not features:
+        return logits
+    return logits, torch.cat(feats) if feats else torch.empty(0, model.last_channel)
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
@@ -378,6 +449,93 @@ def ensemble_probability(members, images_u8: np.ndarray, temperatures, batch_siz
                          desc: str | None = None) -> np.ndarray:
     """Mean over the members of their temperature-scaled P(PNEUMONIA)."""
     return mean_probability(member_logits(members, images_u8, batch_size, desc), temperatures)
+
+
+# ---------------------------------------------------------------------------------
+# Typicality: is an image like the ones the model was trained on? Measured on the
+# model's own penultimate features (class-conditional Gaussians with one shared
+# shrinkage covariance, in a PCA space), fitted at the end of training and stored in the
+# checkpoint. The cut leaves TYPICALITY_LEVEL of the validation images below it.
+# ---------------------------------------------------------------------------------
+
+TYPICALITY_DIMS = 64
+TYPICALITY_LEVEL = 0.99
+REFERENCE_SAMPLE = 1000  # validation images kept (as PCA features) for the domain check
+
+
+def fit_typicality(train_feats, train_labels, val_feats, val_labels, seed: int = 0,
+                   dims: int = TYPICALITY_DIMS) -> dict:
+    """The typicality statistics: PCA and class Gaussians from the training features,
+    the cut from the validation features. Tensors and numbers only (weights_only)."""
+    from sklearn.covariance import LedoitWolf
+    from sklearn.decomposition import PCA
+
+    f, y = np.asarray(train_feats, dtype=np.float64), np.asarray(train_labels)
+    pca = PCA(min(dims, len(f) - 1, f.shape[1]), random_state=seed).fit(f)
+    z = pca.transform(f)
+    means = np.stack([z[y == k].mean(0) for k in range(len(CLASS_NAMES))])
+    precision = LedoitWolf().fit(z - means[y]).precision_
+    stats = {k: torch.tensor(v, dtype=torch.float32) for k, v in (
+        ("pca_mean", pca.mean_), ("components", pca.components_), ("class_means", means),
+        ("precision", precision))}
+    val_scores = typicality_score(val_feats, stats)
+    stats["train_scores"] = torch.tensor(typicality_score(f, stats), dtype=torch.float32)
+    stats["val_scores"] = torch.tensor(val_scores, dtype=torch.float32)
+    stats["cut"] = float(np.quantile(val_scores, TYPICALITY_LEVEL))
+    stats["level"] = TYPICALITY_LEVEL
+    keep = np.random.default_rng(seed).permutation(len(val_scores))[:REFERENCE_SAMPLE]
+    stats["reference_z"] = torch.tensor(project(val_feats, stats)[keep], dtype=torch.float32)
+    stats["reference_labels"] = torch.tensor(np.asarray(val_labels)[keep], dtype=torch.int64)
+    return stats
+
+
+def project(feats, stats) -> np.ndarray:
+    """Features in the stored PCA space."""
+    f = np.asarray(feats, dtype=np.float64)
+    return (f - stats["pca_mean"].double().numpy()) @ stats["components"].double().numpy().T
+
+
+def typicality_score(feats, stats) -> np.ndarray:
+    """Mahalanobis distance to the nearest class mean (higher = less typical)."""
+    z = project(feats, stats)
+    prec = stats["precision"].double().numpy()
+    d2 = [np.einsum("ij,jk,ik->i", z - m, prec, z - m)
+          for m in stats["class_means"].double().numpy()]
+    return np.sqrt(np.maximum(np.min(d2, axis=0), 0))
+
+
+def domain_auc(reference_z, z, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated ROC AUC of a logistic regression telling the reference images
+    (validation, held out from training) from the folder's: 0.5 = indistinguishable."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.concatenate([reference_z, z])
+    d = np.r_[np.zeros(len(reference_z)), np.ones(len(z))]
+    k = min(folds, len(reference_z), len(z))
+    if k < 2:
+        return float("nan")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    s = cross_val_predict(clf, x, d, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                          method="predict_proba")[:, 1]
+    return float(roc_auc_score(d, s))
+
+
+def shift_verdict(auc: float) -> str:
+    """Plain words for a domain-classifier AUC."""
+    if not np.isfinite(auc):
+        return "not measured (too few images)"
+    if auc < 0.6:
+        return "no clear shift: these images are hard to tell from the validation images"
+    if auc < 0.75:
+        return "mild shift: some difference from the images the model was validated on"
+    if auc < 0.9:
+        return "clear shift: the images differ from the training source; expect lower accuracy"
+    return ("strong shift: the images are easy to tell from the training source; the "
+            "validation figures do not apply, recalibrate locally before use")
 
 
 # ---------------------------------------------------------------------------------

@@ -131,10 +131,13 @@ def describe(recipe: dict) -> dict:
         "loss": "CrossEntropyLoss" + (f"({', '.join(loss)})" if loss else ""),
         "selection": f"{'best' if recipe['select_mode'] == 'max' else 'lowest'} {select}",
         "calibration": (
-            f"temperature (min NLL) and threshold (highest with sensitivity >= "
-            f"{cc.TARGET_SENSITIVITY}) fitted on the validation split under simulated "
-            f"acquisition shift; uncertain band between the sensitivity-{cc.BAND_LEVEL} and "
-            f"specificity-{cc.BAND_LEVEL} thresholds" if recipe["calibrate"]
+            f"fitted on a patient-grouped calibration split (not used for selection) under "
+            f"simulated acquisition shift: temperature by min NLL within "
+            f"[{cc.TEMPERATURE_RANGE[0]:g}, {cc.TEMPERATURE_RANGE[1]:g}], kept only if it lowers "
+            f"the cross-fitted NLL, else 1; threshold (highest with sensitivity >= "
+            f"{cc.TARGET_SENSITIVITY}) and uncertain band (between the sensitivity-"
+            f"{cc.BAND_LEVEL} and specificity-{cc.BAND_LEVEL} cuts) as medians over "
+            f"patient-grouped bootstrap resamples" if recipe["calibrate"]
             else "none: argmax (threshold 0.5), temperature 1"),
     }
 
@@ -168,6 +171,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=cio.positive_int, default=cc.IMAGE_SIZE)
     p.add_argument("--val-fraction", type=cio.open_fraction, default=0.1,
                    help="patient-grouped validation share of train/ when there is no val/")
+    p.add_argument("--calib-fraction", type=cio.open_fraction, default=0.1,
+                   help="patient-grouped share of train/ held out for calibration (recipes "
+                        "that calibrate); epoch selection never sees it")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", type=cio.device_name, help="auto, cpu or cuda")
     p.add_argument("--workers", type=cio.nonnegative_int, default=0,
@@ -182,6 +188,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--skip-test", action="store_true",
                    help="do not read the test split (development runs; implied by --ablate, --add)")
+    p.add_argument("--typicality-for", metavar="CHECKPOINT",
+                   help="only add the typicality statistics (the out-of-distribution flag) to "
+                        "an existing checkpoint, from its own train/validation split of --data")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS),
                    help="improved recipe without this component (repeatable; ablation runs)")
     p.add_argument("--add", action="append", default=[], choices=sorted(ADDITIONS),
@@ -204,7 +213,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args, resumed = resume_arguments(parse_args(argv))
+    args = parse_args(argv)
+    if args.typicality_for:
+        return add_typicality(args)
+    args, resumed = resume_arguments(args)
     world, rank, device = setup_distributed(args)  # one process unless started by torchrun
     recipe = recipe_for(args.recipe, args.ablate, args.add)
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
@@ -216,9 +228,11 @@ def main(argv=None):
     log(rank, *recipe_changes(args), sep="\n")
 
     # Data: a patient-grouped validation split, decoded once, augmented on tensors.
-    (x_train, y_train), (x_val, y_val), test_files, val_source = load_splits(args, run_dir, rank)
+    splits, test_files, val_source = load_splits(args, recipe, run_dir, rank)
+    (x_train, y_train), (x_val, y_val) = splits["train"], splits["val"]
     log(rank, f"Train: {len(y_train)} images ({np.bincount(y_train, minlength=2).tolist()} "
-              f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})")
+              f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})"
+              + (f", calibration: {len(splits['cal'][1])}" if "cal" in splits else ""))
     loader, sampler, loader_gen = make_loader(x_train, y_train, recipe, args, world, rank, device)
 
     # Model, loss, optimiser and schedule; a resumed run picks up where it stopped.
@@ -262,10 +276,12 @@ def main(argv=None):
     if rank != 0:
         return 0
 
-    # The best epoch's weights, their calibration (validation data only), then the test
-    # split, read once.
+    # The best epoch's weights, their calibration (on the calibration split, which
+    # selection never saw), the typicality statistics, then the test split, read once.
     model.load_state_dict(best["state"])
-    calibration = calibrate(model, x_val, y_val, recipe, args.seed) if recipe["calibrate"] else None
+    calibration = calibrate(model, *splits["cal"], recipe, args.seed) if recipe["calibrate"] else None
+    typicality = typicality_stats(model, x_train, y_train, x_val, y_val, recipe["intensity"],
+                                  args.seed)
     val = evaluate(model, x_val, y_val, recipe["intensity"], calibration)
     metrics = {"best_epoch": best["epoch"], "val_f1": val["val_f1"], "val_acc": val["accuracy"],
                "val_auc": val["auc"]}
@@ -276,10 +292,12 @@ def main(argv=None):
     meta.update(recipe=args.recipe, recipe_details=describe(recipe), recipe_fields=recipe,
                 ablate=args.ablate, add=args.add, seed=args.seed, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, weights=weight_source,
-                validation=val_source, metrics=metrics, command=commands[0],
+                validation=val_source, val_fraction=args.val_fraction,
+                calib_fraction=args.calib_fraction if recipe["calibrate"] else None,
+                metrics=metrics, command=commands[0],
                 resumed_with=commands[1:], hardware=hardware(device), processes=world,
                 wall_seconds=round(time.time() - start, 1), calibration=calibration)
-    write_outputs(run_dir, best, meta, history, test_text)
+    write_outputs(run_dir, best, meta, history, test_text, typicality)
     return 0
 
 
@@ -380,35 +398,57 @@ def grouped_split(paths, labels, val_fraction: float, seed: int):
     return sorted(train_idx.tolist()), sorted(val_idx.tolist())
 
 
-def load_splits(args, run_dir: Path, rank: int):
-    """(train images, labels), (validation images, labels), the test files (not read
-    yet) and where validation came from. Unusable files are skipped and listed."""
+def split_files(args, recipe: dict) -> tuple[dict, str]:
+    """{"train", "val"[, "cal"]: (paths, labels)} and where validation came from.
+
+    The reference recipe uses a Kaggle-style val/ folder as it is (the published run did:
+    with the Kaggle download that is 16 images). Otherwise, and always for a recipe that
+    calibrates, validation is a patient-grouped share of train/ (+ val/); a calibrating
+    recipe also holds out a second patient-grouped share for calibration, which epoch
+    selection never sees."""
     data = Path(args.data)
+    paths, labels = cc.list_labelled(data / "train")
+    has_val = (data / "val").is_dir() and bool(cc.list_labelled(data / "val")[0])
+    if has_val and not recipe["calibrate"]:
+        return {"train": (paths, labels), "val": cc.list_labelled(data / "val")}, f"{data}/val"
+    if has_val:
+        vp, vl = cc.list_labelled(data / "val")
+        paths, labels = paths + vp, labels + vl
+    source = f"{data}/train" + (" + val" if has_val else "")
+
+    def take(idx, ps, ls):
+        return [ps[i] for i in idx], [ls[i] for i in idx]
+
+    splits = {}
+    if recipe["calibrate"]:
+        rest, ca = grouped_split(paths, labels, args.calib_fraction, args.seed + 1)
+        splits["cal"] = take(ca, paths, labels)
+        paths, labels = take(rest, paths, labels)
+        source += f" (calibration: another {args.calib_fraction:.0%}, seed {args.seed + 1})"
+    tr, va = grouped_split(paths, labels, args.val_fraction / (1 - args.calib_fraction
+                                                               if recipe["calibrate"] else 1),
+                           args.seed)
+    splits["train"], splits["val"] = take(tr, paths, labels), take(va, paths, labels)
+    return splits, f"patient-grouped {args.val_fraction:.0%} of {source}, seed {args.seed}"
+
+
+def load_splits(args, recipe: dict, run_dir: Path | None, rank: int):
+    """{split: (images, labels)} for train, val (and cal), the test files (not read yet)
+    and where validation came from. Unusable files are skipped and listed."""
     check_data(args)
-    train_paths, train_labels = cc.list_labelled(data / "train")
-    if (data / "val").is_dir() and cc.list_labelled(data / "val")[0]:
-        val_paths, val_labels = cc.list_labelled(data / "val")
-        val_source = f"{data}/val"
-    else:
-        tr, va = grouped_split(train_paths, train_labels, args.val_fraction, args.seed)
-        val_paths = [train_paths[i] for i in va]
-        val_labels = [train_labels[i] for i in va]
-        train_paths = [train_paths[i] for i in tr]
-        train_labels = [train_labels[i] for i in tr]
-        val_source = f"patient-grouped {args.val_fraction:.0%} of {data}/train, seed {args.seed}"
-    splits, used, skipped = [], [], []
-    for name, paths, labels in (("train", train_paths, train_labels),
-                                ("val", val_paths, val_labels)):
+    files, val_source = split_files(args, recipe)
+    arrays, used, skipped = {}, {}, []
+    for name, (paths, labels) in files.items():
         images, kept, bad = cc.decode_all(paths, args.image_size, args.cache_dir or None, name)
         y = np.array([labels[i] for i in kept], dtype=np.int64)
         require_both_classes(y, f"the {name} split")
-        splits.append((images, y))
-        used.append(([paths[i] for i in kept], y))
+        arrays[name] = (images, y)
+        used[name] = ([paths[i] for i in kept], y)
         skipped += bad
-    if rank == 0:
+    if rank == 0 and run_dir is not None:
         report_skipped(run_dir, skipped)
-        write_split_csv(run_dir / "val_split.csv", *used[0], *used[1])
-    return splits[0], splits[1], cc.list_labelled(data / "test"), val_source
+        write_split_csv(run_dir / "val_split.csv", used)
+    return arrays, cc.list_labelled(Path(args.data) / "test"), val_source
 
 
 def require_both_classes(labels, where: str):
@@ -431,11 +471,12 @@ def report_skipped(run_dir: Path, skipped):
     print(f"Skipped {len(lines)} unusable file(s), listed in {run_dir / 'skipped_files.txt'}")
 
 
-def write_split_csv(path, train_paths, train_labels, val_paths, val_labels):
+def write_split_csv(path, used: dict):
+    """Which file went to which split (train, val, cal), with its label and patient."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["split", "label", "patient", "file"])
-        for split, ps, ls in (("train", train_paths, train_labels), ("val", val_paths, val_labels)):
+        for split, (ps, ls) in used.items():
             for p, y in zip(ps, ls):
                 w.writerow([split, cc.CLASS_NAMES[y], cc.patient_id(p), cio.display_name(p)])
 
@@ -624,18 +665,55 @@ def stressed_copies(images: np.ndarray, labels: np.ndarray, copies: int, seed: i
     return out, np.tile(labels, copies)
 
 
-def calibrate(model, x_val, y_val, recipe, seed) -> dict:
-    """Temperature, threshold and uncertain band, fitted on shifted validation copies."""
-    x_sv, y_sv = stressed_copies(x_val, y_val, STRESS_COPIES, seed)
-    calibration = cc.fit_calibration(cc.predict_logits(model, x_sv, recipe["intensity"]), y_sv)
-    calibration["fitted_on"] = (f"{STRESS_COPIES} shifted copies of the {len(y_val)} "
-                                "validation images (stress_transform)")
+def calibrate(model, x_cal, y_cal, recipe, seed) -> dict:
+    """Temperature, threshold and uncertain band, fitted on shifted copies of the
+    calibration split (patients that neither training nor epoch selection saw)."""
+    x_sv, y_sv = stressed_copies(x_cal, y_cal, STRESS_COPIES, seed)
+    groups = np.tile(np.arange(len(y_cal)), STRESS_COPIES)  # an image's copies stay together
+    calibration = cc.fit_calibration(cc.predict_logits(model, x_sv, recipe["intensity"]), y_sv,
+                                     groups, seed)
+    calibration["fitted_on"] = (f"{STRESS_COPIES} shifted copies of the {len(y_cal)} "
+                                "calibration-split images (stress_transform)")
     calibration["rule"] = describe(recipe)["calibration"]
     lo, hi = calibration["uncertain_band"]
-    print(f"\nCalibration on shifted validation: temperature {calibration['temperature']:.3f}, "
+    print(f"\nCalibration on the shifted calibration split: {calibration['temperature_decision']}")
+    print(f"Temperature {calibration['temperature']:.3f}, "
           f"threshold P(PNEUMONIA) >= {calibration['threshold']:.4f}, uncertain band "
           f"[{lo:.4f}, {hi:.4f})")
     return calibration
+
+
+def typicality_stats(model, x_train, y_train, x_val, y_val, intensity, seed) -> dict:
+    """The statistics of the out-of-distribution flag (cc.fit_typicality) for this model:
+    Gaussians fitted on its training images' features, the cut on validation."""
+    _, f_train = cc.predict_logits(model, x_train, intensity, desc="typicality: train",
+                                   features=True)
+    _, f_val = cc.predict_logits(model, x_val, intensity, features=True)
+    stats = cc.fit_typicality(f_train.numpy(), y_train, f_val.numpy(), y_val, seed)
+    print(f"Typicality: cut {stats['cut']:.2f} (flags {1 - stats['level']:.0%} of validation; "
+          f"{(stats['train_scores'] > stats['cut']).float().mean():.1%} of training)")
+    return stats
+
+
+def add_typicality(args) -> int:
+    """--typicality-for: give an existing checkpoint the typicality statistics, from the
+    train/validation split it was trained with (rebuilt from its seed and fractions)."""
+    path = Path(args.typicality_for)
+    with cio.exit_on(cc.CheckpointError):
+        model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    args.seed, args.image_size = meta["seed"], meta["preprocessing"]["image_size"]
+    args.val_fraction = meta.get("val_fraction", 0.1)
+    args.calib_fraction = meta.get("calib_fraction") or args.calib_fraction
+    recipe = dict(meta.get("recipe_fields") or RECIPES[meta["recipe"]],
+                  calibrate=bool(meta.get("calib_fraction")))
+    splits, _, source = load_splits(args, recipe, None, rank=0)
+    print(f"{path}: validation rebuilt as {source}")
+    stats = typicality_stats(model, *splits["train"], *splits["val"], cc.intensity_of(meta),
+                             args.seed)
+    cc.save_checkpoint(path, state, meta, stats)
+    print(f"Saved {path} with the typicality statistics")
+    return 0
 
 
 def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[dict, str]:
@@ -662,11 +740,11 @@ def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[di
             "test_recall_pneumonia": float(recalls[1])}, text
 
 
-def write_outputs(run_dir: Path, best, meta, history, test_text):
+def write_outputs(run_dir: Path, best, meta, history, test_text, typicality):
     """The checkpoint, the history, the plot and the results text, then the resumable
     state is no longer needed."""
     ts = cio.timestamp()
-    cc.save_checkpoint(run_dir / "mobilenet_cxr.pth", best["state"], meta)
+    cc.save_checkpoint(run_dir / "mobilenet_cxr.pth", best["state"], meta, typicality)
     (run_dir / f"training_history_{ts}.json").write_text(
         json.dumps({"meta": meta, "history": history}, indent=2))
     save_plot(history, run_dir / f"training_plot_{ts}.png")
