@@ -129,17 +129,37 @@ def calibration_data():
 
 def test_fit_calibration_temperature_minimises_the_nll():
     """Guards against logits * T for logits / T, and argmax for argmin: the fitted
-    temperature is the grid point (400 log-spaced, 0.05-20) nearest the true 2."""
+    temperature is the grid point (400 log-spaced in TEMPERATURE_RANGE) nearest the true
+    2, and it is kept because it also lowers the NLL on rows it was not fitted on."""
     logits, y = calibration_data()
     cal = cc.fit_calibration(logits, y)
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 400))
+    grid = np.exp(np.linspace(*np.log(cc.TEMPERATURE_RANGE), 400))
     assert cal["temperature"] == pytest.approx(grid[np.argmin(abs(np.log(grid / 2)))], rel=1e-9)
-    assert abs(math.log(cal["temperature"] / 2)) < 0.0076  # within half a grid step
+    assert abs(math.log(cal["temperature"] / 2)) < 0.0036  # within half a grid step
+    assert cal["temperature_kept"]
     nll = nn.functional.cross_entropy(logits / cal["temperature"], torch.as_tensor(y)).item()
     assert cal["nll_at_temperature"] == pytest.approx(nll, rel=1e-6)
     assert cal["nll_at_1"] == pytest.approx(
         nn.functional.cross_entropy(logits, torch.as_tensor(y)).item(), rel=1e-6)
     assert cal["nll_at_temperature"] < cal["nll_at_1"]
+
+
+def test_a_temperature_that_does_not_help_out_of_sample_is_not_kept():
+    """Five patients: four perfectly separated at margin 2, one entirely wrong. On all
+    rows the best temperature is about 1.6, but fitted on any four patients it does worse
+    on the fifth than T = 1 (cross-fitted), so T = 1 is used."""
+    margins, labels, groups = [], [], []
+    for g in range(5):
+        for label in (0, 1):
+            margin = 2.0 if label == 1 else -2.0
+            margins += [-margin if g == 4 else margin] * 20
+            labels += [label] * 20
+            groups += [g] * 20
+    logits = torch.tensor([[0.0, m] for m in margins])
+    cal = cc.fit_calibration(logits, np.array(labels), np.array(groups))
+    assert abs(math.log(cal["temperature_fitted"])) > 0.2
+    assert not cal["temperature_kept"] and cal["temperature"] == 1.0
+    assert cal["nll_cross_fitted"]["fitted"] > cal["nll_cross_fitted"]["T1"]
 
 
 def test_fit_calibration_threshold_and_band_follow_their_rules():
@@ -149,21 +169,37 @@ def test_fit_calibration_threshold_and_band_follow_their_rules():
     Threshold: the highest with sensitivity >= 0.97 -> 0.2 (98 of 100 above; at 0.5
     only 90). Band low end: sensitivity >= 0.995 -> 0.05 (all 100). Band high end: the
     lowest with specificity >= 0.995, i.e. every negative below it -> just above the
-    highest negative, 0.95."""
+    highest negative, 0.95. The bootstrap medians land on the same levels."""
     logits, y = calibration_data()
     cal = cc.fit_calibration(logits, y)
     p = (logits / cal["temperature"]).softmax(1)[:, 1].numpy()
     level = {q: float(p[40 * i]) for i, q in enumerate(QS)}  # the fitted probability per group
     assert level[0.2] == pytest.approx(0.2, abs=0.005)
-    assert cal["threshold"] == pytest.approx(level[0.2], abs=1e-7)
-    lo, hi = cal["uncertain_band"]
-    assert lo == pytest.approx(level[0.05], abs=1e-7)
-    assert level[0.95] < hi <= level[0.95] + 1e-6
+    for threshold, (lo, hi) in ((cal["threshold"], cal["uncertain_band"]), (
+            cc.cuts(p, y)[0], cc.cuts(p, y)[1:])):
+        assert threshold == pytest.approx(level[0.2], abs=1e-7)
+        assert lo == pytest.approx(level[0.05], abs=1e-7)
+        assert level[0.95] < hi <= level[0.95] + 1e-6
     # and the rules themselves, whatever the levels are
     sens = lambda t: np.mean(p[y == 1] >= t)  # noqa: E731
     spec = lambda t: np.mean(p[y == 0] < t)  # noqa: E731
+    lo, hi = cal["uncertain_band"]
     assert sens(cal["threshold"]) >= 0.97 and sens(level[0.5]) < 0.97
     assert sens(lo) >= 0.995 and spec(hi) >= 0.995 and spec(level[0.95]) < 0.995
+    # the bootstrap interval of each cut contains its median
+    assert cal["threshold_interval"][0] <= cal["threshold"] <= cal["threshold_interval"][1]
+
+
+def test_a_separable_set_has_no_uncertain_band_and_a_bounded_temperature():
+    """Where the two 0.995 cuts cross (every positive above every negative) there is no
+    range of unreliable calls: the band is empty, not [sensitivity cut, threshold]. The
+    temperature stops at the bound instead of collapsing every probability to 0 or 1."""
+    y = np.array([0] * 50 + [1] * 50)
+    margins = np.r_[np.linspace(-6, -1, 50), np.linspace(1, 6, 50)]
+    cal = cc.fit_calibration(torch.tensor([[0.0, m] for m in margins], dtype=torch.float32), y)
+    assert cal["temperature"] == pytest.approx(cc.TEMPERATURE_RANGE[0])
+    lo, hi = cal["uncertain_band"]
+    assert lo == hi == cal["threshold"] and 0 < cal["threshold"] < 1
 
 
 # --- the learning-rate schedule ----------------------------------------------------------
