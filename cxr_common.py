@@ -327,11 +327,8 @@ def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0) ->
     keep = nll_t < nll_1
     temperature = fitted if keep else 1.0
     p = probabilities(logits, temperature)
-    rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     draws = []
-    for _ in range(BOOTSTRAP_CUTS):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+    for idx in resample_indices(len(labels), BOOTSTRAP_CUTS, seed, groups):
         if len(np.unique(labels[idx])) == 2:
             draws.append(cuts(p[idx], labels[idx]))
     threshold, lo, hi = np.median(draws, axis=0)
@@ -372,13 +369,18 @@ def _fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float(grid[int(np.argmin(nll))])
 
 
-def load_ensemble(paths, device="cpu") -> tuple[list, dict, int]:
+def load_ensemble(paths, device="cpu", calibration_file=None) -> tuple[list, dict, int]:
     """One or more checkpoints (none: the shipped DEFAULT_MODEL): (members [(model,
     meta)], calibration, image size).
 
-    The calibration holds each member's temperature ("temperatures") and the mean of
-    the members' thresholds and bands. Raises CheckpointError for a bad model file."""
-    members = [load_checkpoint(p, device) for p in paths or [DEFAULT_MODEL]]
+    The calibration holds each member's temperature ("temperatures") and either the one
+    fitted for this ensemble on a shared labelled set (calibration_file, written by
+    visualize_results.py --save-calibrated; "ensemble_temperature" too) or, without
+    it, the mean of the members' thresholds and bands: each was fitted on its own
+    member's split, so that mean is an approximation ("shared": False). Raises
+    CheckpointError for a bad model or calibration file."""
+    paths = paths or [DEFAULT_MODEL]
+    members = [load_checkpoint(p, device) for p in paths]
     cals = [calibration_of(meta) for _, meta in members]
     sizes = {m["preprocessing"]["image_size"] for _, m in members}
     if len(sizes) != 1:
@@ -389,7 +391,36 @@ def load_ensemble(paths, device="cpu") -> tuple[list, dict, int]:
         "uncertain_band": [float(np.mean([c["uncertain_band"][i] for c in cals]))
                            for i in (0, 1)],
     }
+    if len(members) > 1:
+        calibration["shared"] = False
+    if calibration_file is not None:
+        calibration = _ensemble_calibration(calibration_file, paths, calibration)
     return members, calibration, sizes.pop()
+
+
+def _ensemble_calibration(path, model_paths, members_calibration) -> dict:
+    name = cio.display_name(path)
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        hashes = [m["sha256"] for m in saved["members"]]
+        cal = {"temperatures": [float(t) for t in saved["temperatures"]],
+               "ensemble_temperature": float(saved["ensemble_temperature"]),
+               "threshold": float(saved["threshold"]),
+               "uncertain_band": [float(b) for b in saved["uncertain_band"]], "shared": True}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{name}: not an ensemble calibration file ({type(e).__name__})") \
+            from None
+    if hashes != [cio.sha256_file(p) for p in model_paths]:
+        raise CheckpointError(f"{name} was fitted for other model files (or another order); "
+                              "give the --model files it names")
+    if cal["temperatures"] != members_calibration["temperatures"]:
+        raise CheckpointError(f"{name}: the members' stored temperatures differ from the file's")
+    problem = _calibration_problem({"calibration": {
+        "temperature": cal["ensemble_temperature"], "threshold": cal["threshold"],
+        "uncertain_band": cal["uncertain_band"]}})
+    if problem:
+        raise CheckpointError(f"{name}: {problem}")
+    return cal
 
 
 # ---------------------------------------------------------------------------------
@@ -434,15 +465,30 @@ def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
 
 
 def member_logits(members, images_u8: np.ndarray, batch_size: int = 64,
-                  desc: str | None = None) -> list[torch.Tensor]:
-    """Each member's logits for the images, each with its own preprocessing."""
-    return [predict_logits(model, images_u8, intensity_of(meta), batch_size, desc)
-            for model, meta in members]
+                  desc: str | None = None, features: bool = False):
+    """Each member's logits for the images, each with its own preprocessing; with
+    features=True, (logits list, features list)."""
+    out = [predict_logits(model, images_u8, intensity_of(meta), batch_size, desc, features)
+           for model, meta in members]
+    return tuple(map(list, zip(*out))) if features else out
 
 
-def mean_probability(logits: list[torch.Tensor], temperatures) -> np.ndarray:
-    """The ensemble's P(PNEUMONIA): the mean of the members' temperature-scaled ones."""
-    return np.mean([probabilities(lg, t) for lg, t in zip(logits, temperatures)], axis=0)
+def mean_probability(logits: list[torch.Tensor], temperatures,
+                     ensemble_temperature: float = 1.0) -> np.ndarray:
+    """The ensemble's P(PNEUMONIA): the mean of the members' temperature-scaled ones,
+    then (an ensemble calibrated on a shared set) its logit divided by
+    ensemble_temperature."""
+    p = np.mean([probabilities(lg, t) for lg, t in zip(logits, temperatures)], axis=0)
+    if ensemble_temperature == 1.0:
+        return p
+    return probabilities(torch.from_numpy(np.c_[np.zeros(len(p)), logit(p)]),
+                         ensemble_temperature)
+
+
+def logit(p) -> np.ndarray:
+    """log(p / (1 - p)), clipped away from 0 and 1."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
 
 
 def ensemble_probability(members, images_u8: np.ndarray, temperatures, batch_size: int = 64,
@@ -538,6 +584,37 @@ def shift_verdict(auc: float) -> str:
             "validation figures do not apply, recalibrate locally before use")
 
 
+def outside_distribution(members, feats: list[torch.Tensor]):
+    """(flag, ratio) per image: ratio = the highest over the members of typicality score /
+    cut; flagged when above 1. None when a member has no typicality statistics."""
+    if any(getattr(model, "typicality", None) is None for model, _ in members):
+        return None
+    ratio = np.max([typicality_score(f.numpy(), model.typicality) / model.typicality["cut"]
+                    for (model, _), f in zip(members, feats)], axis=0)
+    return ratio > 1, ratio
+
+
+@torch.no_grad()
+def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
+                    batch_size: int = 64) -> nn.Module:
+    """AdaBN: a copy of the model whose BatchNorm statistics are re-estimated on these
+    unlabeled images (cumulative average over one pass); no weight changes."""
+    import copy
+
+    adapted = copy.deepcopy(model).eval()
+    device = next(adapted.parameters()).device
+    for m in adapted.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over all batches
+            m.train()
+    for s in range(0, len(images_u8), batch_size):
+        x = torch.as_tensor(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
+        adapted(model_input(x, intensity).contiguous(memory_format=torch.channels_last))
+    adapted.typicality = getattr(model, "typicality", None)
+    return adapted.eval()
+
+
 # ---------------------------------------------------------------------------------
 # Metrics: the one implementation of each.
 # ---------------------------------------------------------------------------------
@@ -598,20 +675,33 @@ def log_loss(y, p, eps: float = 1e-7) -> float:
     return float(-np.mean(np.where(y == 1, np.log(p), np.log(1 - p))))
 
 
-def bootstrap_ci(y, p, threshold: float, n: int, seed: int = 0) -> dict:
-    """95% percentile intervals of binary_metrics over n resamples of the images
-    (a measure not defined in a resample, e.g. AUC with one class drawn, skips it)."""
+def bootstrap_ci(y, p, threshold: float, n: int, seed: int = 0, groups=None) -> dict:
+    """95% percentile intervals of binary_metrics over n resamples, of patients when
+    groups (a patient id per image) is given, else of images (a measure not defined in a
+    resample, e.g. AUC with one class drawn, skips it)."""
     y, p = np.asarray(y), np.asarray(p)
-    rng = np.random.default_rng(seed)
     draws = {k: [] for k in ("accuracy", "sensitivity", "specificity", "auc")}
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
+    for idx in resample_indices(len(y), n, seed, groups):
         m = binary_metrics(y[idx], p[idx], threshold)
         for k in draws:
             if np.isfinite(m[k]):
                 draws[k].append(m[k])
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
             for k, v in draws.items() if v}
+
+
+def resample_indices(n_items: int, n: int, seed: int = 0, groups=None):
+    """n bootstrap resamples (index arrays) of n_items, drawing whole groups when given,
+    so that two models scored on the same resamples are compared pairwise."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        for _ in range(n):
+            yield rng.integers(0, n_items, n_items)
+        return
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    for _ in range(n):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
 def error_analysis(y, pred, conf) -> dict:

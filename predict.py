@@ -40,7 +40,10 @@ import cxr_io as cio  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
 CSV_FIELDS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
-              "uncertain", "threshold", "temperature", "error", "model", "resolved_path"]
+              "uncertain", "threshold", "temperature", "error", "model", "resolved_path",
+              "outside", "typicality"]
+OUTSIDE = "OUTSIDE"  # the prediction column of an image unlike the training data: no verdict
+MANY_OUTSIDE = 0.10  # above this share of a batch flagged, one warning line
 MANIFEST = "run.json"  # what made this folder's rows: --resume must match it
 
 
@@ -57,6 +60,9 @@ def parse_args(argv=None):
                    help="parent folder: each run writes to a new OUT/predict_<timestamp>/")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted run in OUT_DIR, skipping files already done")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="an ensemble's calibration fitted on a shared labelled set "
+                        "(visualize_results.py --save-calibrated FILE.json)")
     p.add_argument("--json", action="store_true", help="also write predictions.jsonl")
     p.add_argument("--gradcam", action="store_true", help="write <name>_gradcam.png per image")
     p.add_argument("--batch-size", type=cio.positive_int, default=32)
@@ -65,6 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", type=cio.device_name,
                    help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="one line per image, not the block")
+    p.add_argument("--adapt", action="store_true",
+                   help="label-free adaptation (transductive): re-estimate the BatchNorm "
+                        "statistics on all the images given (AdaBN) before predicting; the "
+                        "out-of-distribution flag still uses the model as trained")
     args = p.parse_args(argv)
     return args
 
@@ -117,22 +127,40 @@ def collate(items):
     return items  # a list of (index, array or None, error)
 
 
+def adapted_members(members, files, size, batch_size):
+    """--adapt: each member with BatchNorm statistics re-estimated on all readable inputs."""
+    arrays = [a for a, _ in (cc.try_load_image_array(f, size) for f in files) if a is not None]
+    if not arrays:
+        return members
+    x = np.stack(arrays)
+    print(f"--adapt: BatchNorm statistics re-estimated on {len(x)} unlabeled image(s) "
+          "(transductive; the flag uses the model as trained)")
+    return [(cc.adapt_batchnorm(m, x, cc.intensity_of(meta), batch_size), meta)
+            for m, meta in members]
+
+
 # ---------------------------------------------------------------------------------
 # Output: the console block, the CSV / JSONL rows, the Grad-CAM figure.
 # ---------------------------------------------------------------------------------
 
 
-def result_row(path, p_pneu, cal, model_id):
+def result_row(path, p_pneu, cal, model_id, typicality=None):
+    """A verdict row; an image outside the training distribution (typicality above 1)
+    gets no verdict and no confidence, only its probabilities for the record."""
     pred, conf = cc.decide(p_pneu, cal["threshold"])
     lo, hi = cal["uncertain_band"]
-    temperatures = cal["temperatures"]
+    outside = typicality is not None and typicality > 1
     return {
-        "file": cio.display_name(path), "prediction": cc.CLASS_NAMES[int(pred)],
-        "confidence": round(float(conf), 6), "prob_normal": round(1.0 - p_pneu, 6),
+        "file": cio.display_name(path),
+        "prediction": OUTSIDE if outside else cc.CLASS_NAMES[int(pred)],
+        "confidence": "" if outside else round(float(conf), 6),
+        "prob_normal": round(1.0 - p_pneu, 6),
         "prob_pneumonia": round(p_pneu, 6), "uncertain": bool(lo <= p_pneu < hi),
         "threshold": cal["threshold"],
-        "temperature": temperatures,  # one per ensemble member
+        "temperature": cal["temperatures"],  # one per ensemble member
         "error": "", "model": model_id, "resolved_path": resolved(path),
+        "outside": outside if typicality is not None else "",
+        "typicality": "" if typicality is None else round(float(typicality), 4),
     }
 
 
@@ -155,6 +183,10 @@ def referral(row, cal) -> str:
 
 def print_block(row, cal):
     print(f"\nImage: {row['file']}")
+    if row["prediction"] == OUTSIDE:
+        print(f"Outside what the model was trained on: refer. No verdict (typicality "
+              f"{row['typicality']:.2f} x the cut that 1% of validation films exceed).")
+        return
     print(f"P(PNEUMONIA), calibrated: {row['prob_pneumonia']:.1%}   (decision: PNEUMONIA at "
           f">= {row['threshold']:.1%})")
     print(f"Prediction: {row['prediction']}")
@@ -162,6 +194,9 @@ def print_block(row, cal):
 
 
 def print_line(row):
+    if row["prediction"] == OUTSIDE:
+        print(f"{row['file']}: REFER: outside what the model was trained on")
+        return
     print(f"{row['file']}: {row['prediction']} (P(PNEUMONIA) {row['prob_pneumonia']:.1%})"
           + ("  REFER: uncertain" if row["uncertain"] else ""))
 
@@ -196,7 +231,7 @@ def unused_name(folder: Path, stem: str, suffix: str) -> Path:
 # ---------------------------------------------------------------------------------
 
 
-def run_manifest(model_paths, members, cal, json_lines) -> dict:
+def run_manifest(model_paths, members, cal, json_lines, adapt=False) -> dict:
     hashes = [cio.sha256_file(p) for p in model_paths]
     model_id = hashlib.sha256("".join(hashes).encode()).hexdigest()[:12]
     return {
@@ -205,6 +240,7 @@ def run_manifest(model_paths, members, cal, json_lines) -> dict:
                      "preprocessing": m["preprocessing"]} for p, h, (_, m)
                     in zip(model_paths, hashes, members)],
         "calibration": cal,
+        "adapt": adapt,
         "json": json_lines,
     }
 
@@ -217,8 +253,9 @@ def check_resumable(out_dir: Path, manifest: dict) -> dict:
                          "checked that the same model made its rows; start a new run")
     old = json.loads(path.read_text(encoding="utf-8"))
     for key, what in (("model_id", "model file(s)"), ("calibration", "calibration"),
+                      ("adapt", "--adapt setting"),
                       ("members", "model files or preprocessing")):
-        a, b = old.get(key), manifest[key]
+        a, b = old.get(key, False if key == "adapt" else None), manifest[key]
         if key == "members":
             a = [(m["sha256"], m["preprocessing"]) for m in a or []]
             b = [(m["sha256"], m["preprocessing"]) for m in b]
@@ -349,10 +386,10 @@ def main(argv=None):
         raise SystemExit("error: give --image FILE and/or --dir FOLDER (see --help)")
     device = cio.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with cio.exit_on(cc.CheckpointError):
-        members, cal, size = cc.load_ensemble(args.model, device)
+        members, cal, size = cc.load_ensemble(args.model, device, args.calibration)
     model_paths = args.model or [cc.DEFAULT_MODEL]
     temperatures = cal["temperatures"]
-    manifest = run_manifest(model_paths, members, cal, args.json)
+    manifest = run_manifest(model_paths, members, cal, args.json, args.adapt)
     model_id = manifest["model_id"]
     out_dir, done, json_lines = open_output(args, manifest)
 
@@ -366,7 +403,17 @@ def main(argv=None):
           f"[{cal['uncertain_band'][0]:.3f}, {cal['uncertain_band'][1]:.3f})")
     if done:
         print(f"Resuming: {len(files) - len(todo)} of {len(files)} files already done")
+    if cal.get("shared") is False:
+        print("note: the ensemble's threshold and band are the means of its members' own, each "
+              "fitted on a different split; fit one on a shared labelled set with "
+              "visualize_results.py --recalibrate K --save-calibrated FILE.json")
+    if any(getattr(m, "typicality", None) is None for m, _ in members):
+        print("note: this model has no typicality statistics, so images unlike its training "
+              "data are not flagged (add them: python train_cxray.py --typicality-for MODEL)")
     print(cc.DISCLAIMER)
+    scorers = members
+    if args.adapt:  # transductive: every image given, also those done before a --resume
+        scorers = adapted_members(members, files, size, args.batch_size)
 
     writer = ResultWriter(out_dir, json_lines)
     skipped = []
@@ -381,23 +428,29 @@ def main(argv=None):
     cam = GradCAM(members[0][0]) if args.gradcam else None
     explained = (f"map of member 1 of {len(members)} ({Path(model_paths[0]).name})"
                  if len(members) > 1 else "")
-    n_ok = 0
+    n_ok = n_outside = 0
     for items in loader:
         good = [(i, a) for i, a, _ in items if a is not None]
         rows = {i: error_row(todo[i], err, model_id) for i, a, err in items if a is None}
-        probs = []
+        probs, flags = [], None
         if good:
-            probs = cc.ensemble_probability(members, np.stack([a for _, a in good]),
-                                            temperatures, batch_size=len(good))
-        for (i, g), p in zip(good, probs):
+            x = np.stack([a for _, a in good])
+            logits, feats = cc.member_logits(members, x, len(good), features=True)
+            flags = cc.outside_distribution(members, feats)
+            if scorers is not members:
+                logits = cc.member_logits(scorers, x, len(good))
+            probs = cc.mean_probability(logits, temperatures, cal.get("ensemble_temperature", 1))
+        for k, ((i, g), p) in enumerate(zip(good, probs)):
             if not np.isfinite(p):
                 rows[i] = error_row(todo[i], "the model's output is not a finite number "
                                     "(NaN or infinity): no verdict", model_id)
                 continue
-            row = result_row(todo[i], float(p), cal, model_id)
+            row = result_row(todo[i], float(p), cal, model_id,
+                             None if flags is None else flags[1][k])
             rows[i] = row
+            n_outside += row["outside"] is True
             print_line(row) if args.quiet else print_block(row, cal)
-            if cam is not None:
+            if cam is not None and row["prediction"] != OUTSIDE:
                 x1 = torch.from_numpy(g)[None, None].to(device)
                 reported = cc.CLASS_NAMES.index(row["prediction"])
                 heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(members[0][1])),
@@ -413,6 +466,13 @@ def main(argv=None):
         writer.write([rows[i] for i in sorted(rows)])
 
     print(f"\nPredicted {n_ok} image(s); results in {out_dir / 'predictions.csv'}")
+    if n_outside:
+        share = n_outside / n_ok
+        print(f"{'warning: ' if share > MANY_OUTSIDE else ''}{n_outside} of {n_ok} image(s) "
+              f"({share:.0%}) are outside what the model was trained on (on validation: 1%)"
+              + ("; are these films from another hospital or not chest X-rays? Its figures do "
+                 "not apply to them: see visualize_results.py --recalibrate"
+                 if share > MANY_OUTSIDE else ""))
     if skipped:
         print(f"Skipped {len(skipped)} file(s):")
         for name, err in skipped:

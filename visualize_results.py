@@ -67,7 +67,27 @@ def parse_args(argv=None):
                    help="confident errors shown in the report")
     p.add_argument("--device", default="auto", type=cio.device_name,
                    help="auto, cpu or cuda")
-    return p.parse_args(argv)
+    p.add_argument("--calibration", metavar="FILE",
+                   help="an ensemble's calibration fitted on a shared labelled set")
+    site = p.add_argument_group(
+        "site protocols (they use the images being evaluated: name them beside the numbers)")
+    site.add_argument("--adapt", action="store_true",
+                      help="label-free adaptation: re-estimate BatchNorm statistics on these "
+                           "unlabeled images (AdaBN) before scoring them")
+    site.add_argument("--recalibrate", type=cio.positive_int, nargs="+", metavar="K",
+                      help="local recalibration with K labelled images of this site (patient-"
+                           "grouped), cross-fitted: every image is scored by a calibration "
+                           "fitted on other patients; e.g. --recalibrate 25 50 100 200")
+    site.add_argument("--draws", type=cio.positive_int, default=20,
+                      help="random patient partitions per K for --recalibrate")
+    site.add_argument("--save-calibrated", metavar="PATH",
+                      help="with --recalibrate K (the first K): write a copy of the model "
+                           "with the calibration fitted on K images of this site (and the "
+                           "adapted BatchNorm statistics with --adapt), for predict.py")
+    args = p.parse_args(argv)
+    if args.save_calibrated and not args.recalibrate:
+        p.error("--save-calibrated needs --recalibrate K")
+    return args
 
 
 # ---------------------------------------------------------------------------------
@@ -269,11 +289,179 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 
 
 # ---------------------------------------------------------------------------------
+# Site shift: is this folder like the training data? (no labels needed), and the two
+# declared site protocols: label-free adaptation (--adapt) and local recalibration.
+# ---------------------------------------------------------------------------------
+
+
+def shift_report(members, feats, y, pred) -> dict | None:
+    """Typicality flags, their error rates, and a domain classifier (validation images
+    vs these) on the first member's features; None without typicality statistics."""
+    flags = cc.outside_distribution(members, feats)
+    if flags is None:
+        return None
+    flag, _ = flags
+    stats = members[0][0].typicality
+    z = cc.project(feats[0].numpy(), stats)
+    ref_z, ref_y = stats["reference_z"].numpy(), stats["reference_labels"].numpy()
+    auc = cc.domain_auc(ref_z, z)
+    wrong = pred != y
+    return {
+        "flagged_share": float(flag.mean()),
+        "flagged_by_class": {n: float(flag[y == k].mean()) if (y == k).any() else float("nan")
+                             for k, n in enumerate(cc.CLASS_NAMES)},
+        "error_rate_flagged": float(wrong[flag].mean()) if flag.any() else float("nan"),
+        "error_rate_unflagged": float(wrong[~flag].mean()) if (~flag).any() else float("nan"),
+        "domain_auc": auc, "verdict": cc.shift_verdict(auc),
+        "domain_auc_by_class": {n: cc.domain_auc(ref_z[ref_y == k], z[y == k])
+                                for k, n in enumerate(cc.CLASS_NAMES) if (y == k).sum() >= 5},
+        "validation_flagged_share": 1 - stats["level"],
+        "scores": cc.typicality_score(feats[0].numpy(), stats), "flag": flag,
+    }
+
+
+def shift_text(s) -> str:
+    by_class = ", ".join(f"{k} {fmt(v, '.1%')}" for k, v in s["flagged_by_class"].items())
+    aucs = ", ".join(f"{k} {v:.3f}" for k, v in s["domain_auc_by_class"].items())
+    return (f"Site shift (no labels used except to split by class):\n"
+            f"  Outside the training distribution: {s['flagged_share']:.1%} of images "
+            f"({by_class}); on validation {s['validation_flagged_share']:.0%} by design\n"
+            f"  Error rate: flagged {fmt(s['error_rate_flagged'], '.1%', 'none flagged')}, "
+            f"not flagged {fmt(s['error_rate_unflagged'], '.1%', 'all flagged')}\n"
+            f"  Domain classifier (validation images vs these, 5-fold logistic regression): "
+            f"AUC {s['domain_auc']:.3f}" + (f" (per class: {aucs})" if aucs else "") + "\n"
+            f"  Verdict: {s['verdict']}\n")
+
+
+def plot_typicality(stats, scores, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    top = max(float(np.percentile(scores, 99)), 2 * stats["cut"])
+    bins = np.linspace(0, top, 50)
+    for data, label, colour in ((stats["train_scores"].numpy(), "training", "tab:blue"),
+                                (stats["val_scores"].numpy(), "validation", "tab:green"),
+                                (np.minimum(scores, top), "this folder", "tab:red")):
+        ax.hist(data, bins=bins, density=True, histtype="step", lw=2, label=label, color=colour)
+    ax.axvline(stats["cut"], ls="--", color="k", lw=1, label="cut (1% of validation above)")
+    ax.set_xlabel("typicality score (Mahalanobis distance in feature space)")
+    ax.set_ylabel("density")
+    ax.set_title("Is this folder like the training data?")
+    ax.legend()
+    savefig(fig, path)
+
+
+def site_partitions(groups, y, k: int, rng) -> list[np.ndarray]:
+    """Images split into groups of about k, whole patients each, both classes in each
+    (patients are assigned class by class to the group with the fewest of that class)."""
+    parts = max(1, len(y) // k)
+    out = [[] for _ in range(parts)]
+    for c in (0, 1):
+        patients = np.unique(groups[y == c])
+        counts = np.zeros(parts)
+        for g in rng.permutation(patients):
+            rows = np.flatnonzero((groups == g) & (y == c))
+            j = int(np.argmin(counts))
+            out[j] += rows.tolist()
+            counts[j] += len(rows)
+    return [np.array(sorted(o)) for o in out]
+
+
+def recalibrated_scores(y, logit, fit_rows, score_rows, groups, seed):
+    """Fit the calibration on fit_rows; (calibration, P(PNEUMONIA) of score_rows)."""
+    two = torch.tensor(np.c_[np.zeros(len(logit)), logit], dtype=torch.float32)
+    cal = cc.fit_calibration(two[fit_rows], y[fit_rows], groups[fit_rows], seed)
+    return cal, cc.probabilities(two[score_rows], cal["temperature"])
+
+
+def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
+    """Cross-fitted local recalibration: per draw, the images are split into groups of
+    about K (whole patients); each group is scored by the calibration fitted on the next
+    group, so no image is scored by a calibration that saw it. Mean and spread over
+    draws of the metrics at the fitted threshold."""
+    logit = cc.logit(p)
+    rows = []
+    for k in ks:
+        rng, runs = np.random.default_rng(seed), []
+        for _ in range(draws):
+            parts = site_partitions(groups, y, k, rng)
+            if len(parts) < 2:
+                break
+            q, thr, band = np.zeros(len(y)), np.zeros(len(y)), np.zeros((len(y), 2))
+            for j, part in enumerate(parts):
+                cal, q[part] = recalibrated_scores(y, logit, parts[(j + 1) % len(parts)], part,
+                                                   groups, seed)
+                thr[part], band[part] = cal["threshold"], cal["uncertain_band"]
+            pred = (q >= thr).astype(int)
+            conf = np.where(pred == 1, q, 1 - q)
+            referred = (q >= band[:, 0]) & (q < band[:, 1])
+            m = cc.binary_metrics(y, (pred + 0.5) / 2, 0.5)  # decisions at each row's threshold
+            m["auc"] = cc.binary_metrics(y, q, 0.5)["auc"]
+            m["ece"] = cc.expected_calibration_error(pred == y, conf)[0]
+            m["nll"] = cc.log_loss(y, q)
+            for c, name in enumerate(cc.CLASS_NAMES):
+                m[f"referred_{name}"] = float(referred[y == c].mean())
+            runs.append(m)
+        if not runs:
+            print(f"--recalibrate {k}: fewer than 2 groups of {k} images: skipped")
+            continue
+        keys = runs[0].keys()
+        rows.append({"K": k, "draws": len(runs),
+                     "mean": {key: float(np.mean([r[key] for r in runs])) for key in keys},
+                     "sd": {key: float(np.std([r[key] for r in runs])) for key in keys}})
+    return rows
+
+
+def recalibration_text(rows, source) -> str:
+    lines = [f"Local recalibration on {source} (cross-fitted: each image scored by a "
+             "calibration fitted on K images of other patients; mean +/- sd over draws):",
+             "    K  draws  accuracy        sensitivity     specificity     ECE     "
+             "referred N / P"]
+    for r in rows:
+        m, s = r["mean"], r["sd"]
+        lines.append(f"  {r['K']:>3}  {r['draws']:>5}  {m['accuracy']:.3f} +/- {s['accuracy']:.3f}"
+                     f"  {m['sensitivity']:.3f} +/- {s['sensitivity']:.3f}  {m['specificity']:.3f}"
+                     f" +/- {s['specificity']:.3f}  {m['ece']:.3f}   {m['referred_NORMAL']:.1%} / "
+                     f"{m['referred_PNEUMONIA']:.1%}")
+    return "\n".join(lines) + "\n"
+
+
+def save_site_model(path, members, model_paths, cal_in, y, p, groups, k, source, adapted,
+                    seed=0):
+    """--save-calibrated: a calibration fitted on K images of this site (one patient-
+    grouped draw): for one model, a copy of it with that calibration; for an ensemble,
+    a JSON file for predict.py --calibration (the ensemble's calibration on one shared
+    set, instead of the mean of the members' own)."""
+    fit_rows = site_partitions(groups, y, k, np.random.default_rng(seed))[0]
+    cal, _ = recalibrated_scores(y, cc.logit(p), fit_rows, fit_rows, groups, seed)
+    cal["fitted_on"] = f"{len(fit_rows)} labelled images of {source} (visualize_results.py)"
+    if len(members) > 1:
+        if adapted:
+            raise SystemExit("error: --save-calibrated with --adapt writes one model: give one "
+                             "--model")
+        saved = {"members": [{"path": str(q), "sha256": cio.sha256_file(q)} for q in model_paths],
+                 "temperatures": cal_in["temperatures"],
+                 "ensemble_temperature": cal["temperature"] * cal_in.get("ensemble_temperature", 1),
+                 "threshold": cal["threshold"], "uncertain_band": cal["uncertain_band"],
+                 "fitted_on": cal["fitted_on"], "details": cal}
+        text = json.dumps(saved, indent=2)
+        cio.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+        print(f"Saved {path}: the ensemble's calibration, fitted on {len(fit_rows)} images of "
+              f"{source} (use: predict.py --model ... --calibration {path})")
+        return
+    model, meta = members[0]
+    cal["temperature"] *= cc.calibration_of(meta)["temperature"]  # on top of the stored one
+    meta = dict(meta, calibration=cal, recalibrated_from=meta.get("calibration"),
+                adapted_on=source if adapted else None)
+    cc.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
+    print(f"Saved {path}: calibration fitted on {len(fit_rows)} images of {source}"
+          + (" with BatchNorm statistics adapted to it" if adapted else ""))
+
+
+# ---------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------
 
 
-def evaluate(y, p, cal, n_boot, p_at_t1) -> dict:
+def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
     """Every number of the report, from labels y and probabilities p (and p_at_t1, the
     same members' probabilities at temperature 1, to see what the temperature does)."""
     thr = cal["threshold"]
@@ -287,8 +475,9 @@ def evaluate(y, p, cal, n_boot, p_at_t1) -> dict:
         "n": int(len(y)), "counts": np.bincount(y, minlength=2).tolist(),
         "pred": pred, "conf": conf, "correct": correct, "answered": answered,
         "at_0.5": cc.binary_metrics(y, p, 0.5), "at_threshold": cc.binary_metrics(y, p, thr),
-        "ci95_at_0.5": cc.bootstrap_ci(y, p, 0.5, n_boot),
-        "ci95_at_threshold": cc.bootstrap_ci(y, p, thr, n_boot),
+        "ci95_at_0.5": cc.bootstrap_ci(y, p, 0.5, n_boot, groups=groups),
+        "ci95_at_threshold": cc.bootstrap_ci(y, p, thr, n_boot, groups=groups),
+        "bootstrap": "by patient" if groups is not None else "by image",
         "ece_at_0.5": cc.expected_calibration_error(pred_half == y, conf_half)[0],
         "ece": cc.expected_calibration_error(correct, conf)[0],
         "calibration_check": {
@@ -302,6 +491,8 @@ def evaluate(y, p, cal, n_boot, p_at_t1) -> dict:
         "confusion": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
         **cc.error_analysis(y, pred, conf),
         "coverage": float(answered.mean()),
+        "referral_rate": {name: float((~answered)[y == k].mean()) if (y == k).any()
+                          else float("nan") for k, name in enumerate(cc.CLASS_NAMES)},
         "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
     }
 
@@ -335,6 +526,8 @@ def analysis_text(m, cal, source, names) -> str:
         f"\nUncertain band [{lo:.3f}, {hi:.3f}): {int((~m['answered']).sum())} images referred, "
         f"accuracy on the other {int(m['answered'].sum())} ({m['coverage']:.1%} coverage): "
         f"{m['accuracy_answered'] * 100:.2f}%\n"
+        f"Referred per class: " + ", ".join(f"{k} {fmt(v, '.1%')}"
+                                            for k, v in m["referral_rate"].items()) + "\n"
     )
 
 
@@ -383,14 +576,22 @@ def main(argv=None):
     args = parse_args(argv)
     device = cio.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with cio.exit_on(cc.CheckpointError):
-        members, cal, size = cc.load_ensemble(args.model, device)
+        members, cal, size = cc.load_ensemble(args.model, device, args.calibration)
     model_paths = args.model or [cc.DEFAULT_MODEL]
 
     # 1. the images and the model's probabilities
     files, labels, others, source = labelled_files(args, model_paths)
     paths, y, images, skipped = read_images(files, labels, others, size)
-    logits = cc.member_logits(members, images, args.batch_size, desc="predicting")
-    p = cc.mean_probability(logits, cal["temperatures"])
+    logits, feats = cc.member_logits(members, images, args.batch_size, desc="predicting",
+                                     features=True)
+    scorers = members
+    if args.adapt:  # label-free, transductive: BatchNorm statistics of these images
+        scorers = [(cc.adapt_batchnorm(model, images, cc.intensity_of(meta), args.batch_size),
+                    meta) for model, meta in members]
+        logits = cc.member_logits(scorers, images, args.batch_size, desc="adapted")
+        print(f"--adapt: BatchNorm statistics re-estimated on these {len(images)} images "
+              "(label-free adaptation, transductive)")
+    p = cc.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
     p_t1 = cc.mean_probability(logits, [1.0] * len(members))  # what the temperature changes
     finite = np.isfinite(p)
     for i in np.flatnonzero(~finite):
@@ -399,6 +600,8 @@ def main(argv=None):
         skipped.append((cio.display_name(paths[i]), reason))
     paths, y, images = [q for q, f in zip(paths, finite) if f], y[finite], images[finite]
     p, p_t1 = p[finite], p_t1[finite]
+    feats = [f[torch.from_numpy(finite)] for f in feats]
+    groups = np.array([cc.patient_id(q) for q in paths])
     if not len(y):
         raise SystemExit("error: no image got a valid prediction")
     if len(set(y.tolist())) < 2:
@@ -411,22 +614,43 @@ def main(argv=None):
     # 2. the numbers, printed as the published run printed them
     names = ", ".join(str(m) for m in model_paths)
     print("Bootstrap intervals ...", flush=True)
-    m = evaluate(y, p, cal, args.bootstrap, p_t1)
+    m = evaluate(y, p, cal, args.bootstrap, p_t1, groups)
     analysis = analysis_text(m, cal, source, names)
+    shift = shift_report(members, feats, y, m["pred"])
+    if shift is not None:
+        analysis += "\n" + shift_text(shift)
+    else:
+        analysis += ("\nSite shift: not measured (the model has no typicality statistics; add "
+                     "them with python train_cxray.py --typicality-for MODEL)\n")
+    recal = []
+    if args.recalibrate:
+        print("Local recalibration (cross-fitted) ...", flush=True)
+        recal = recalibrate(y, p, groups, args.recalibrate, args.draws)
+        analysis += "\n" + recalibration_text(recal, source)
     print(analysis)
     table = metric_table(m, cal["threshold"])
 
     # 3. figures, predictions.csv, metrics.json, report.html in a new folder
     out_dir = cio.unique_dir(args.out, f"eval_{cio.timestamp()}")
     figures = draw_figures(y, p, m, cal, out_dir)
+    if shift is not None:
+        plot_typicality(members[0][0].typicality, shift["scores"], out_dir / "typicality.png")
+        figures.append("typicality.png")
     write_predictions(out_dir / "predictions.csv", paths, y, p, m)
     keep = {k: v for k, v in m.items() if k not in ("pred", "conf", "correct", "answered")}
     metrics = {"data": source, "models": [str(x) for x in model_paths],
                "temperatures": cal["temperatures"], "threshold": cal["threshold"],
-               "uncertain_band": cal["uncertain_band"], **keep, "skipped": skipped}
+               "uncertain_band": cal["uncertain_band"], **keep, "skipped": skipped,
+               "protocol": "label-free adaptation (AdaBN on these images)" if args.adapt
+               else "zero-shot (nothing fitted on these images)",
+               "site_shift": {k: v for k, v in (shift or {}).items() if k not in ("scores", "flag")},
+               "recalibration": recal}
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
-    items = gallery(members, paths, images, y, p, m["pred"], m["conf"], out_dir, args.gallery,
+    items = gallery(scorers, paths, images, y, p, m["pred"], m["conf"], out_dir, args.gallery,
                     device)
+    if args.save_calibrated:
+        save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p, groups,
+                        args.recalibrate[0], source, args.adapt)
     notes = [f"Data: {source} ({len(y)} images)", f"Model(s): {names}",
              f"Threshold {cal['threshold']:.4f} and temperature "
              f"{', '.join(f'{t:.4f}' for t in cal['temperatures'])} come from the checkpoint "

@@ -1,0 +1,170 @@
+"""Site shift: the out-of-distribution flag, label-free adaptation (AdaBN) and local
+recalibration, on real images and real checkpoints."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY, run_folder, run_script, tiny_test_files
+from PIL import Image
+
+import cxr_common as cc
+
+SHIPPED = ROOT / "models" / "mobilenet_cxr.pth"
+
+
+def grey_photo(path):
+    """A real photograph (scikit-learn's bundled sample), in grey: not a chest X-ray."""
+    from sklearn.datasets import load_sample_images
+
+    Image.fromarray(load_sample_images().images[0]).convert("L").save(path)
+    return path
+
+
+def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
+    """A grey photograph passes the structure checks (it is neither blank nor noise), so
+    only the typicality flag stands between it and a confident verdict."""
+    photo = grey_photo(tmp_path / "photo.png")
+    film = ROOT / "examples" / "NORMAL2-IM-0337-0001.jpeg"
+    proc = run_script("predict.py", "--image", photo, "--image", film, "--out", tmp_path)
+    assert "photo.png" in proc.stdout
+    block = proc.stdout.split("Image: ")
+    photo_block = next(b for b in block if b.startswith(str(photo)))
+    film_block = next(b for b in block if b.startswith(str(film)))
+    assert "Outside what the model was trained on: refer" in photo_block
+    assert "Prediction:" not in photo_block
+    assert "Prediction: NORMAL" in film_block
+    rows = {r.split(",")[0]: r for r in
+            (run_folder(tmp_path) / "predictions.csv").read_text().splitlines()[1:]}
+    assert ",OUTSIDE,," in rows[str(photo)]  # no verdict, no confidence
+    assert "1 of 2 image(s) (50%) are outside" in proc.stdout
+
+
+def test_typicality_for_rebuilds_the_statistics_the_run_stored(trained_run, tmp_path):
+    """--typicality-for rebuilds the run's own train/validation split from the seed in
+    the checkpoint; on the same weights it must give the statistics the run stored at
+    its end (a wrong split or seed gives another cut)."""
+    original = trained_run[0] / "mobilenet_cxr.pth"
+    payload = torch.load(original, weights_only=True)
+    stored = payload["typicality"]
+    bare = tmp_path / "bare.pth"
+    cc.save_checkpoint(bare, payload["state_dict"], payload["meta"])
+    assert cc.load_checkpoint(bare)[0].typicality is None
+    run_script("train_cxray.py", "--typicality-for", bare, "--data", TINY, "--cache-dir", "")
+    rebuilt = cc.load_checkpoint(bare)[0].typicality
+    assert rebuilt["cut"] == pytest.approx(stored["cut"], rel=1e-4)
+    assert torch.allclose(rebuilt["class_means"], stored["class_means"], atol=1e-3)
+    # every tensor loads with weights_only=True (no pickled objects)
+    assert all(isinstance(v, (torch.Tensor, float)) for v in rebuilt.values())
+
+
+def test_adabn_changes_only_batchnorm_statistics_to_those_of_the_images(model_path):
+    model, meta = cc.load_checkpoint(model_path)
+    size = meta["preprocessing"]["image_size"]
+    x = np.stack([cc.load_image_array(f, size) for f in tiny_test_files()])
+    adapted = cc.adapt_batchnorm(model, x, cc.intensity_of(meta), batch_size=5)
+    before, after = model.state_dict(), adapted.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("running_" in k or "num_batches" in k for k in changed)
+    # the first BatchNorm's running mean is the mean of its input over all the images
+    seen = []
+    hook = model.features[0][0].register_forward_hook(lambda m, i, o: seen.append(o))
+    cc.predict_logits(model, x, cc.intensity_of(meta))
+    hook.remove()
+    mean = torch.cat(seen).mean((0, 2, 3))
+    assert torch.allclose(after["features.0.1.running_mean"], mean, atol=1e-4)
+    assert not torch.allclose(before["features.0.1.running_mean"], mean, atol=1e-2)
+
+
+def test_recalibration_partitions_are_whole_patients_with_both_classes():
+    from visualize_results import site_partitions
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), 3)  # 60 patients, 3 images each
+    y = (np.arange(60) % 3 == 0).repeat(3).astype(int)  # a third of patients positive
+    parts = site_partitions(groups, y, 20, rng)
+    assert len(parts) == len(y) // 20
+    flat = np.concatenate(parts)
+    assert sorted(flat.tolist()) == list(range(len(y)))  # every image exactly once
+    for part in parts:
+        assert set(y[part]) == {0, 1}
+        for other in parts:
+            if other is not part:
+                assert not set(groups[part]) & set(groups[other])  # no patient in two
+
+
+def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
+    """visualize --recalibrate scores every image with a calibration fitted on other
+    patients, reports it beside the zero-shot figures, and --save-calibrated writes a
+    model predict.py uses with the new threshold."""
+    site = tmp_path / "site.pth"
+    proc = run_script("visualize_results.py", "--model", calibrated.path, "--split",
+                      TINY / "test", "--out", tmp_path, "--bootstrap", 20,
+                      "--recalibrate", 4, "--draws", 3, "--save-calibrated", site)
+    assert "Local recalibration on" in proc.stdout
+    metrics = json.loads((run_folder(tmp_path) / "metrics.json").read_text())
+    assert metrics["protocol"].startswith("zero-shot")
+    (row,) = metrics["recalibration"]
+    assert row["K"] == 4 and row["draws"] == 3
+    _, meta = cc.load_checkpoint(site)
+    cal = cc.calibration_of(meta)
+    assert "labelled images of" in meta["calibration"]["fitted_on"]
+    assert meta["recalibrated_from"]["threshold"] == pytest.approx(calibrated.threshold)
+    out = tmp_path / "pred"
+    proc = run_script("predict.py", "--model", site, "--dir", TINY / "test", "--out", out,
+                      "--quiet")
+    assert f"threshold P(PNEUMONIA) >= {cal['threshold']:.3f}" in proc.stdout
+
+
+def test_predict_adapt_is_recorded_and_resume_must_match(model_path, tmp_path):
+    proc = run_script("predict.py", "--model", model_path, "--dir", TINY / "test", "--out",
+                      tmp_path, "--adapt", "--quiet")
+    assert "--adapt: BatchNorm statistics re-estimated on 16 unlabeled image(s)" in proc.stdout
+    out = run_folder(tmp_path)
+    assert json.loads((out / "run.json").read_text())["adapt"] is True
+    proc = run_script("predict.py", "--model", model_path, "--dir", TINY / "test",
+                      "--resume", out, check=False)
+    assert proc.returncode != 0 and "--adapt setting" in proc.stderr
+
+
+def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
+    """Without a shared calibration an ensemble averages its members' thresholds (each
+    fitted on its own split) and says so; --save-calibrated FILE.json fits one
+    calibration for the ensemble's probability, which predict --calibration uses, and
+    refuses for other model files."""
+    paths, _ = ensemble
+    models = [a for p in paths for a in ("--model", p)]
+    proc = run_script("predict.py", *models, "--dir", TINY / "test", "--out", tmp_path / "a",
+                      "--quiet")
+    assert "means of its members' own" in proc.stdout
+    saved = tmp_path / "ensemble.json"
+    run_script("visualize_results.py", *models, "--split", TINY / "test", "--out", tmp_path,
+               "--bootstrap", 20, "--recalibrate", 4, "--draws", 2, "--save-calibrated", saved)
+    cal = json.loads(saved.read_text())
+    assert [m["sha256"] for m in cal["members"]] == [cc_sha(p) for p in paths]
+    proc = run_script("predict.py", *models, "--calibration", saved, "--dir", TINY / "test",
+                      "--out", tmp_path / "b", "--quiet")
+    assert f"threshold P(PNEUMONIA) >= {cal['threshold']:.3f}" in proc.stdout
+    assert "means of its members' own" not in proc.stdout
+    # and the probabilities are the shared calibration's: the mean, its logit / T
+    rows = list(csv.DictReader(open(run_folder(tmp_path / "b") / "predictions.csv")))
+    members = [cc.load_checkpoint(p) for p in paths]
+    x = np.stack([cc.load_image_array(r["resolved_path"], 64) for r in rows])
+    expect = cc.mean_probability(cc.member_logits(members, x), cal["temperatures"],
+                                 cal["ensemble_temperature"])
+    assert np.allclose([float(r["prob_pneumonia"]) for r in rows], expect, atol=2e-6)
+    proc = run_script("predict.py", "--model", paths[1], "--model", paths[0], "--calibration",
+                      saved, "--image", x_file(), "--out", tmp_path / "c", check=False)
+    assert proc.returncode != 0 and "fitted for other model files" in proc.stderr
+
+
+def cc_sha(path):
+    import cxr_io as cio
+
+    return cio.sha256_file(path)
+
+
+def x_file():
+    return tiny_test_files()[0]
