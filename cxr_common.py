@@ -598,18 +598,20 @@ def outside_distribution(members, feats: list[torch.Tensor]):
 def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
                     batch_size: int = 64) -> nn.Module:
     """AdaBN: a copy of the model whose BatchNorm statistics are re-estimated on these
-    unlabeled images (cumulative average over one pass); no weight changes."""
+    unlabeled images in one pass (each batch's statistics weighted by its size, so the
+    running mean is the mean over all the images); no weight changes."""
     import copy
 
     adapted = copy.deepcopy(model).eval()
     device = next(adapted.parameters()).device
-    for m in adapted.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over all batches
-            m.train()
+    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.train()
     for s in range(0, len(images_u8), batch_size):
         x = torch.as_tensor(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
+        for m in norms:  # the new batch's share of all images seen so far
+            m.momentum = len(x) / (s + len(x))
         adapted(model_input(x, intensity).contiguous(memory_format=torch.channels_last))
     adapted.typicality = getattr(model, "typicality", None)
     return adapted.eval()

@@ -149,7 +149,7 @@ def result_row(path, p_pneu, cal, model_id, typicality=None):
     gets no verdict and no confidence, only its probabilities for the record."""
     pred, conf = cc.decide(p_pneu, cal["threshold"])
     lo, hi = cal["uncertain_band"]
-    outside = typicality is not None and typicality > 1
+    outside = typicality is not None and bool(typicality > 1)
     return {
         "file": cio.display_name(path),
         "prediction": OUTSIDE if outside else cc.CLASS_NAMES[int(pred)],
