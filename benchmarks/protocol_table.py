@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""The protocol table (docs/site_shift.md, README): every evaluation folder's figures
+under its declared protocol, printed from visualize_results.py's metrics.json.
+
+    python visualize_results.py --model M --recalibrate 25 50 100 200 --out outputs/M0
+    python visualize_results.py --model M --adapt --out outputs/M1
+    python benchmarks/protocol_table.py outputs/M0/eval_* outputs/M1/eval_*
+
+Zero-shot and label-free rows are the folder's metrics at the stored calibration; each
+--recalibrate K gives a "local recalibration, K labelled images" row (cross-fitted,
+mean over draws, with the sd of accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def rows_of(folder: Path) -> list[str]:
+    m = json.loads((folder / "metrics.json").read_text())
+    name = " + ".join(Path(p).name for p in m["models"])
+    t, ref = m["at_threshold"], m.get("referral_rate", {})
+    out = [f"| {name} | {m.get('protocol', 'zero-shot')} | {t['accuracy']:.4f} | "
+           f"{t['sensitivity']:.4f} | {t['specificity']:.4f} | {t['auc']:.4f} | {m['ece']:.4f} | "
+           f"{ref.get('NORMAL', float('nan')):.1%} / {ref.get('PNEUMONIA', float('nan')):.1%} |"]
+    for r in m.get("recalibration", []):
+        a, s = r["mean"], r["sd"]
+        out.append(f"| {name} | local recalibration, K = {r['K']} labelled test images, "
+                   f"cross-fitted ({r['draws']} draws) | {a['accuracy']:.4f} ± {s['accuracy']:.4f} | "
+                   f"{a['sensitivity']:.4f} | {a['specificity']:.4f} | {a['auc']:.4f} | "
+                   f"{a['ece']:.4f} | {a['referred_NORMAL']:.1%} / {a['referred_PNEUMONIA']:.1%} |")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folders", nargs="+", type=Path, help="visualize_results.py output folders")
+    args = p.parse_args()
+    print("| model | protocol | accuracy | sensitivity | specificity | ROC AUC | ECE | "
+          "referred NORMAL / PNEUMONIA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for folder in args.folders:
+        print("\n".join(rows_of(folder)))
+
+
+if __name__ == "__main__":
+    main()
