@@ -27,7 +27,8 @@ def rows_of(folder: Path) -> list[str]:
            f"{ref.get('NORMAL', float('nan')):.1%} / {ref.get('PNEUMONIA', float('nan')):.1%} |"]
     for r in m.get("recalibration", []):
         a, s = r["mean"], r["sd"]
-        out.append(f"| {name} | local recalibration, K = {r['K']} labelled test images, "
+        out.append(f"| {name} | local recalibration, K = {r['K']} labelled images of "
+                   f"{Path(m['data']).name}, "
                    f"cross-fitted ({r['draws']} draws) | {a['accuracy']:.4f} ± {s['accuracy']:.4f} | "
                    f"{a['sensitivity']:.4f} | {a['specificity']:.4f} | {a['auc']:.4f} | "
                    f"{a['ece']:.4f} | {a['referred_NORMAL']:.1%} / {a['referred_PNEUMONIA']:.1%} |")
