@@ -305,6 +305,12 @@ def shift_report(members, feats, y, pred) -> dict | None:
     z = cc.project(feats[0].numpy(), stats)
     ref_z, ref_y = stats["reference_z"].numpy(), stats["reference_labels"].numpy()
     auc = cc.domain_auc(ref_z, z)
+    by_class = {n: cc.domain_auc(ref_z[ref_y == k], z[y == k])
+                for k, n in enumerate(cc.CLASS_NAMES) if (y == k).sum() >= 5}
+    worst = max(by_class, key=by_class.get) if by_class else None
+    verdict = cc.shift_verdict(auc)
+    if worst is not None and cc.shift_verdict(by_class[worst]) != verdict:
+        verdict += f"; but for {worst} images alone: {cc.shift_verdict(by_class[worst])}"
     wrong = pred != y
     return {
         "flagged_share": float(flag.mean()),
@@ -312,9 +318,7 @@ def shift_report(members, feats, y, pred) -> dict | None:
                              for k, n in enumerate(cc.CLASS_NAMES)},
         "error_rate_flagged": float(wrong[flag].mean()) if flag.any() else float("nan"),
         "error_rate_unflagged": float(wrong[~flag].mean()) if (~flag).any() else float("nan"),
-        "domain_auc": auc, "verdict": cc.shift_verdict(auc),
-        "domain_auc_by_class": {n: cc.domain_auc(ref_z[ref_y == k], z[y == k])
-                                for k, n in enumerate(cc.CLASS_NAMES) if (y == k).sum() >= 5},
+        "domain_auc": auc, "verdict": verdict, "domain_auc_by_class": by_class,
         "validation_flagged_share": 1 - stats["level"],
         "scores": cc.typicality_score(feats[0].numpy(), stats), "flag": flag,
     }
