@@ -144,12 +144,13 @@ def adapted_members(members, files, size, batch_size):
 # ---------------------------------------------------------------------------------
 
 
-def result_row(path, p_pneu, cal, model_id, typicality=None):
-    """A verdict row; an image outside the training distribution (typicality above 1)
-    gets no verdict and no confidence, only its probabilities for the record."""
+def result_row(path, p_pneu, cal, model_id, flag=None):
+    """A verdict row; an image outside the training distribution (flag: (outside,
+    typicality / cut) from cc.outside_distribution) gets no verdict and no confidence,
+    only its probabilities for the record."""
     pred, conf = cc.decide(p_pneu, cal["threshold"])
     lo, hi = cal["uncertain_band"]
-    outside = typicality is not None and bool(typicality > 1)
+    outside, typicality = (bool(flag[0]), flag[1]) if flag is not None else (False, None)
     return {
         "file": cio.display_name(path),
         "prediction": OUTSIDE if outside else cc.CLASS_NAMES[int(pred)],
@@ -446,7 +447,7 @@ def main(argv=None):
                                     "(NaN or infinity): no verdict", model_id)
                 continue
             row = result_row(todo[i], float(p), cal, model_id,
-                             None if flags is None else flags[1][k])
+                             None if flags is None else (flags[0][k], flags[1][k]))
             rows[i] = row
             n_outside += row["outside"] is True
             print_line(row) if args.quiet else print_block(row, cal)

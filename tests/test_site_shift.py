@@ -40,6 +40,16 @@ def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
             (run_folder(tmp_path) / "predictions.csv").read_text().splitlines()[1:]}
     assert ",OUTSIDE,," in rows[str(photo)]  # no verdict, no confidence
     assert "1 of 2 image(s) (50%) are outside" in proc.stdout
+    # visualize counts the same flag, per class, and its error rates
+    for label, src in (("NORMAL", photo), ("NORMAL", film),
+                       ("PNEUMONIA", ROOT / "examples" / "person10_virus_35.jpeg")):
+        (tmp_path / "site" / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "site" / label / src.name).write_bytes(src.read_bytes())
+    run_script("visualize_results.py", "--split", tmp_path / "site", "--out", tmp_path / "ev",
+               "--bootstrap", 20, "--gallery", 0)
+    shift = json.loads((run_folder(tmp_path / "ev") / "metrics.json").read_text())["site_shift"]
+    assert shift["flagged_share"] == pytest.approx(1 / 3)
+    assert shift["flagged_by_class"] == {"NORMAL": 0.5, "PNEUMONIA": 0.0}
 
 
 def test_typicality_for_rebuilds_the_statistics_the_run_stored(trained_run, tmp_path):
