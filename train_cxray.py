@@ -229,7 +229,7 @@ def main(argv=None):
     log(rank, *recipe_changes(args), sep="\n")
 
     # Data: a patient-grouped validation split, decoded once, augmented on tensors.
-    splits, test_files, val_source = load_splits(args, recipe, run_dir, rank)
+    splits, patients, test_files, val_source = load_splits(args, recipe, run_dir, rank)
     (x_train, y_train), (x_val, y_val) = splits["train"], splits["val"]
     log(rank, f"Train: {len(y_train)} images ({np.bincount(y_train, minlength=2).tolist()} "
               f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})"
@@ -280,7 +280,8 @@ def main(argv=None):
     # The best epoch's weights, their calibration (on the calibration split, which
     # selection never saw), the typicality statistics, then the test split, read once.
     model.load_state_dict(best["state"])
-    calibration = calibrate(model, *splits["cal"], recipe, args.seed) if recipe["calibrate"] else None
+    calibration = (calibrate(model, *splits["cal"], patients["cal"], recipe, args.seed)
+                   if recipe["calibrate"] else None)
     typicality = typicality_stats(model, x_train, y_train, x_val, y_val, recipe["intensity"],
                                   args.seed)
     val = evaluate(model, x_val, y_val, recipe["intensity"], calibration)
@@ -434,8 +435,9 @@ def split_files(args, recipe: dict) -> tuple[dict, str]:
 
 
 def load_splits(args, recipe: dict, run_dir: Path | None, rank: int):
-    """{split: (images, labels)} for train, val (and cal), the test files (not read yet)
-    and where validation came from. Unusable files are skipped and listed."""
+    """{split: (images, labels)} for train, val (and cal), {split: patient ids}, the test
+    files (not read yet) and where validation came from. Unusable files are skipped and
+    listed."""
     check_data(args)
     files, val_source = split_files(args, recipe)
     arrays, used, skipped = {}, {}, []
@@ -449,7 +451,20 @@ def load_splits(args, recipe: dict, run_dir: Path | None, rank: int):
     if rank == 0 and run_dir is not None:
         report_skipped(run_dir, skipped)
         write_split_csv(run_dir / "val_split.csv", used)
-    return arrays, cc.list_labelled(Path(args.data) / "test"), val_source
+    patients = {name: [cc.patient_id(p) for p in ps] for name, (ps, _) in used.items()}
+    return arrays, patients, cc.list_labelled(Path(args.data) / "test"), val_source
+
+
+def checkpoint_splits(meta: dict, data, cache_dir=".cache"):
+    """A trained checkpoint's own splits, rebuilt from its metadata (seed, fractions,
+    recipe): as load_splits returns them."""
+    args = argparse.Namespace(
+        data=str(data), seed=meta["seed"], image_size=meta["preprocessing"]["image_size"],
+        val_fraction=meta.get("val_fraction", 0.1),
+        calib_fraction=meta.get("calib_fraction") or 0.1, cache_dir=cache_dir)
+    recipe = dict(meta.get("recipe_fields") or RECIPES[meta["recipe"]],
+                  calibrate=bool(meta.get("calib_fraction")))  # older runs had no cal split
+    return load_splits(args, recipe, None, rank=1)
 
 
 def require_both_classes(labels, where: str):
@@ -666,11 +681,11 @@ def stressed_copies(images: np.ndarray, labels: np.ndarray, copies: int, seed: i
     return out, np.tile(labels, copies)
 
 
-def calibrate(model, x_cal, y_cal, recipe, seed) -> dict:
+def calibrate(model, x_cal, y_cal, patients, recipe, seed) -> dict:
     """Temperature, threshold and uncertain band, fitted on shifted copies of the
     calibration split (patients that neither training nor epoch selection saw)."""
     x_sv, y_sv = stressed_copies(x_cal, y_cal, STRESS_COPIES, seed)
-    groups = np.tile(np.arange(len(y_cal)), STRESS_COPIES)  # an image's copies stay together
+    groups = np.tile(patients, STRESS_COPIES)  # a patient's images and copies stay together
     calibration = cc.fit_calibration(cc.predict_logits(model, x_sv, recipe["intensity"]), y_sv,
                                      groups, seed)
     calibration["fitted_on"] = (f"{STRESS_COPIES} shifted copies of the {len(y_cal)} "
@@ -705,17 +720,11 @@ def add_typicality(args) -> int:
     path = Path(args.typicality_for)
     with cio.exit_on(cc.CheckpointError):
         model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    args.seed, args.image_size = meta["seed"], meta["preprocessing"]["image_size"]
-    args.val_fraction = meta.get("val_fraction", 0.1)
-    args.calib_fraction = meta.get("calib_fraction") or args.calib_fraction
-    recipe = dict(meta.get("recipe_fields") or RECIPES[meta["recipe"]],
-                  calibrate=bool(meta.get("calib_fraction")))
-    splits, _, source = load_splits(args, recipe, None, rank=0)
+    splits, _, _, source = checkpoint_splits(meta, args.data, args.cache_dir or None)
     print(f"{path}: validation rebuilt as {source}")
     stats = typicality_stats(model, *splits["train"], *splits["val"], cc.intensity_of(meta),
-                             args.seed)
-    cc.save_checkpoint(path, state, meta, stats)
+                             meta["seed"])
+    cc.save_checkpoint(path, model.state_dict(), meta, stats)
     print(f"Saved {path} with the typicality statistics")
     return 0
 

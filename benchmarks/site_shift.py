@@ -99,17 +99,6 @@ def features(model, meta, images):
     return cc.predict_logits(model, images, cc.intensity_of(meta), features=True)[1].numpy()
 
 
-def model_splits(meta, data: Path):
-    args = argparse.Namespace(data=str(data), seed=meta["seed"],
-                              image_size=meta["preprocessing"]["image_size"],
-                              val_fraction=meta.get("val_fraction", 0.1),
-                              calib_fraction=meta.get("calib_fraction") or 0.1, cache_dir=".cache")
-    recipe = dict(meta.get("recipe_fields") or tc.RECIPES[meta["recipe"]],
-                  calibrate=bool(meta.get("calib_fraction")))
-    splits, test_files, _ = tc.load_splits(args, recipe, None, rank=1)
-    return splits, test_files
-
-
 def share(flags) -> str:
     return f"{np.mean(flags):6.1%} of {len(flags):>4}"
 
@@ -122,7 +111,7 @@ def measure(path: Path, data: Path, kinds) -> dict:
                          f"train_cxray.py --typicality-for {path}")
     size = meta["preprocessing"]["image_size"]
     print(f"\n{path} ({meta['recipe']}, seed {meta['seed']}), cut {stats['cut']:.2f}")
-    splits, (tp, tl) = model_splits(meta, data)
+    splits, _, (tp, tl), _ = tc.checkpoint_splits(meta, data)
     x_val, y_val = splits["val"]
     x_test, kept, _ = cc.decode_all(tp, size, ".cache", "test")
     y_test = np.array(tl)[kept]

@@ -203,3 +203,26 @@ def test_no_image_is_scored_by_a_calibration_fitted_on_its_patient(monkeypatch):
     for d in range(2):
         scored = np.concatenate([s for _, s in calls[d * 4:(d + 1) * 4]])
         assert sorted(scored.tolist()) == list(range(len(y)))
+
+
+def test_calibration_resamples_whole_patients_with_their_shifted_copies(model_path, monkeypatch):
+    """calibrate() hands fit_calibration one group per patient: a patient's images and
+    all their shifted copies are drawn (and cross-fitted) together."""
+    import train_cxray as tc
+
+    model, meta = cc.load_checkpoint(model_path)
+    files = tiny_test_files()
+    x = np.stack([cc.load_image_array(f, 64) for f in files])
+    y = np.array([int("PNEUMONIA" in str(f)) for f in files])
+    patients = [f"patient{i // 2}" for i in range(len(files))]  # two images per patient
+    seen = {}
+    real = cc.fit_calibration
+
+    def spy(logits, labels, groups=None, seed=0):
+        seen["groups"], seen["labels"] = groups, labels
+        return real(logits, labels, groups, seed)
+
+    monkeypatch.setattr(cc, "fit_calibration", spy)
+    tc.calibrate(model, x, y, patients, tc.recipe_for("improved"), seed=0)
+    groups = np.asarray(seen["groups"])
+    assert list(groups) == patients * tc.STRESS_COPIES
