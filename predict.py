@@ -186,7 +186,8 @@ def print_block(row, cal):
     print(f"\nImage: {row['file']}")
     if row["prediction"] == OUTSIDE:
         print(f"Outside what the model was trained on: refer. No verdict (typicality "
-              f"{row['typicality']:.2f} x the cut that 1% of validation films exceed).")
+              f"{row['typicality']:.2f} x the cut that {1 - cc.TYPICALITY_LEVEL:.0%} of validation "
+              "films exceed).")
         return
     print(f"P(PNEUMONIA), calibrated: {row['prob_pneumonia']:.1%}   (decision: PNEUMONIA at "
           f">= {row['threshold']:.1%})")
@@ -470,7 +471,8 @@ def main(argv=None):
     if n_outside:
         share = n_outside / n_ok
         print(f"{'warning: ' if share > MANY_OUTSIDE else ''}{n_outside} of {n_ok} image(s) "
-              f"({share:.0%}) are outside what the model was trained on (on validation: 1%)"
+              f"({share:.0%}) are outside what the model was trained on (on validation: "
+              f"{1 - cc.TYPICALITY_LEVEL:.0%})"
               + ("; are these films from another hospital or not chest X-rays? Its figures do "
                  "not apply to them: see visualize_results.py --recalibrate"
                  if share > MANY_OUTSIDE else ""))
