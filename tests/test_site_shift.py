@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_folder, run_script, tiny_test_files
+from conftest import CAL_TEMPERATURE, ROOT, TINY, run_folder, run_script, tiny_test_files
 from PIL import Image
 
 import cxr_common as cc
@@ -122,6 +122,11 @@ def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
     cal = cc.calibration_of(meta)
     assert "labelled images of" in meta["calibration"]["fitted_on"]
     assert meta["recalibrated_from"]["threshold"] == pytest.approx(calibrated.threshold)
+    # the site's temperature acts on top of the stored one (it was fitted on probabilities
+    # already scaled by 1 / 0.4)
+    site_t = meta["calibration"]["temperature_fitted"] if meta["calibration"]["temperature_kept"] \
+        else 1.0
+    assert cal["temperature"] == pytest.approx(CAL_TEMPERATURE * site_t)
     out = tmp_path / "pred"
     proc = run_script("predict.py", "--model", site, "--dir", TINY / "test", "--out", out,
                       "--quiet")
@@ -154,6 +159,10 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
                "--bootstrap", 20, "--recalibrate", 4, "--draws", 2, "--save-calibrated", saved)
     cal = json.loads(saved.read_text())
     assert [m["sha256"] for m in cal["members"]] == [cc_sha(p) for p in paths]
+    # on 16 images the fitted temperature may not be kept (T = 1): set one far from 1, so
+    # that predict must apply it
+    cal["ensemble_temperature"] = 2.5
+    saved.write_text(json.dumps(cal))
     proc = run_script("predict.py", *models, "--calibration", saved, "--dir", TINY / "test",
                       "--out", tmp_path / "b", "--quiet")
     assert f"threshold P(PNEUMONIA) >= {cal['threshold']:.3f}" in proc.stdout
