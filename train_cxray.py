@@ -192,6 +192,9 @@ def parse_args(argv=None):
     p.add_argument("--typicality-for", metavar="CHECKPOINT",
                    help="only add the typicality statistics (the out-of-distribution flag) to "
                         "an existing checkpoint, from its own train/validation split of --data")
+    p.add_argument("--calibrate-for", metavar="CHECKPOINT",
+                   help="only re-fit an existing checkpoint's calibration with this version's "
+                        "method, on its own calibration split of --data (weights unchanged)")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS),
                    help="improved recipe without this component (repeatable; ablation runs)")
     p.add_argument("--add", action="append", default=[], choices=sorted(ADDITIONS),
@@ -217,6 +220,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.typicality_for:
         return add_typicality(args)
+    if args.calibrate_for:
+        return refit_calibration(args)
     args, resumed = resume_arguments(args)
     world, rank, device = setup_distributed(args)  # one process unless started by torchrun
     recipe = recipe_for(args.recipe, args.ablate, args.add)
@@ -341,10 +346,14 @@ def setup_distributed(args):
     return world, rank, device
 
 
+def invoked_as() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
 def open_run_folder(args, resumed, world: int, rank: int) -> tuple[Path, list[str]]:
     """A new run folder (or the resumed one), and the commands that made the run: the
     first, then each --resume."""
-    invocation = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    invocation = invoked_as()
     if world > 1:
         invocation = f"torchrun --nproc_per_node {world} " + invocation[len("python "):]
     commands = json.loads(resumed.get("commands", '["(not recorded)"]')) if resumed else []
@@ -726,6 +735,31 @@ def add_typicality(args) -> int:
                              meta["seed"])
     cc.save_checkpoint(path, model.state_dict(), meta, stats)
     print(f"Saved {path} with the typicality statistics")
+    return 0
+
+
+def refit_calibration(args) -> int:
+    """--calibrate-for: the calibration this version's code fits at the end of a run, on
+    the same weights and the run's own calibration split (rebuilt from its seed). The old
+    calibration, and the test figures measured with it, are kept under "recalibrated"."""
+    path = Path(args.calibrate_for)
+    with cio.exit_on(cc.CheckpointError):
+        model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
+    if not meta.get("calib_fraction"):
+        raise SystemExit(f"error: {cio.display_name(path)} was trained without a calibration "
+                         "split (reference recipe, or an older run): nothing to re-fit")
+    splits, patients, _, _ = checkpoint_splits(meta, args.data, args.cache_dir or None)
+    calibration = calibrate(model, *splits["cal"], patients["cal"], meta["recipe_fields"],
+                            meta["seed"])
+    stale = {k: v for k, v in meta["metrics"].items() if k.startswith("test_")}
+    meta["metrics"] = {k: v for k, v in meta["metrics"].items() if k not in stale}
+    meta["recalibrated"] = {"command": invoked_as(), "when": cio.timestamp(),
+                            "previous_calibration": meta["calibration"],
+                            "test_metrics_with_previous": stale}
+    meta["calibration"] = calibration
+    cc.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
+    print(f"Saved {path} with the re-fitted calibration (the test figures measured with the "
+          "old one are under meta['recalibrated'])")
     return 0
 
 

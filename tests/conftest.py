@@ -84,6 +84,17 @@ def model_path(trained_run):
     return trained_run[0] / "mobilenet_cxr.pth"
 
 
+@pytest.fixture(scope="session")
+def ablation_run(tmp_path_factory):
+    """A 1-epoch run of the improved recipe minus equalisation: a calibrating recipe (it
+    holds out a calibration split) that never reads test."""
+    out = tmp_path_factory.mktemp("ablation")
+    proc = run_script("train_cxray.py", *train_args(out, "--epochs", 1, "--recipe",
+                                                    "improved", "--ablate", "equalize"))
+    (run_dir,) = list(out.iterdir())
+    return run_dir, proc
+
+
 # Seed 6 on the tiny data: validation F1 0.889, 0.889, 0.800 over the three epochs. The
 # best epoch is the first (a tie with epoch 2 that the strictly-greater rule gives to the
 # earlier epoch), not the last; the three validation losses differ, so re-evaluating the

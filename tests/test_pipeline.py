@@ -176,11 +176,9 @@ def test_shipped_model_on_bundled_examples(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablation_run_changes_one_part_and_never_reads_test(tmp_path):
-    proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--recipe",
-                                                    "improved", "--ablate", "equalize"))
+def test_ablation_run_changes_one_part_and_never_reads_test(ablation_run):
+    run_dir, proc = ablation_run
     assert "Test split not read" in proc.stdout and "Test Accuracy" not in proc.stdout
-    (run_dir,) = list(tmp_path.iterdir())
     assert run_dir.name.endswith("improved-no-equalize_seed42")
     meta = torch.load(run_dir / "mobilenet_cxr.pth", weights_only=True)["meta"]
     assert meta["ablate"] == ["equalize"] and cc.intensity_of(meta) == "none"

@@ -70,6 +70,39 @@ def test_typicality_for_rebuilds_the_statistics_the_run_stored(trained_run, tmp_
     assert all(isinstance(v, (torch.Tensor, float)) for v in rebuilt.values())
 
 
+@pytest.mark.slow
+def test_calibrate_for_refits_the_calibration_the_run_stored(ablation_run, model_path,
+                                                             tmp_path):
+    """--calibrate-for rebuilds the run's calibration split from its seed and re-fits on
+    the same weights: it must give back the calibration the run fitted at its end, and
+    keep the one it replaces. A wrong split, seed or patient grouping gives other cuts."""
+    payload = torch.load(ablation_run[0] / "mobilenet_cxr.pth", weights_only=True)
+    stored = payload["meta"]["calibration"]
+    meta = json.loads(json.dumps(payload["meta"]))
+    meta["calibration"] = dict(stored, temperature=3.0, threshold=0.01)
+    meta["metrics"]["test_acc"] = 0.5  # a test figure measured with the old calibration
+    copy = tmp_path / "old.pth"
+    cc.save_checkpoint(copy, payload["state_dict"], meta, payload.get("typicality"))
+    run_script("train_cxray.py", "--calibrate-for", copy, "--data", TINY, "--cache-dir", "")
+    refit = torch.load(copy, weights_only=True)
+    calibration = refit["meta"]["calibration"]
+    assert calibration["temperature"] == pytest.approx(stored["temperature"], rel=1e-4)
+    assert calibration["threshold"] == pytest.approx(stored["threshold"], abs=1e-5)
+    assert calibration["uncertain_band"] == pytest.approx(stored["uncertain_band"], abs=1e-5)
+    assert calibration["threshold_interval"] == pytest.approx(stored["threshold_interval"],
+                                                             abs=1e-5)
+    history = refit["meta"]["recalibrated"]
+    assert history["previous_calibration"]["temperature"] == 3.0
+    assert history["test_metrics_with_previous"] == {"test_acc": 0.5}
+    assert "test_acc" not in refit["meta"]["metrics"]
+    assert all(torch.equal(refit["state_dict"][k], v) for k, v in payload["state_dict"].items())
+    # a reference-recipe checkpoint has no calibration split: one line, no traceback
+    bad = run_script("train_cxray.py", "--calibrate-for", model_path, "--data", TINY,
+                     "--cache-dir", "", check=False)
+    assert bad.returncode == 1 and "trained without a calibration split" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_adabn_changes_only_batchnorm_statistics_to_those_of_the_images(model_path):
     model, meta = cc.load_checkpoint(model_path)
     size = meta["preprocessing"]["image_size"]
