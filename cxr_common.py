@@ -628,21 +628,23 @@ def decide(p: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     return pred, np.where(pred == 1, p, 1 - np.asarray(p))
 
 
-def binary_metrics(y, p, threshold: float) -> dict:
+def binary_metrics(y, p, threshold: float, sample_weight=None) -> dict:
     """Accuracy, sensitivity, specificity, F1 (PNEUMONIA positive) and ROC AUC; NaN where
-    a measure is not defined (sensitivity needs PNEUMONIA images, AUC both classes)."""
+    a measure is not defined (sensitivity needs PNEUMONIA images, AUC both classes).
+    sample_weight weights the images (importance-weighted validation)."""
     # imported here: scikit-learn costs 1.5 s at start-up, which predict.py never needs
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
     y = np.asarray(y)
     pred, _ = decide(p, threshold)
-    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    w = {"sample_weight": sample_weight}
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1], **w).ravel()
     return {
-        "accuracy": float(accuracy_score(y, pred)),
+        "accuracy": float(accuracy_score(y, pred, **w)),
         "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
         "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-        "f1": float(f1_score(y, pred, labels=[0, 1], zero_division=0)),
-        "auc": float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan"),
+        "f1": float(f1_score(y, pred, labels=[0, 1], zero_division=0, **w)),
+        "auc": float(roc_auc_score(y, p, **w)) if len(set(y.tolist())) == 2 else float("nan"),
     }
 
 

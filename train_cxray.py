@@ -464,16 +464,22 @@ def load_splits(args, recipe: dict, run_dir: Path | None, rank: int):
     return arrays, patients, cc.list_labelled(Path(args.data) / "test"), val_source
 
 
-def checkpoint_splits(meta: dict, data, cache_dir=".cache"):
-    """A trained checkpoint's own splits, rebuilt from its metadata (seed, fractions,
-    recipe): as load_splits returns them."""
+def checkpoint_split_args(meta: dict, data, cache_dir=".cache"):
+    """The (args, recipe) a trained checkpoint's splits were made with, from its metadata
+    (seed, fractions, recipe): split_files(*these) lists its files."""
     args = argparse.Namespace(
         data=str(data), seed=meta["seed"], image_size=meta["preprocessing"]["image_size"],
         val_fraction=meta.get("val_fraction", 0.1),
         calib_fraction=meta.get("calib_fraction") or 0.1, cache_dir=cache_dir)
     recipe = dict(meta.get("recipe_fields") or RECIPES[meta["recipe"]],
                   calibrate=bool(meta.get("calib_fraction")))  # older runs had no cal split
-    return load_splits(args, recipe, None, rank=1)
+    return args, recipe
+
+
+def checkpoint_splits(meta: dict, data, cache_dir=".cache"):
+    """A trained checkpoint's own splits, rebuilt from its metadata: as load_splits
+    returns them."""
+    return load_splits(*checkpoint_split_args(meta, data, cache_dir), None, rank=1)
 
 
 def require_both_classes(labels, where: str):

@@ -5,17 +5,25 @@ under its declared protocol, printed from visualize_results.py's metrics.json.
     python visualize_results.py --model M --recalibrate 25 50 100 200 --out outputs/M0
     python visualize_results.py --model M --adapt --out outputs/M1
     python benchmarks/protocol_table.py outputs/M0/eval_* outputs/M1/eval_*
+    python benchmarks/protocol_table.py --seeds outputs/<recipe>_seed*/eval_*
 
 Zero-shot and label-free rows are the folder's metrics at the stored calibration; each
 --recalibrate K gives a "local recalibration, K labelled images" row (cross-fitted,
-mean over draws, with the sd of accuracy).
+mean over draws, with the sd of accuracy). With --seeds the folders are seeds of one
+recipe: one row per protocol, mean ± sd over the seeds (sample sd), then each seed's
+accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
+
+MEASURES = ("accuracy", "sensitivity", "specificity", "auc", "ece")
 
 
 def rows_of(folder: Path) -> list[str]:
@@ -35,10 +43,45 @@ def rows_of(folder: Path) -> list[str]:
     return out
 
 
+def protocol_scores(folder: Path) -> dict[str, dict]:
+    """{protocol: {measure: value}} of one evaluation folder (recalibration: draw means)."""
+    m = json.loads((folder / "metrics.json").read_text())
+    out = {m.get("protocol", "zero-shot"): {**m["at_threshold"], "ece": m["ece"]}}
+    for r in m.get("recalibration", []):
+        out[f"local recalibration, K = {r['K']}, cross-fitted"] = r["mean"]
+    return out
+
+
+def seed_rows(folders: list[Path]) -> list[str]:
+    """One row per protocol: mean ± sd over the folders (seeds), then each seed's accuracy."""
+    by_protocol = defaultdict(list)
+    for folder in folders:
+        for protocol, scores in protocol_scores(folder).items():
+            by_protocol[protocol].append(scores)
+    rows = []
+    for protocol, runs in by_protocol.items():
+        cells = []
+        for k in MEASURES:
+            v = np.array([r[k] for r in runs], dtype=float)
+            sd = f" ± {v.std(ddof=1):.4f}" if len(v) > 1 else ""
+            cells.append(f"{v.mean():.4f}{sd}")
+        each = ", ".join(f"{r['accuracy']:.4f}" for r in runs)
+        rows.append(f"| {protocol} | {len(runs)} | " + " | ".join(cells) + f" | {each} |")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", type=Path, help="visualize_results.py output folders")
+    p.add_argument("--seeds", action="store_true",
+                   help="the folders are seeds of one recipe: mean ± sd per protocol")
     args = p.parse_args()
+    if args.seeds:
+        print("| protocol | seeds | accuracy | sensitivity | specificity | ROC AUC | ECE | "
+              "accuracy per seed |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(seed_rows(args.folders)))
+        return
     print("| model | protocol | accuracy | sensitivity | specificity | ROC AUC | ECE | "
           "referred NORMAL / PNEUMONIA |")
     print("|---|---|---|---|---|---|---|---|")

@@ -75,6 +75,18 @@ def test_binary_metrics_at_a_threshold_by_hand():
     assert m["auc"] == pytest.approx((9 + 0.5) / 12)
 
 
+def test_weighted_metrics_equal_the_metrics_of_images_repeated_by_their_weight():
+    """Importance-weighted validation: an integer weight k must count an image as k
+    copies of it, in every measure (a weight dropped from one of them fails here)."""
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.69, 0.7, 0.3, 0.7, 0.8, 0.95])
+    w = np.array([3, 1, 2, 4, 1, 1, 2])
+    weighted = binary_metrics(y, p, 0.7, sample_weight=w)
+    repeated = binary_metrics(np.repeat(y, w), np.repeat(p, w), 0.7)
+    assert weighted == pytest.approx(repeated)
+    assert weighted != pytest.approx(binary_metrics(y, p, 0.7))
+
+
 def test_bootstrap_is_the_2_5_and_97_5_percentiles_of_resamples_with_replacement():
     """Guards against resampling without replacement (intervals collapse to a point),
     other percentiles, or a resample of the wrong size: the procedure, spelled out."""
