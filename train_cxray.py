@@ -61,14 +61,16 @@ RECIPES = {
     "reference": dict(
         epochs=8, batch_size=16, optimizer="adam", lr=1e-4, weight_decay=0.0,
         schedule="plateau", augment=["flip", "rotate10", "brightness0.1"], noise=0.0,
-        intensity="none", class_weights=False, label_smoothing=0.0,
+        intensity="none", equalize_at="first", class_weights=False, label_smoothing=0.0,
+        frozen_blocks=0, probe_epochs=0, finetune_lr_factor=1.0,
         select="val_f1", select_mode="max", calibrate=False),
     # What fixes the normal-recall collapse: see README, "Beating the reference".
     "improved": dict(
         epochs=8, batch_size=32, optimizer="adamw", lr=3e-4, weight_decay=0.01,
         schedule="warmup_cosine",
         augment=["resized_crop", "flip", "rotate10", "brightness_contrast0.3"], noise=0.0,
-        intensity="equalize", class_weights=True, label_smoothing=0.1,
+        intensity="equalize", equalize_at="first", class_weights=True, label_smoothing=0.1,
+        frozen_blocks=0, probe_epochs=0, finetune_lr_factor=1.0,
         select="val_loss", select_mode="min", calibrate=True),
 }
 # --ablate X: the improved recipe minus one part, replaced by the reference's choice.
@@ -77,8 +79,17 @@ ABLATIONS = {
     "augment": {"augment": RECIPES["reference"]["augment"]},
     "loss": {"class_weights": False, "label_smoothing": 0.0},
 }
-# --add X: candidate additions, judged on validation before any recipe adopts them.
-ADDITIONS = {"noise": {"noise": 0.05}}
+# --add X: candidate additions, judged on validation before any recipe adopts them
+# (docs/site_shift.md, issue 10 part 4).
+ADDITIONS = {
+    "noise": {"noise": 0.05},
+    # training inputs get the exact histogram prediction inputs have
+    "equalize-last": {"equalize_at": "last"},
+    # the stem and the first six inverted-residual blocks (down to 28 x 28) stay ImageNet's
+    "freeze-early": {"frozen_blocks": 7},
+    # LP-FT: fit the classifier on frozen features, then fine-tune everything more gently
+    "lp-ft": {"probe_epochs": 2, "finetune_lr_factor": 1 / 3},
+}
 # Augmentations by name: (plain words, the torchvision transform for a given image size).
 AUGMENTATIONS = {
     "flip": ("RandomHorizontalFlip", lambda size: v2.RandomHorizontalFlip()),
@@ -104,6 +115,12 @@ def recipe_for(name: str, ablate=(), add=()) -> dict:
     return recipe
 
 
+def recipe_of(meta: dict) -> dict:
+    """A checkpoint's recipe fields; fields added to the code since it was trained take
+    the values its recipe has now (older runs did not have them)."""
+    return {**RECIPES[meta["recipe"]], **(meta.get("recipe_fields") or {})}
+
+
 def describe(recipe: dict) -> dict:
     """The recipe in words, generated from its fields (stored in the checkpoint)."""
     optimizer = {"adam": "Adam", "adamw": "AdamW"}[recipe["optimizer"]]
@@ -117,6 +134,13 @@ def describe(recipe: dict) -> dict:
     if recipe["label_smoothing"]:
         loss.append(f"label_smoothing={recipe['label_smoothing']:g}")
     augment = ", ".join(AUGMENTATIONS[a][0] for a in recipe["augment"])
+    training = "all layers"
+    if recipe["frozen_blocks"]:
+        training = (f"features[:{recipe['frozen_blocks']}] frozen (weights and BatchNorm "
+                    "statistics), the rest trained")
+    if recipe["probe_epochs"]:
+        training = (f"the classifier only for {recipe['probe_epochs']} epoch(s) (features "
+                    f"frozen), then {training} at lr x {recipe['finetune_lr_factor']:.3g}")
     if recipe["noise"]:
         augment += (f"; plus Gaussian sensor noise (sd {recipe['noise']:g} of the range) on "
                     "half the images, before equalisation")
@@ -128,7 +152,10 @@ def describe(recipe: dict) -> dict:
                       "warmup_cosine": "linear warm-up for 1 epoch, then cosine decay to 0 "
                                        "(per step)"}[recipe["schedule"]],
         "augment": augment,
-        "intensity": recipe["intensity"],
+        "intensity": recipe["intensity"] + (" (after the augmentations)"
+                                            if recipe["intensity"] == "equalize"
+                                            and recipe["equalize_at"] == "last" else ""),
+        "training": training,
         "loss": "CrossEntropyLoss" + (f"({', '.join(loss)})" if loss else ""),
         "selection": f"{'best' if recipe['select_mode'] == 'max' else 'lowest'} {select}",
         "calibration": (
@@ -244,6 +271,10 @@ def main(argv=None):
     # Model, loss, optimiser and schedule; a resumed run picks up where it stopped.
     model, weight_source = make_model(args, device)
     log(rank, f"MobileNetV2 weights: {weight_source}")
+    if recipe["probe_epochs"] and world > 1:
+        raise SystemExit("error: --add lp-ft changes which layers train between epochs, which "
+                         "DistributedDataParallel does not allow: run it in one process")
+    freeze(model, recipe["frozen_blocks"])  # before DDP, which registers what trains
     net = wrap_distributed(model, world, device)
     criterion, optimizer, scheduler = make_optimisation(recipe, model, y_train, len(loader),
                                                         args.lr, args.epochs)
@@ -255,9 +286,10 @@ def main(argv=None):
         if sampler is not None:
             sampler.set_epoch(epoch)
         # one pass over the training images (a warm-up + cosine schedule steps per batch)
+        frozen = freeze(model, frozen_blocks(recipe, epoch))
         train_loss, train_acc = train_one_epoch(
             net, loader, criterion, optimizer, device, amp, rank, epoch, args.epochs,
-            scheduler if recipe["schedule"] == "warmup_cosine" else None)
+            scheduler if recipe["schedule"] == "warmup_cosine" else None, frozen)
         # validation, the same on every process; a plateau schedule steps on it
         val = evaluate(model, x_val, y_val, recipe["intensity"])
         if recipe["schedule"] == "plateau":
@@ -471,8 +503,7 @@ def checkpoint_split_args(meta: dict, data, cache_dir=".cache"):
         data=str(data), seed=meta["seed"], image_size=meta["preprocessing"]["image_size"],
         val_fraction=meta.get("val_fraction", 0.1),
         calib_fraction=meta.get("calib_fraction") or 0.1, cache_dir=cache_dir)
-    recipe = dict(meta.get("recipe_fields") or RECIPES[meta["recipe"]],
-                  calibrate=bool(meta.get("calib_fraction")))  # older runs had no cal split
+    recipe = dict(recipe_of(meta), calibrate=bool(meta.get("calib_fraction")))  # older runs had no cal split
     return args, recipe
 
 
@@ -533,15 +564,16 @@ def train_transform(recipe: dict, size: int):
 
     Equalisation comes first, so the contrast jitter and the black corners of a rotation
     come after it: training inputs are not exactly equalised, while prediction inputs
-    are (cc.model_input). Equalising after augmentation is a candidate, not the recipe."""
+    are (cc.model_input). Equalising after augmentation is a candidate (equalize-last),
+    not the recipe."""
     steps = []
     if recipe["noise"]:  # v2.GaussianNoise: torchvision >= 0.20
         steps.append(v2.RandomApply([v2.ToDtype(torch.float32, scale=True),
                                      v2.GaussianNoise(sigma=recipe["noise"]),
                                      v2.ToDtype(torch.uint8, scale=True)], p=0.5))
-    if recipe["intensity"] == "equalize":
-        steps.append(v2.Lambda(cc.equalize))
-    steps += [AUGMENTATIONS[name][1](size) for name in recipe["augment"]]
+    equalize = [v2.Lambda(cc.equalize)] if recipe["intensity"] == "equalize" else []
+    augment = [AUGMENTATIONS[name][1](size) for name in recipe["augment"]]
+    steps += equalize + augment if recipe["equalize_at"] == "first" else augment + equalize
     return v2.Compose(steps)
 
 
@@ -596,8 +628,10 @@ def make_optimisation(recipe: dict, model, y_train, steps_per_epoch: int, lr: fl
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=recipe["select_mode"], factor=0.5, patience=2)
     else:
+        schedule = warmup_cosine(steps_per_epoch, steps_per_epoch * epochs)
+        probe_steps, gentler = steps_per_epoch * recipe["probe_epochs"], recipe["finetune_lr_factor"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(steps_per_epoch, steps_per_epoch * epochs))
+            optimizer, lambda step: schedule(step) * (1.0 if step < probe_steps else gentler))
     return criterion, optimizer, scheduler
 
 
@@ -608,6 +642,20 @@ def warmup_cosine(warmup: int, total: int):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     return factor
+
+
+def frozen_blocks(recipe: dict, epoch: int) -> int:
+    """How many leading feature blocks stay fixed in this epoch: all of them while LP-FT
+    fits the classifier alone, else the recipe's frozen_blocks."""
+    return 10**6 if epoch <= recipe["probe_epochs"] else recipe["frozen_blocks"]
+
+
+def freeze(model, n_blocks: int) -> nn.Module:
+    """No gradients for model.features[:n_blocks]; returns them, for train_one_epoch to
+    keep in eval mode (their BatchNorm statistics stay ImageNet's too)."""
+    for i, block in enumerate(model.features):
+        block.requires_grad_(i >= n_blocks)
+    return model.features[:n_blocks]
 
 
 def is_better(score: float, best: float, mode: str) -> bool:
@@ -621,8 +669,10 @@ def is_better(score: float, best: float, mode: str) -> bool:
 
 
 def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoch, epochs,
-                    step_scheduler=None):
+                    step_scheduler=None, frozen=None):
     model.train()
+    if frozen is not None:
+        frozen.eval()  # frozen blocks: their BatchNorm statistics do not move either
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=f"Epoch {epoch}/{epochs} [train]", unit="batch",
                disable=rank != 0, leave=False)
@@ -755,7 +805,7 @@ def refit_calibration(args) -> int:
         raise SystemExit(f"error: {cio.display_name(path)} was trained without a calibration "
                          "split (reference recipe, or an older run): nothing to re-fit")
     splits, patients, _, _ = checkpoint_splits(meta, args.data, args.cache_dir or None)
-    calibration = calibrate(model, *splits["cal"], patients["cal"], meta["recipe_fields"],
+    calibration = calibrate(model, *splits["cal"], patients["cal"], recipe_of(meta),
                             meta["seed"])
     stale = {k: v for k, v in meta["metrics"].items() if k.startswith("test_")}
     meta["metrics"] = {k: v for k, v in meta["metrics"].items() if k not in stale}
