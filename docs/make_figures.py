@@ -363,7 +363,7 @@ def fig_reliability(args, out: Path):
         ax.bar([], [], color="tab:blue", label="accuracy in the bin")
         ax.plot([], [], "o", color="tab:orange", label="mean confidence in the bin")
         ax.plot([], [], color="k", lw=2, label="gap (ECE: weighted mean)")
-        ax.set_xlim(0.45, 1.0)
+        ax.set_xlim(min([0.45] + [lo for lo, *_ in bins]), 1.0)  # a threshold < 0.5 gives decisions below 0.5
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("confidence of the decision")
         ax.set_title(f"{name}: ECE {ece:.3f}, temperature {cal['temperature']:.2f}",
