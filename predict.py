@@ -178,7 +178,7 @@ def referral(row, cal) -> str:
         return "no rule of this model's (it has no uncertain band)"
     if row["uncertain"]:
         return (f"YES - P(PNEUMONIA) is inside the uncertain band {lo:.1%} to {hi:.1%}, "
-                "chosen on validation data as where this model's calls are unreliable")
+                "chosen on labelled films held out from training as where this model's calls are unreliable")
     return f"not by this model's rules (outside its uncertain band {lo:.1%} to {hi:.1%})"
 
 

@@ -658,7 +658,7 @@ def main(argv=None):
     notes = [f"Data: {source} ({len(y)} images)", f"Model(s): {names}",
              f"Threshold {cal['threshold']:.4f} and temperature "
              f"{', '.join(f'{t:.4f}' for t in cal['temperatures'])} come from the checkpoint "
-             "(chosen on validation data)."]
+             "(fitted on labelled films held out from training)."]
     if skipped:
         notes.append(f"Skipped {len(skipped)} unreadable file(s): "
                      + "; ".join(f"{n}: {r}" for n, r in skipped))

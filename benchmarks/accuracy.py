@@ -7,7 +7,8 @@
 Training uses the GPU when there is one, else the CPU. Each run is the plain
 `train_cxray.py` command (printed), so every figure can be reproduced by hand; the
 test numbers come from `visualize_results.py` on the run's checkpoint, at the
-checkpoint's stored threshold and temperature (chosen on validation data).
+checkpoint's stored threshold and temperature (fitted on labelled films held out from
+training, never on test).
 """
 
 from __future__ import annotations
