@@ -77,7 +77,7 @@ def effective_size(w) -> float:
     return float(w.sum() ** 2 / (w ** 2).sum())
 
 
-def score_model(path: Path, data: Path, weight_of: dict, test) -> dict:
+def score_model(path: Path, data: Path, weight_of: dict, test, cache: Path) -> dict:
     """Plain and weighted validation metrics on the model's own split; test metrics."""
     model, meta = cc.load_checkpoint(path)
     cal = cc.calibration_of(meta)
@@ -87,13 +87,15 @@ def score_model(path: Path, data: Path, weight_of: dict, test) -> dict:
 
     def p_of(images):
         return cc.probabilities(cc.predict_logits(model, images, intensity),
-                                cal["temperature"])[:, 1]
+                                cal["temperature"])
 
-    x_val, kept, _ = cc.decode_all(val_paths, size, ".cache", "val")
+    x_val, kept, _ = cc.decode_all(val_paths, size, cache, "val")
     y_val = np.array(val_labels)[kept]
     w = np.array([weight_of[str(val_paths[i])] for i in kept])
     p_val = p_of(x_val)
-    x_test, y_test = test
+    test_paths, test_labels = test
+    x_test, kept, _ = cc.decode_all(test_paths, size, cache, "test")
+    y_test = np.array(test_labels)[kept]
     out = {"plain": cc.binary_metrics(y_val, p_val, cal["threshold"]),
            "weighted": cc.binary_metrics(y_val, p_val, cal["threshold"], sample_weight=w),
            "test": cc.binary_metrics(y_test, p_of(x_test), cal["threshold"]),
@@ -108,12 +110,16 @@ def main():
     p.add_argument("--data", type=Path, default=ROOT / "chest_xray")
     p.add_argument("--target", type=Path, help="unlabelled target folder (default: "
                    "the test split's images, labels ignored)")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache",
+                   help="where decoded images and ImageNet features are kept")
     args = p.parse_args()
     cio.pick_device("cpu")
     from scipy.stats import spearmanr  # scikit-learn's own dependency
 
-    cache = ROOT / ".cache"
+    cache = args.cache_dir
     train_paths, _ = cc.list_labelled(args.data / "train")
+    if (args.data / "val").is_dir():  # a Kaggle-style val/ is training source too
+        train_paths += cc.list_labelled(args.data / "val")[0]
     test_paths, test_labels = cc.list_labelled(args.data / "test")
     target = cio.scan_folder(args.target)[0] if args.target else test_paths
     w, auc = density_ratio(imagenet_features(train_paths, cache, "train"),
@@ -122,10 +128,9 @@ def main():
     print(f"Domain classifier train/ vs target ({len(target)} images): AUC {auc:.3f}; "
           f"weights capped at {w.max():.2f}, effective size {effective_size(w):.0f} of "
           f"{len(w)} train/ images")
-    x_test, kept, _ = cc.decode_all(test_paths, cc.IMAGE_SIZE, cache, "test")
-    test = (x_test, np.array(test_labels)[kept])
+    test = (test_paths, test_labels)
 
-    rows = [score_model(m, args.data, weight_of, test) for m in args.models]
+    rows = [score_model(m, args.data, weight_of, test, cache) for m in args.models]
     print(f"\n{'model':<70} {'val acc':>8} {'IW acc':>8} {'val AUC':>8} {'IW AUC':>8} "
           f"{'ESS':>9} {'test acc':>9} {'test AUC':>9}")
     for r in rows:

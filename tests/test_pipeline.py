@@ -207,6 +207,25 @@ def test_candidate_addition_is_recorded_and_never_reads_test(tmp_path):
     assert "sensor noise" in meta["recipe_details"]["augment"]
 
 
+@pytest.mark.slow
+def test_importance_weighted_validation_scores_each_model_on_its_own_split(
+        trained_run, selection_run, ablation_run, tmp_path):
+    """benchmarks/iw_validation.py on three real checkpoints: one row per model, the
+    weights' effective size within its validation split, the rank check and its verdict."""
+    models = [r[0] / "mobilenet_cxr.pth" for r in (trained_run, selection_run, ablation_run)]
+    proc = run_script("benchmarks/iw_validation.py", *models, "--data", TINY,
+                      "--cache-dir", tmp_path)
+    assert "Domain classifier train/ vs target (16 images): AUC" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if "mobilenet_cxr.pth (" in line]
+    assert len(rows) == 3
+    for row in rows:
+        ess, n_val = row.split()[-3].split("/")
+        assert 1 <= float(ess) <= int(n_val)
+        assert 0 <= float(row.split()[-2]) <= 1  # test accuracy
+    assert "Spearman rank correlation with the test score over 3 models" in proc.stdout
+    assert "Verdict (accuracy):" in proc.stdout
+
+
 def test_validation_check_scores_held_out_shifts(trained_run):
     run_dir, _ = trained_run
     proc = run_script("benchmarks/validation_check.py", "--markdown", run_dir)
