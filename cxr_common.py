@@ -550,11 +550,10 @@ def typicality_score(feats, stats) -> np.ndarray:
     return np.sqrt(np.maximum(np.min(d2, axis=0), 0))
 
 
-def domain_auc(reference_z, z, folds: int = 5, seed: int = 0) -> float:
-    """Cross-validated ROC AUC of a logistic regression telling the reference images
-    (validation, held out from training) from the folder's: 0.5 = indistinguishable."""
+def domain_probabilities(reference_z, z, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold P(folder | x) of a logistic regression telling the reference images
+    from the folder's, for reference_z then z; None with too few images for the folds."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -563,11 +562,21 @@ def domain_auc(reference_z, z, folds: int = 5, seed: int = 0) -> float:
     d = np.r_[np.zeros(len(reference_z)), np.ones(len(z))]
     k = min(folds, len(reference_z), len(z))
     if k < 2:
-        return float("nan")
+        return None
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    s = cross_val_predict(clf, x, d, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                          method="predict_proba")[:, 1]
-    return float(roc_auc_score(d, s))
+    return cross_val_predict(clf, x, d, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                             method="predict_proba")[:, 1]
+
+
+def domain_auc(reference_z, z, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated ROC AUC of a logistic regression telling the reference images
+    (validation, held out from training) from the folder's: 0.5 = indistinguishable."""
+    from sklearn.metrics import roc_auc_score
+
+    s = domain_probabilities(reference_z, z, folds, seed)
+    if s is None:
+        return float("nan")
+    return float(roc_auc_score(np.r_[np.zeros(len(reference_z)), np.ones(len(z))], s))
 
 
 def shift_verdict(auc: float) -> str:

@@ -53,21 +53,14 @@ def imagenet_features(paths, cache: Path, desc: str) -> np.ndarray:
     return feats
 
 
-def density_ratio(source_feats, target_feats, seed: int = 0) -> np.ndarray:
+def density_ratio(source_feats, target_feats, seed: int = 0) -> tuple[np.ndarray, float]:
     """Out-of-fold p(target | x) / p(source | x) x n_source / n_target for each source
-    image, capped at the CAP_PERCENTILE-th percentile; with the classifier's AUC."""
-    from sklearn.linear_model import LogisticRegression
+    image (the domain classifier of cc.domain_auc), capped at the CAP_PERCENTILE-th
+    percentile; with the classifier's AUC."""
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    x = np.concatenate([source_feats, target_feats])
-    d = np.r_[np.zeros(len(source_feats)), np.ones(len(target_feats))]
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-    p = cross_val_predict(clf, x, d, cv=StratifiedKFold(5, shuffle=True, random_state=seed),
-                          method="predict_proba")[:, 1]
-    auc = float(roc_auc_score(d, p))
+    p = cc.domain_probabilities(source_feats, target_feats, seed=seed)
+    auc = float(roc_auc_score(np.r_[np.zeros(len(source_feats)), np.ones(len(target_feats))], p))
     p = np.clip(p[: len(source_feats)], 1e-6, 1 - 1e-6)
     w = p / (1 - p) * len(source_feats) / len(target_feats)
     return np.minimum(w, np.percentile(w, CAP_PERCENTILE)), auc

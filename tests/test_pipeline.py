@@ -207,6 +207,26 @@ def test_candidate_addition_is_recorded_and_never_reads_test(tmp_path):
     assert "sensor noise" in meta["recipe_details"]["augment"]
 
 
+def test_importance_weights_favour_the_source_images_that_look_like_the_target():
+    """Guards against an inverted density ratio ((1 - p) / p) or one not scaled by the
+    set sizes: source points near the target cloud must weigh more than far ones, and
+    with two indistinguishable sets every weight is about 1."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("iw", ROOT / "benchmarks" / "iw_validation.py")
+    iw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(iw)
+    rng = np.random.default_rng(0)
+    source = rng.normal(0, 1, (400, 2))
+    target = rng.normal(0, 1, (200, 2)) + [1.5, 0]
+    w, auc = iw.density_ratio(source, target)
+    assert auc > 0.75
+    near, far = source[:, 0] > 1, source[:, 0] < -1
+    assert w[near].mean() > 5 * w[far].mean()
+    same, _ = iw.density_ratio(source, rng.normal(0, 1, (200, 2)))
+    assert np.median(same) == pytest.approx(1, abs=0.25)
+
+
 @pytest.mark.slow
 def test_importance_weighted_validation_scores_each_model_on_its_own_split(
         trained_run, selection_run, ablation_run, tmp_path):
