@@ -414,8 +414,9 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def recalibration_text(rows, source) -> str:
-    lines = [f"Local recalibration on {source} (cross-fitted: each image scored by a "
+def recalibration_text(rows, source, adapted: bool = False) -> str:
+    after = " after AdaBN (BatchNorm statistics of these images)" if adapted else ""
+    lines = [f"Local recalibration on {source}{after} (cross-fitted: each image scored by a "
              "calibration fitted on K images of other patients; mean +/- sd over draws):",
              "    K  draws  accuracy        sensitivity     specificity     ECE     "
              "referred N / P"]
@@ -630,7 +631,7 @@ def main(argv=None):
     if args.recalibrate:
         print("Local recalibration (cross-fitted) ...", flush=True)
         recal = recalibrate(y, p, groups, args.recalibrate, args.draws)
-        analysis += "\n" + recalibration_text(recal, source)
+        analysis += "\n" + recalibration_text(recal, source, args.adapt)
     print(analysis)
     table = metric_table(m, cal["threshold"])
 

@@ -26,6 +26,12 @@ import numpy as np
 MEASURES = ("accuracy", "sensitivity", "specificity", "auc", "ece")
 
 
+def recalibrated(metrics: dict) -> str:
+    """The prefix of a recalibration row: after --adapt the recalibration is fitted on the
+    adapted model's scores, a different protocol from recalibrating the model as shipped."""
+    return "AdaBN + " if "adaptation" in metrics.get("protocol", "") else ""
+
+
 def rows_of(folder: Path) -> list[str]:
     m = json.loads((folder / "metrics.json").read_text())
     name = " + ".join(Path(p).name for p in m["models"])
@@ -35,7 +41,7 @@ def rows_of(folder: Path) -> list[str]:
            f"{ref.get('NORMAL', float('nan')):.1%} / {ref.get('PNEUMONIA', float('nan')):.1%} |"]
     for r in m.get("recalibration", []):
         a, s = r["mean"], r["sd"]
-        out.append(f"| {name} | local recalibration, K = {r['K']} labelled images of "
+        out.append(f"| {name} | {recalibrated(m)}local recalibration, K = {r['K']} labelled images of "
                    f"{Path(m['data']).name}, "
                    f"cross-fitted ({r['draws']} draws) | {a['accuracy']:.4f} ± {s['accuracy']:.4f} | "
                    f"{a['sensitivity']:.4f} | {a['specificity']:.4f} | {a['auc']:.4f} | "
@@ -48,7 +54,7 @@ def protocol_scores(folder: Path) -> dict[str, dict]:
     m = json.loads((folder / "metrics.json").read_text())
     out = {m.get("protocol", "zero-shot"): {**m["at_threshold"], "ece": m["ece"]}}
     for r in m.get("recalibration", []):
-        out[f"local recalibration, K = {r['K']}, cross-fitted"] = r["mean"]
+        out[f"{recalibrated(m)}local recalibration, K = {r['K']}, cross-fitted"] = r["mean"]
     return out
 
 

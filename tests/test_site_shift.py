@@ -146,8 +146,9 @@ def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
     proc = run_script("visualize_results.py", "--model", calibrated.path, "--split",
                       TINY / "test", "--out", tmp_path, "--bootstrap", 20,
                       "--recalibrate", 4, "--draws", 3, "--save-calibrated", site)
-    assert "Local recalibration on" in proc.stdout
-    metrics = json.loads((run_folder(tmp_path) / "metrics.json").read_text())
+    assert "Local recalibration on" in proc.stdout and "after AdaBN" not in proc.stdout
+    evaluation = run_folder(tmp_path)
+    metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["protocol"].startswith("zero-shot")
     (row,) = metrics["recalibration"]
     assert row["K"] == 4 and row["draws"] == 3
@@ -164,6 +165,24 @@ def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
     proc = run_script("predict.py", "--model", site, "--dir", TINY / "test", "--out", out,
                       "--quiet")
     assert f"threshold P(PNEUMONIA) >= {cal['threshold']:.3f}" in proc.stdout
+    table = run_script("benchmarks/protocol_table.py", "--seeds", evaluation).stdout
+    assert "| local recalibration, K = 4, cross-fitted | 1 |" in table
+
+
+def test_recalibration_after_adabn_is_its_own_protocol(model_path, tmp_path):
+    """--adapt --recalibrate K fits the site calibration on the adapted model's scores:
+    the console, metrics.json and the protocol table name it apart from recalibrating
+    the model as shipped (a seed table must not average the two protocols together)."""
+    proc = run_script("visualize_results.py", "--model", model_path, "--split", TINY / "test",
+                      "--out", tmp_path, "--bootstrap", 20, "--adapt", "--recalibrate", 4,
+                      "--draws", 2)
+    assert "after AdaBN" in proc.stdout
+    folder = run_folder(tmp_path)
+    assert json.loads((folder / "metrics.json").read_text())["protocol"].startswith("label-free")
+    table = run_script("benchmarks/protocol_table.py", "--seeds", folder).stdout
+    assert "| AdaBN + local recalibration, K = 4, cross-fitted | 1 |" in table
+    rows = run_script("benchmarks/protocol_table.py", folder).stdout
+    assert "| AdaBN + local recalibration, K = 4 labelled images of test" in rows
 
 
 def test_predict_adapt_is_recorded_and_resume_must_match(model_path, tmp_path):
