@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -100,6 +101,15 @@ def line(name, m):
             f"acc {m['accuracy']:.3f}  sens {m['sensitivity']:.3f}  spec {m['specificity']:.3f}")
 
 
+def kept_epoch_loss(run: Path, meta: dict) -> float:
+    """The validation loss the run logged for the epoch its checkpoint kept (training's
+    loss at T = 1, the measure the improved recipe selects its epoch on)."""
+    (history_file,) = run.glob("training_history_*.json")
+    history = json.loads(history_file.read_text())["history"]
+    (kept,) = [h for h in history if h["epoch"] == meta["metrics"]["best_epoch"]]
+    return float(kept["val_loss"])
+
+
 def check(run: Path) -> dict:
     rows = [r for r in csv.DictReader(open(run / "val_split.csv")) if r["split"] == "val"]
     model, meta = cc.load_checkpoint(run / "mobilenet_cxr.pth")
@@ -115,7 +125,10 @@ def check(run: Path) -> dict:
     def probs(images):
         return cc.probabilities(cc.predict_logits(model, images, intensity), cal["temperature"])
 
-    out = {"run": run.name, "name": name, "seed": meta["seed"]}
+    out = {"run": run.name, "name": name, "seed": meta["seed"],
+           "kept_val_loss": kept_epoch_loss(run, meta)}
+    print(f"  kept epoch {meta['metrics']['best_epoch']}: validation loss "
+          f"{out['kept_val_loss']:.4f} (training's own, at T = 1)")
     out["validation"] = scores(probs(x), y, cal["threshold"])
     xs, ys = tc.stressed_copies(x, y, tc.STRESS_COPIES, meta["seed"])
     out["shifted"] = scores(probs(xs), ys, cal["threshold"])
@@ -133,12 +146,13 @@ def check(run: Path) -> dict:
 
 
 def markdown(results):
-    print("\n| run | seed | val AUC | shifted AUC | shifted spec | held-out AUC (mean / worst) "
-          "| held-out sens | held-out spec | held-out ECE | held-out NLL |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| run | seed | kept-epoch val loss | val AUC | shifted AUC | shifted spec | "
+          "held-out AUC (mean / worst) | held-out sens | held-out spec | held-out ECE | "
+          "held-out NLL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         h = r["held_out"]
-        print(f"| {r['name']} | {r['seed']} | {r['validation']['auc']:.4f} | "
+        print(f"| {r['name']} | {r['seed']} | {r['kept_val_loss']:.4f} | {r['validation']['auc']:.4f} | "
               f"{r['shifted']['auc']:.4f} | {r['shifted']['specificity']:.3f} | "
               f"{h['auc']:.4f} / {r['held_out_worst_auc']:.4f} | {h['sensitivity']:.3f} | "
               f"{h['specificity']:.3f} | {h['ece']:.3f} | {h['nll']:.3f} |")

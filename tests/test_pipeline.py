@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,11 +247,18 @@ def test_importance_weighted_validation_scores_each_model_on_its_own_split(
     assert "Verdict (accuracy):" in proc.stdout
 
 
-def test_validation_check_scores_held_out_shifts(trained_run):
-    run_dir, _ = trained_run
+def test_validation_check_scores_held_out_shifts(selection_run):
+    """Rows for every held-out family, and the kept epoch's validation loss: the run's
+    best epoch is not its last, so reading the wrong epoch's loss fails."""
+    run_dir, _ = selection_run
     proc = run_script("benchmarks/validation_check.py", "--markdown", run_dir)
     for family in ("noise", "low-res", "jpeg-q15", "zoom-out", "off-centre", "edge-enhance"):
         assert f"held-out: {family}" in proc.stdout
     (row,) = [s for s in proc.stdout.splitlines() if s.startswith("| reference |")]
-    auc = float(row.split("|")[3])
+    kept_loss, auc = float(row.split("|")[3]), float(row.split("|")[4])
     assert 0.0 <= auc <= 1.0
+    # the reference recipe keeps the epoch of highest validation F1 (the first, on a tie)
+    (history_file,) = Path(run_dir).glob("training_history_*.json")
+    history = json.loads(history_file.read_text())["history"]
+    kept = max(history, key=lambda h: (h["val_f1"], -h["epoch"]))
+    assert kept_loss == pytest.approx(kept["val_loss"], abs=5e-5)
