@@ -43,7 +43,7 @@ DISCLAIMER = (
     "every image."
 )
 # Calibration rule of the recipes that calibrate (fitted on validation data only)
-TARGET_SENSITIVITY = 0.97  # the threshold is the highest with this sensitivity
+TARGET_SENSITIVITY = 0.97  # the threshold: expected sensitivity on new films >= this
 BAND_LEVEL = 0.995  # uncertain band: between the sensitivity- and specificity-0.995 cuts
 # Metrics
 TEMPERATURE_RANGE = (0.25, 4.0)  # a fitted temperature is bounded (a floor of 0.05 collapsed
@@ -337,6 +337,7 @@ def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0) ->
     n = len(labels)
     return {
         "temperature": float(temperature), "threshold": float(threshold),
+        "sensitivity_promised": threshold_rank(int((labels == 1).sum()))[1],
         "uncertain_band": [float(b) for b in band],
         "temperature_fitted": float(fitted), "temperature_kept": bool(keep),
         "temperature_decision": (
@@ -351,13 +352,27 @@ def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0) ->
     }
 
 
+def threshold_rank(n_positive: int) -> tuple[int, float]:
+    """(j, promised sensitivity): the threshold is the j-th lowest (from 0) of the
+    n_positive pneumonia scores it is fitted on. Split-conformal rank: a new pneumonia
+    film exchangeable with them falls below the j-th lowest with probability
+    (j + 1) / (n + 1), so j = floor(alpha (n + 1)) - 1 keeps the expected sensitivity on
+    new films >= TARGET_SENSITIVITY. ("Sensitivity >= 0.97 on the fitted films" lets
+    floor(alpha n) fall below and promises less: 0.968 for 62 films.) Below
+    1 / alpha - 1 films no rank keeps it: j = 0, and the promise says how far short."""
+    alpha = 1 - TARGET_SENSITIVITY
+    j = max(0, int(np.floor(alpha * (n_positive + 1) + 1e-9)) - 1)
+    return j, 1 - (j + 1) / (n_positive + 1)
+
+
 def cuts(p, labels) -> tuple[float, float, float]:
-    """(threshold, band low, band high) on P(PNEUMONIA): the highest threshold with
-    sensitivity >= TARGET_SENSITIVITY; the highest with sensitivity >= BAND_LEVEL; the
-    lowest with specificity >= BAND_LEVEL."""
+    """(threshold, band low, band high) on P(PNEUMONIA): the threshold of
+    threshold_rank() (expected sensitivity on new films >= TARGET_SENSITIVITY); the
+    highest with sensitivity >= BAND_LEVEL on these films; the lowest with specificity
+    >= BAND_LEVEL on them."""
     p, labels = np.asarray(p), np.asarray(labels)
     pos, neg = np.sort(p[labels == 1]), np.sort(p[labels == 0])
-    threshold = float(pos[int(np.floor((1 - TARGET_SENSITIVITY) * len(pos)))])
+    threshold = float(pos[threshold_rank(len(pos))[0]])
     lo = float(pos[int(np.floor((1 - BAND_LEVEL) * len(pos)))])
     hi = float(np.nextafter(neg[min(len(neg) - 1, int(np.ceil(BAND_LEVEL * len(neg))) - 1)], 1))
     return threshold, lo, hi

@@ -162,8 +162,8 @@ def describe(recipe: dict) -> dict:
             f"fitted on a patient-grouped calibration split (not used for selection) under "
             f"simulated acquisition shift: temperature by min NLL within "
             f"[{cc.TEMPERATURE_RANGE[0]:g}, {cc.TEMPERATURE_RANGE[1]:g}], kept only if it lowers "
-            f"the cross-fitted NLL, else 1; threshold (highest with sensitivity >= "
-            f"{cc.TARGET_SENSITIVITY}) and uncertain band (between the sensitivity-"
+            f"the cross-fitted NLL, else 1; threshold (expected sensitivity on new films >= "
+            f"{cc.TARGET_SENSITIVITY}, split-conformal rank) and uncertain band (between the sensitivity-"
             f"{cc.BAND_LEVEL} and specificity-{cc.BAND_LEVEL} cuts) as medians over "
             f"patient-grouped bootstrap resamples" if recipe["calibrate"]
             else "none: argmax (threshold 0.5), temperature 1"),

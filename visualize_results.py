@@ -384,7 +384,7 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
     logit = cc.logit(p)
     rows = []
     for k in ks:
-        rng, runs = np.random.default_rng(seed), []
+        rng, runs, promised = np.random.default_rng(seed), [], []
         for _ in range(draws):
             parts = site_partitions(groups, y, k, rng)
             if len(parts) < 2:
@@ -394,6 +394,7 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
                 cal, q[part] = recalibrated_scores(y, logit, parts[(j + 1) % len(parts)], part,
                                                    groups, seed)
                 thr[part], band[part] = cal["threshold"], cal["uncertain_band"]
+                promised.append(cal["sensitivity_promised"])
             pred = (q >= thr).astype(int)
             conf = np.where(pred == 1, q, 1 - q)
             referred = (q >= band[:, 0]) & (q < band[:, 1])
@@ -408,7 +409,7 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
             print(f"--recalibrate {k}: fewer than 2 groups of {k} images: skipped")
             continue
         keys = runs[0].keys()
-        rows.append({"K": k, "draws": len(runs),
+        rows.append({"K": k, "draws": len(runs), "sensitivity_promised": min(promised),
                      "mean": {key: float(np.mean([r[key] for r in runs])) for key in keys},
                      "sd": {key: float(np.std([r[key] for r in runs])) for key in keys}})
     return rows
@@ -426,6 +427,12 @@ def recalibration_text(rows, source, adapted: bool = False) -> str:
                      f"  {m['sensitivity']:.3f} +/- {s['sensitivity']:.3f}  {m['specificity']:.3f}"
                      f" +/- {s['specificity']:.3f}  {m['ece']:.3f}   {m['referred_NORMAL']:.1%} / "
                      f"{m['referred_PNEUMONIA']:.1%}")
+    short = [r for r in rows if r["sensitivity_promised"] < cc.TARGET_SENSITIVITY]
+    lines.append(f"  Threshold rule: expected sensitivity >= {cc.TARGET_SENSITIVITY} on new "
+                 "films of this site (split-conformal rank of the pneumonia scores).")
+    for r in short:
+        lines.append(f"  K = {r['K']}: too few pneumonia films per fit for that promise; the "
+                     f"lowest pneumonia score promises only {r['sensitivity_promised']:.3f}.")
     return "\n".join(lines) + "\n"
 
 

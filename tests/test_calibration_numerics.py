@@ -202,6 +202,36 @@ def test_fit_calibration_threshold_and_band_follow_their_rules():
     assert cal["threshold_interval"][0] <= cal["threshold"] <= cal["threshold_interval"][1]
 
 
+@pytest.mark.parametrize("n", [33, 62, 100, 390])
+def test_the_threshold_keeps_its_sensitivity_promise_on_new_films(n):
+    """Guards against the in-sample rule ("sensitivity >= 0.97 on the fitted films"),
+    which lets floor(0.03 n) pneumonias fall below and misses more than 3% of new
+    films (2/63 for n = 62; 12/391 for n = 390). Exchangeable scores: fit cuts() on n
+    pneumonia films and a few normals, then ask whether one more pneumonia film from
+    the same source falls below the threshold. The rate must match the promise
+    (j + 1) / (n + 1) and stay <= 0.03."""
+    rng = np.random.default_rng(n)
+    trials = 20000
+    scores = rng.random((trials, n + 1))  # the last column is the new film
+    labels = np.r_[np.ones(n, int), np.zeros(5, int)]
+    normals = np.full(5, -1.0)
+    missed = [scores[t, n] < cc.cuts(np.r_[scores[t, :n], normals], labels)[0]
+              for t in range(trials)]
+    j, promised = cc.threshold_rank(n)
+    assert 1 - promised == pytest.approx((j + 1) / (n + 1)) and promised >= 0.97
+    assert np.mean(missed) == pytest.approx(1 - promised, abs=4 * np.sqrt(0.03 / trials))
+
+
+def test_too_few_pneumonias_cannot_promise_the_target():
+    """Below 33 pneumonia films no rank keeps the 0.97 promise: the threshold is the
+    lowest pneumonia score, and the promise says how far short it falls."""
+    assert cc.threshold_rank(15) == (0, pytest.approx(1 - 1 / 16))
+    assert cc.threshold_rank(32)[1] < 0.97 <= cc.threshold_rank(33)[1]
+    p = np.r_[np.linspace(0.3, 0.9, 15), [0.1, 0.2]]
+    y = np.r_[np.ones(15, int), [0, 0]]
+    assert cc.cuts(p, y)[0] == pytest.approx(0.3)
+
+
 def test_a_separable_set_has_no_uncertain_band_and_a_bounded_temperature():
     """Where the two 0.995 cuts cross (every positive above every negative) there is no
     range of unreliable calls: the band is empty, not [sensitivity cut, threshold]. The

@@ -152,6 +152,9 @@ def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
     assert metrics["protocol"].startswith("zero-shot")
     (row,) = metrics["recalibration"]
     assert row["K"] == 4 and row["draws"] == 3
+    # a fit on 4 images holds 1-3 pneumonias: no rank can promise sensitivity 0.97
+    assert row["sensitivity_promised"] in (0.5, pytest.approx(2 / 3), 0.75)
+    assert "K = 4: too few pneumonia films per fit" in proc.stdout
     _, meta = cc.load_checkpoint(site)
     cal = cc.calibration_of(meta)
     assert "labelled images of" in meta["calibration"]["fitted_on"]
