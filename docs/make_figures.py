@@ -19,6 +19,10 @@ Figures and what each needs:
                     text marker (reference model)
     reliability     reliability diagrams of both shipped     chest_xray/test, models/
                     models on the test split
+    report          three panels of report.html (confusion,  an evaluation folder of the
+                    reliability, accuracy vs coverage)       shipped model (--eval; default:
+                                                             the newest outputs/**/eval_*
+                                                             of a model with its SHA-256)
 
 runs/ is not committed, so the curve's figure names the history file it was drawn from
 (and the command and machine of that run) in its own caption. A figure whose input is
@@ -52,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 import cxr_common as cc  # noqa: E402
 import cxr_io as cio  # noqa: E402
 
-FIGURES = ["samples", "counts", "preprocessing", "curve", "gradcam", "reliability"]
+FIGURES = ["samples", "counts", "preprocessing", "curve", "gradcam", "reliability", "report"]
 DPI = 80
 EXAMPLE = ROOT / "examples" / "person10_virus_35.jpeg"  # a full-resolution test film
 REFERENCE = ROOT / "models" / "reference_seed1.pth"
@@ -74,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=str(ROOT / "chest_xray"), help="the dataset root")
     p.add_argument("--history", help="training_history_*.json of a reference run "
                                      "(default: the newest runs/*_reference_seed1/ one)")
+    p.add_argument("--eval", help="a visualize_results.py evaluation folder of the shipped "
+                                  "model, for the report figure")
     p.add_argument("--out", default=str(ROOT / "docs" / "figures"))
     p.add_argument("--search", action="store_true",
                    help="rank the test films' Grad-CAMs instead of drawing figures")
@@ -377,6 +383,37 @@ def fig_reliability(args, out: Path):
     save(fig, out / "reliability.png", colors=128)
 
 
+def find_evaluation(args) -> Path:
+    """--eval, or the newest evaluation folder of a model file identical to IMPROVED."""
+    if args.eval:
+        return Path(args.eval)
+    shipped = cio.sha256_file(IMPROVED)
+    for folder in sorted((ROOT / "outputs").glob("**/eval_*/"), key=lambda f: f.name,
+                         reverse=True):
+        models = json.loads((folder / "metrics.json").read_text())["models"]
+        if (len(models) == 1 and (ROOT / models[0]).exists()
+                and cio.sha256_file(ROOT / models[0]) == shipped):
+            return folder
+    raise FileNotFoundError("no outputs/**/eval_* of the shipped model (run python "
+                            "visualize_results.py, or pass --eval)")
+
+
+def fig_report(args, out: Path):
+    folder = find_evaluation(args)
+    m = json.loads((folder / "metrics.json").read_text())
+    panels = ["confusion_matrix.png", "reliability_diagram.png", "accuracy_coverage.png"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.1))
+    for ax, name in zip(axes, panels):
+        ax.imshow(Image.open(folder / name))
+        ax.set_axis_off()
+    fig.suptitle(f"report.html of {m['models'][0]} on {m['data']} ({m['n']} images; "
+                 f"{m['protocol']}): three of its figures\nfrom "
+                 f"{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}",
+                 fontsize=9)
+    fig.tight_layout(pad=0.2)
+    save(fig, out / "improved_report.png", colors=128)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_grad_enabled(True)
@@ -386,7 +423,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     makers = {"samples": fig_samples, "counts": fig_counts, "preprocessing": fig_preprocessing,
-              "curve": fig_curve, "gradcam": fig_gradcam, "reliability": fig_reliability}
+              "curve": fig_curve, "gradcam": fig_gradcam, "reliability": fig_reliability,
+              "report": fig_report}
     for name in args.figures or FIGURES:
         try:
             makers[name](args, out)
