@@ -12,16 +12,27 @@ Zero-shot and label-free rows are the folder's metrics at the stored calibration
 mean over draws, with the sd of accuracy). With --seeds the folders are seeds of one
 recipe: one row per protocol, mean ± sd over the seeds (sample sd), then each seed's
 accuracy.
+
+--ceiling adds, per folder, the figures at the threshold read off the folder's own
+labels (the highest with sensitivity >= 0.97 on them). That is not a protocol and not a
+result: it is the best one threshold can do on these scores, so it shows whether a
+recalibration target is within reach of the model's ranking at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import cxr_common as cc  # noqa: E402
 
 MEASURES = ("accuracy", "sensitivity", "specificity", "auc", "ece")
 
@@ -32,7 +43,25 @@ def recalibrated(metrics: dict) -> str:
     return "AdaBN + " if "adaptation" in metrics.get("protocol", "") else ""
 
 
-def rows_of(folder: Path) -> list[str]:
+CEILING = (f"ceiling, not a result: threshold read off the test labels (sensitivity >= "
+           f"{cc.TARGET_SENSITIVITY} on them)")
+
+
+def ceiling(folder: Path) -> dict:
+    """The folder's figures at the highest threshold with sensitivity >= TARGET_SENSITIVITY
+    on its own labels (scikit-learn's ROC curve over predictions.csv)."""
+    from sklearn.metrics import roc_curve
+
+    with open(folder / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    y = np.array([cc.CLASS_NAMES.index(r["label"]) for r in rows])
+    p = np.array([float(r["prob_pneumonia"]) for r in rows])
+    _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    t = float(thresholds[np.argmax(tpr >= cc.TARGET_SENSITIVITY)])
+    return {**cc.binary_metrics(y, p, t), "ece": float("nan"), "threshold": t}
+
+
+def rows_of(folder: Path, with_ceiling: bool = False) -> list[str]:
     m = json.loads((folder / "metrics.json").read_text())
     name = " + ".join(Path(p).name for p in m["models"])
     t, ref = m["at_threshold"], m.get("referral_rate", {})
@@ -46,29 +75,39 @@ def rows_of(folder: Path) -> list[str]:
                    f"cross-fitted ({r['draws']} draws) | {a['accuracy']:.4f} ± {s['accuracy']:.4f} | "
                    f"{a['sensitivity']:.4f} | {a['specificity']:.4f} | {a['auc']:.4f} | "
                    f"{a['ece']:.4f} | {a['referred_NORMAL']:.1%} / {a['referred_PNEUMONIA']:.1%} |")
+    if with_ceiling:
+        c = ceiling(folder)
+        out.append(f"| {name} | {recalibrated(m)}{CEILING}, threshold {c['threshold']:.4g} | "
+                   f"{c['accuracy']:.4f} | {c['sensitivity']:.4f} | {c['specificity']:.4f} | "
+                   f"{c['auc']:.4f} | – | – |")
     return out
 
 
-def protocol_scores(folder: Path) -> dict[str, dict]:
+def protocol_scores(folder: Path, with_ceiling: bool = False) -> dict[str, dict]:
     """{protocol: {measure: value}} of one evaluation folder (recalibration: draw means)."""
     m = json.loads((folder / "metrics.json").read_text())
     out = {m.get("protocol", "zero-shot"): {**m["at_threshold"], "ece": m["ece"]}}
     for r in m.get("recalibration", []):
         out[f"{recalibrated(m)}local recalibration, K = {r['K']}, cross-fitted"] = r["mean"]
+    if with_ceiling:
+        out[f"{recalibrated(m)}{CEILING}"] = ceiling(folder)
     return out
 
 
-def seed_rows(folders: list[Path]) -> list[str]:
+def seed_rows(folders: list[Path], with_ceiling: bool = False) -> list[str]:
     """One row per protocol: mean ± sd over the folders (seeds), then each seed's accuracy."""
     by_protocol = defaultdict(list)
     for folder in folders:
-        for protocol, scores in protocol_scores(folder).items():
+        for protocol, scores in protocol_scores(folder, with_ceiling).items():
             by_protocol[protocol].append(scores)
     rows = []
     for protocol, runs in by_protocol.items():
         cells = []
         for k in MEASURES:
             v = np.array([r[k] for r in runs], dtype=float)
+            if np.isnan(v).all():
+                cells.append("–")
+                continue
             sd = f" ± {v.std(ddof=1):.4f}" if len(v) > 1 else ""
             cells.append(f"{v.mean():.4f}{sd}")
         each = ", ".join(f"{r['accuracy']:.4f}" for r in runs)
@@ -81,18 +120,21 @@ def main():
     p.add_argument("folders", nargs="+", type=Path, help="visualize_results.py output folders")
     p.add_argument("--seeds", action="store_true",
                    help="the folders are seeds of one recipe: mean ± sd per protocol")
+    p.add_argument("--ceiling", action="store_true",
+                   help="add the figures at the threshold read off each folder's own labels "
+                        "(a ceiling for recalibration, not a result)")
     args = p.parse_args()
     if args.seeds:
         print("| protocol | seeds | accuracy | sensitivity | specificity | ROC AUC | ECE | "
               "accuracy per seed |")
         print("|---|---|---|---|---|---|---|---|")
-        print("\n".join(seed_rows(args.folders)))
+        print("\n".join(seed_rows(args.folders, args.ceiling)))
         return
     print("| model | protocol | accuracy | sensitivity | specificity | ROC AUC | ECE | "
           "referred NORMAL / PNEUMONIA |")
     print("|---|---|---|---|---|---|---|---|")
     for folder in args.folders:
-        print("\n".join(rows_of(folder)))
+        print("\n".join(rows_of(folder, args.ceiling)))
 
 
 if __name__ == "__main__":

@@ -188,6 +188,31 @@ def test_recalibration_after_adabn_is_its_own_protocol(model_path, tmp_path):
     assert "| AdaBN + local recalibration, K = 4 labelled images of test" in rows
 
 
+def test_the_ceiling_is_the_highest_threshold_keeping_the_target_sensitivity(tmp_path):
+    """protocol_table --ceiling reads the threshold off the folder's own labels: with 100
+    pneumonias at 0.10..0.99 and 10 normals at 0.05 the highest threshold keeping
+    sensitivity >= 0.97 is the 4th lowest pneumonia score (97 of 100 at or above it).
+    Guards against scikit-learn's default ROC, which drops the points in between and
+    would return the lowest pneumonia score (sensitivity 1.0), and against the wrong
+    class or a strict inequality."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "protocol_table", ROOT / "benchmarks" / "protocol_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    scores = np.linspace(0.10, 0.99, 100)
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label", "prediction", "prob_pneumonia"])
+        w.writerows([f"p{i}.png", "PNEUMONIA", "", f"{q:.6f}"] for i, q in enumerate(scores))
+        w.writerows([f"n{i}.png", "NORMAL", "", "0.050000"] for i in range(10))
+    c = table.ceiling(tmp_path)
+    assert c["threshold"] == pytest.approx(scores[3], abs=1e-6)
+    assert c["sensitivity"] == pytest.approx(0.97) and c["specificity"] == 1.0
+    assert c["accuracy"] == pytest.approx(107 / 110)
+
+
 def test_predict_adapt_is_recorded_and_resume_must_match(model_path, tmp_path):
     proc = run_script("predict.py", "--model", model_path, "--dir", TINY / "test", "--out",
                       tmp_path, "--adapt", "--quiet")
