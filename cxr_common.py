@@ -359,7 +359,10 @@ def threshold_rank(n_positive: int) -> tuple[int, float]:
     (j + 1) / (n + 1), so j = floor(alpha (n + 1)) - 1 keeps the expected sensitivity on
     new films >= TARGET_SENSITIVITY. ("Sensitivity >= 0.97 on the fitted films" lets
     floor(alpha n) fall below and promises less: 0.968 for 62 films.) Below
-    1 / alpha - 1 films no rank keeps it: j = 0, and the promise says how far short."""
+    1 / alpha - 1 films no rank keeps it: j = 0, and the promise says how far short.
+    The promise counts rows as films: where rows are clustered (shifted copies of one
+    film, several films of one patient) it is nominal, and only the sensitivity measured
+    on other films (recalibration is cross-fitted) checks it."""
     alpha = 1 - TARGET_SENSITIVITY
     j = max(0, int(np.floor(alpha * (n_positive + 1) + 1e-9)) - 1)
     return j, 1 - (j + 1) / (n_positive + 1)

@@ -43,8 +43,8 @@ def recalibrated(metrics: dict) -> str:
     return "AdaBN + " if "adaptation" in metrics.get("protocol", "") else ""
 
 
-CEILING = (f"ceiling, not a result: threshold read off the test labels (sensitivity >= "
-           f"{cc.TARGET_SENSITIVITY} on them)")
+CEILING = (f"ceiling, not a result: threshold read off these images' own labels "
+           f"(sensitivity >= {cc.TARGET_SENSITIVITY} on them)")
 
 
 def ceiling(folder: Path) -> dict:

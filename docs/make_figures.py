@@ -384,17 +384,20 @@ def fig_reliability(args, out: Path):
 
 
 def find_evaluation(args) -> Path:
-    """--eval, or the newest evaluation folder of a model file identical to IMPROVED."""
+    """--eval, or the newest zero-shot evaluation folder of a model file identical to
+    IMPROVED (not one with --adapt: the report figure shows the model as shipped)."""
     if args.eval:
         return Path(args.eval)
     shipped = cio.sha256_file(IMPROVED)
     for folder in sorted((ROOT / "outputs").glob("**/eval_*/"), key=lambda f: f.name,
                          reverse=True):
-        models = json.loads((folder / "metrics.json").read_text())["models"]
-        if (len(models) == 1 and (ROOT / models[0]).exists()
+        m = json.loads((folder / "metrics.json").read_text())
+        models = m["models"]
+        if (m.get("protocol", "zero-shot").startswith("zero-shot") and len(models) == 1
+                and (ROOT / models[0]).exists()
                 and cio.sha256_file(ROOT / models[0]) == shipped):
             return folder
-    raise FileNotFoundError("no outputs/**/eval_* of the shipped model (run python "
+    raise FileNotFoundError("no zero-shot outputs/**/eval_* of the shipped model (run python "
                             "visualize_results.py, or pass --eval)")
 
 
@@ -407,7 +410,7 @@ def fig_report(args, out: Path):
         ax.imshow(Image.open(folder / name))
         ax.set_axis_off()
     fig.suptitle(f"report.html of {m['models'][0]} on {m['data']} ({m['n']} images; "
-                 f"{m['protocol']}): three of its figures\nfrom "
+                 f"{m.get('protocol', 'zero-shot')}): three of its figures\nfrom "
                  f"{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}",
                  fontsize=9)
     fig.tight_layout(pad=0.2)

@@ -224,7 +224,11 @@ def test_the_threshold_keeps_its_sensitivity_promise_on_new_films(n):
 
 def test_too_few_pneumonias_cannot_promise_the_target():
     """Below 33 pneumonia films no rank keeps the 0.97 promise: the threshold is the
-    lowest pneumonia score, and the promise says how far short it falls."""
+    lowest pneumonia score, and the promise says how far short it falls. The exact ranks
+    also guard against a rule off by one in the safe direction, which gives away
+    specificity for nothing."""
+    assert [cc.threshold_rank(n)[0] for n in (65, 66, 98, 99, 390)] == [0, 1, 1, 2, 10]
+    assert cc.threshold_rank(99)[1] == pytest.approx(0.97)
     assert cc.threshold_rank(15) == (0, pytest.approx(1 - 1 / 16))
     assert cc.threshold_rank(32)[1] < 0.97 <= cc.threshold_rank(33)[1]
     p = np.r_[np.linspace(0.3, 0.9, 15), [0.1, 0.2]]
