@@ -32,7 +32,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import cxr_common as cc  # noqa: E402
 
 MEASURES = ("accuracy", "sensitivity", "specificity", "auc", "ece")
 
@@ -43,14 +42,14 @@ def recalibrated(metrics: dict) -> str:
     return "AdaBN + " if "adaptation" in metrics.get("protocol", "") else ""
 
 
-CEILING = (f"ceiling, not a result: threshold read off these images' own labels "
-           f"(sensitivity >= {cc.TARGET_SENSITIVITY} on them)")
-
-
 def ceiling(folder: Path) -> dict:
     """The folder's figures at the highest threshold with sensitivity >= TARGET_SENSITIVITY
-    on its own labels (scikit-learn's ROC curve over predictions.csv)."""
+    on its own labels (scikit-learn's ROC curve over predictions.csv), and the row's name.
+    cxr_common (and with it torch, seconds at start-up) is imported only here, for
+    --ceiling: the plain tables need nothing but metrics.json."""
     from sklearn.metrics import roc_curve
+
+    import cxr_common as cc
 
     with open(folder / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -58,7 +57,9 @@ def ceiling(folder: Path) -> dict:
     p = np.array([float(r["prob_pneumonia"]) for r in rows])
     _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     t = float(thresholds[np.argmax(tpr >= cc.TARGET_SENSITIVITY)])
-    return {**cc.binary_metrics(y, p, t), "ece": float("nan"), "threshold": t}
+    name = (f"ceiling, not a result: threshold read off these images' own labels "
+            f"(sensitivity >= {cc.TARGET_SENSITIVITY} on them)")
+    return {**cc.binary_metrics(y, p, t), "ece": float("nan"), "threshold": t, "name": name}
 
 
 def rows_of(folder: Path, with_ceiling: bool = False) -> list[str]:
@@ -77,7 +78,7 @@ def rows_of(folder: Path, with_ceiling: bool = False) -> list[str]:
                    f"{a['ece']:.4f} | {a['referred_NORMAL']:.1%} / {a['referred_PNEUMONIA']:.1%} |")
     if with_ceiling:
         c = ceiling(folder)
-        out.append(f"| {name} | {recalibrated(m)}{CEILING}, threshold {c['threshold']:.4g} | "
+        out.append(f"| {name} | {recalibrated(m)}{c['name']}, threshold {c['threshold']:.4g} | "
                    f"{c['accuracy']:.4f} | {c['sensitivity']:.4f} | {c['specificity']:.4f} | "
                    f"{c['auc']:.4f} | – | – |")
     return out
@@ -90,7 +91,8 @@ def protocol_scores(folder: Path, with_ceiling: bool = False) -> dict[str, dict]
     for r in m.get("recalibration", []):
         out[f"{recalibrated(m)}local recalibration, K = {r['K']}, cross-fitted"] = r["mean"]
     if with_ceiling:
-        out[f"{recalibrated(m)}{CEILING}"] = ceiling(folder)
+        c = ceiling(folder)
+        out[f"{recalibrated(m)}{c['name']}"] = c
     return out
 
 
