@@ -43,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--check", choices=["quick", "full", "none"], default="quick",
                    help="quick: decode every image at reduced scale (finds truncated and "
                         "corrupt files); full: decode at full resolution")
-    p.add_argument("--force", action="store_true", help="replace an existing --data folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace a --data folder that this script laid out before (it never "
+                        "deletes a folder it did not make)")
     return p.parse_args(argv)
 
 
@@ -84,7 +86,7 @@ def find_layout_root(top: Path) -> Path:
             candidates.append(Path(root))
             dirs[:] = []
     if not candidates:
-        fail(f"{top} has no train/ and test/ folders with NORMAL/ and PNEUMONIA/ inside")
+        fail(f"{cio.display_name(top)} has no train/ and test/ folders with NORMAL/ and PNEUMONIA/ inside")
     return min(candidates, key=lambda p: len(p.parts))
 
 
@@ -94,27 +96,80 @@ def inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+# What this script lays out in --data, and nothing else: --force removes only these, and
+# only where the marker says this script made the folder.
+MARKER = ".cxr_dataset"
+OWN_ENTRIES = (*SPLITS, MARKER)
+
+
+def own_entry(path: Path) -> bool:
+    name = path.name
+    return name in OWN_ENTRIES or (name.startswith("dataset_report_") and name.endswith(".txt"))
+
+
+def check_not_inside(root: Path, dest: Path):
+    """Refuse a --data that holds the data being imported (or lies inside it)."""
+    sources = [root / s for s in SPLITS if (root / s).is_dir()] or [root]
+    if any(inside(s, dest) or inside(dest, s) for s in sources):
+        # e.g. the Kaggle archive unzipped into chest_xray/ gives chest_xray/chest_xray/:
+        # replacing --data would delete the data this command reads
+        fail(f"the dataset found in {cio.display_name(root)} lies inside --data "
+             f"{cio.display_name(dest)}, so replacing it would delete it: use it where it "
+             f"is with --data {cio.display_name(root)} (and train_cxray.py --data "
+             f"{cio.display_name(root)}), or choose another --data")
+
+
+def check_replaceable(dest: Path):
+    """Refuse (one line) to replace a --data folder that this script did not lay out, or
+    that holds anything it did not put there. Nothing is deleted here."""
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if dest.is_symlink() or not dest.is_dir():
+        fail(f"--data {cio.display_name(dest)} is not a folder this script made; remove it "
+             f"yourself or choose another --data")
+    if not (dest / MARKER).is_file():
+        fail(f"--data {cio.display_name(dest)} was not laid out by this script (it has no "
+             f"{MARKER} marker), so --force will not delete anything in it: remove it "
+             f"yourself or choose another --data")
+    foreign = sorted(p.name for p in dest.iterdir() if not own_entry(p))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        fail(f"--data {cio.display_name(dest)} also holds files this script did not put "
+             f"there ({', '.join(map(cio.display_name, foreign[:3]))}{more}), so --force will "
+             f"not replace it: move them out or choose another --data")
+
+
+def remove_own_layout(dest: Path):
+    """Delete what a previous run of this script laid out in dest (see check_replaceable)."""
+    for entry in sorted(dest.iterdir(), key=lambda p: p.name == MARKER):  # the marker last
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink()
+        else:
+            shutil.rmtree(entry)
+
+
 def lay_out(root: Path, dest: Path, mode: str, force: bool):
     if dest.exists() or dest.is_symlink():
         if dest.resolve() == root.resolve():
             return
-        sources = [root / s for s in SPLITS if (root / s).is_dir()]
-        if not dest.is_symlink() and any(inside(s, dest) or inside(dest, s) for s in sources):
-            # e.g. the Kaggle archive unzipped into chest_xray/ gives chest_xray/chest_xray/:
-            # replacing --data would delete the data this command reads
-            fail(f"the dataset found in {root} lies inside --data {dest}, so replacing {dest} "
-                 f"would delete it: use it where it is with --data {root} (and "
-                 f"train_cxray.py --data {root}), or choose another --data")
+        if not dest.is_symlink():
+            check_not_inside(root, dest)
         if not force:
             if is_layout(dest):
-                print(f"{dest}/ already exists; checking it (use --force to replace it)")
+                print(f"{cio.display_name(dest)}/ already exists; checking it (use --force "
+                      f"to replace it)")
                 return
-            fail(f"{dest} exists but is not a dataset folder; remove it or use --force")
-        if dest.is_symlink() or dest.is_file():
-            dest.unlink()
+            if not (dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir())):
+                fail(f"{cio.display_name(dest)} exists and is not a dataset folder: choose "
+                     f"another --data")
         else:
-            shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+            check_replaceable(dest)
+            remove_own_layout(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    # the marker first: a copy cut short is still this script's, and --force may redo it
+    (dest / MARKER).write_text(f"laid out by download_dataset.py from {root.resolve()} "
+                               f"({mode}); --force may replace this folder\n")
+    skipped = []
     for split in SPLITS:
         src = root / split
         if not src.is_dir():
@@ -122,7 +177,29 @@ def lay_out(root: Path, dest: Path, mode: str, force: bool):
         if mode == "symlink":
             (dest / split).symlink_to(src.resolve(), target_is_directory=True)
         else:
-            shutil.copytree(src, dest / split, ignore=shutil.ignore_patterns(".*", "__MACOSX"))
+            skipped += copy_split(src, dest / split)
+    if skipped:
+        print(f"Not copied: {len(skipped)} entries")
+        for path, reason in skipped[:20]:
+            print(f"  {cio.display_name(path)}: {reason}")
+
+
+def copy_split(src: Path, dst: Path) -> list[tuple[Path, str]]:
+    """Copy the images the other scripts would read from src/{NORMAL,PNEUMONIA}/ (the
+    same folder scan), keeping their sub-folders; returns what was not copied, and why."""
+    skipped = []
+    for name in cc.CLASS_NAMES:
+        for folder in cio.class_folders(src, name):
+            files, others = cio.scan_folder(folder)
+            skipped += others
+            for f in files:
+                target = dst / folder.name / f.relative_to(folder)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, target)
+                except OSError as e:
+                    skipped.append((f, f"not copied ({e.strerror or e})"))
+    return skipped
 
 
 def check_file(path: Path, how: str) -> str | None:
@@ -182,13 +259,16 @@ def main(argv=None):
         if not top.is_dir():
             fail(f"--source {top} is not a folder")
     elif is_layout(dest) and not args.force:
-        print(f"{dest}/ already holds the dataset; checking it (--force downloads again)")
+        print(f"{cio.display_name(dest)}/ already holds the dataset; checking it (--force "
+              f"downloads again)")
         top = dest
     else:
+        if args.force:
+            check_replaceable(dest)  # before a long download, not after
         print(f"Downloading {KAGGLE_DATASET} with kagglehub ...")
         top = download_from_kaggle()
     root = find_layout_root(top)
-    print(f"Dataset found in {root}")
+    print(f"Dataset found in {cio.display_name(root)}")
     lay_out(root, dest, args.mode, args.force)
     missing = [s for s in REQUIRED if not cc.list_labelled(dest / s)[0]]
     if missing:
