@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -121,10 +122,66 @@ def check_structure(gray: np.ndarray) -> None:
                                  f"correlate {corr:.2f}, in a radiograph above {floor:g})")
 
 
+# Characters a name may hold that would act on a terminal or hide what it says: control
+# characters (newline, carriage return, ESC, DEL, C1), line and paragraph separators, and
+# invisible format characters (bidi overrides and isolates, zero-width characters).
+HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def display_name(path) -> str:
-    """A printable form of a path, also for file names that are not valid UTF-8."""
-    raw = os.fsencode(str(path))
-    return raw.decode("utf-8", "backslashreplace")
+    """A path as one line of plain text, safe to print and to store as a name.
+
+    Bytes that are not UTF-8 show as \\xNN; control, line-separator and invisible format
+    characters as \\n, \\xNN or \\uNNNN; a backslash (where it is not the path separator)
+    as \\\\, so two different paths never look alike. Everything else is kept.
+    """
+    text = str(path)
+    try:
+        text = os.fsencode(text).decode("utf-8", "surrogateescape")
+    except UnicodeError:  # a str path holding lone surrogates: escaped one by one below
+        pass
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\" and os.sep != "\\":
+            out.append("\\\\")
+        elif ch in SHORT_ESCAPES:
+            out.append(SHORT_ESCAPES[ch])
+        elif unicodedata.category(ch) in HIDDEN_CATEGORIES:
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def printable_console() -> None:
+    """Let stdout and stderr print any character: one the console's encoding lacks (a
+    unicode file name on an ASCII or POSIX-locale console) shows as \\uNNNN instead of
+    raising UnicodeEncodeError in the middle of a run. Scripts call this first."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+# Text starting with one of these is a formula to a spreadsheet (OWASP, CSV injection); '
+# is included so that csv_value can undo csv_cell exactly.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(value):
+    """A value for a CSV cell that a spreadsheet shows as text and never runs: text that
+    starts with = + - @ tab, carriage return or ' gets a leading ' (OWASP's advice).
+    Other values are returned unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def csv_value(text: str) -> str:
+    """The text of a cell written with csv_cell, as it was before."""
+    return text[1:] if text.startswith("'") else text
 
 
 # ---------------------------------------------------------------------------------

@@ -12,13 +12,16 @@ optional package pydicom). Each file goes through the same preprocessing as trai
 the rest of the batch goes on.
 
 Results are appended to <out>/predictions.csv (and predictions.jsonl with --json) as
-they are computed, so a killed run loses nothing and --resume redoes nothing.
+they are computed, so a killed run loses nothing and --resume redoes nothing but the
+files that failed. One run at a time may use a results folder. File names are printed
+and stored escaped (cxr_io.display_name); CSV cells cannot act as spreadsheet formulas.
 This is decision support, not a diagnosis.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -27,6 +30,10 @@ import os
 import sys
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no folder lock
+    fcntl = None
 import matplotlib
 
 matplotlib.use("Agg")
@@ -45,6 +52,8 @@ CSV_FIELDS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia
 OUTSIDE = "OUTSIDE"  # the prediction column of an image unlike the training data: no verdict
 MANY_OUTSIDE = 0.10  # above this share of a batch flagged, one warning line
 MANIFEST = "run.json"  # what made this folder's rows: --resume must match it
+LOCK = ".lock"  # held by the run using the folder (hidden: folder scans skip it)
+MAX_STEM_BYTES = 200  # of a Grad-CAM file name, leaving room for _gradcam_NN.png in 255
 
 
 def parse_args(argv=None):
@@ -85,15 +94,17 @@ def parse_args(argv=None):
 
 
 def collect_inputs(args) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The files to predict (each once, by resolved path) and the ones not read, with why."""
+    """The files to predict (each once, by resolved path) and the ones not read, with why.
+    The files of the results folder being resumed are never inputs."""
     files, not_read = [Path(f) for f in args.image], []
+    results = Path(args.resume).resolve() if args.resume else None
     for d in args.dir:
         if not Path(d).is_dir():
             not_read.append((Path(d), "not a folder"))
             continue
         images, others = cio.scan_folder(d)
-        files += images
-        not_read += others
+        files += [f for f in images if not inside(f, results)]
+        not_read += [(f, r) for f, r in others if not inside(f, results)]
     unique, seen = [], set()
     for f in files:
         key = resolved(f)
@@ -101,6 +112,14 @@ def collect_inputs(args) -> tuple[list[Path], list[tuple[Path, str]]]:
             seen.add(key)
             unique.append(f)
     return unique, not_read
+
+
+def inside(path, folder) -> bool:
+    """Whether path lies in folder (resolved; False when folder is None)."""
+    try:
+        return folder is not None and folder in Path(path).resolve().parents
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def resolved(path) -> str:
@@ -209,21 +228,25 @@ def save_gradcam(path_out, gray, heat, row, explained):
     axes[0].set_title(f"X-ray ({gray.shape[1]} px, as decoded)")
     axes[1].imshow(overlay(gray, heat))
     axes[1].set_title(f"Grad-CAM for {row['prediction']} ({row['confidence'] * 100:.1f}%)"
-                      + (f"\n{explained}" if explained else ""), fontsize=10)
+                      + (f"\n{explained}" if explained else ""), fontsize=10, parse_math=False)
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(f"{row['file']}\n{cc.DISCLAIMER}", fontsize=8)
+    fig.suptitle(f"{row['file']}\n{cc.DISCLAIMER}", fontsize=8, parse_math=False)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path_out, dpi=100)
     plt.close(fig)
 
 
-def unused_name(folder: Path, stem: str, suffix: str) -> Path:
-    """folder/stem.suffix, or stem_2.suffix, ... when two inputs share a name."""
-    path, n = folder / f"{stem}{suffix}", 1
+def gradcam_path(folder: Path, image) -> Path:
+    """A new file folder/<image name>_gradcam.png: unprintable characters of the name
+    become _, a long name is cut to fit the file-name limit, and _2, _3, ... is added
+    when two inputs come to the same name."""
+    stem = "".join(c if c.isprintable() else "_" for c in Path(image).stem)
+    stem = stem.encode("utf-8")[:MAX_STEM_BYTES].decode("utf-8", "ignore")
+    path, n = folder / f"{stem}_gradcam.png", 1
     while path.exists():
         n += 1
-        path = folder / f"{stem}_{n}{suffix}"
+        path = folder / f"{stem}_gradcam_{n}.png"
     return path
 
 
@@ -249,9 +272,9 @@ def run_manifest(model_paths, members, cal, json_lines, adapt=False) -> dict:
 
 def check_resumable(out_dir: Path, manifest: dict) -> dict:
     """The manifest of the run in out_dir; exits if this invocation would mix results."""
-    path = out_dir / MANIFEST
+    path, where = out_dir / MANIFEST, cio.display_name(out_dir)
     if not path.is_file():
-        raise SystemExit(f"error: --resume: {out_dir} has no {MANIFEST}, so it cannot be "
+        raise SystemExit(f"error: --resume: {where} has no {MANIFEST}, so it cannot be "
                          "checked that the same model made its rows; start a new run")
     old = json.loads(path.read_text(encoding="utf-8"))
     for key, what in (("model_id", "model file(s)"), ("calibration", "calibration"),
@@ -262,18 +285,45 @@ def check_resumable(out_dir: Path, manifest: dict) -> dict:
             a = [(m["sha256"], m["preprocessing"]) for m in a or []]
             b = [(m["sha256"], m["preprocessing"]) for m in b]
         if a != b:
-            raise SystemExit(f"error: --resume: the {what} differ from the run in {out_dir} "
+            raise SystemExit(f"error: --resume: the {what} differ from the run in {where} "
                              f"(see its {MANIFEST}); give the same --model, or start a new run")
     return old
 
 
+def lock_folder(out_dir: Path) -> None:
+    """Hold a lock on out_dir until this process ends; refuse (one line) when another
+    run holds it, e.g. the same --resume started twice, which would write every row twice.
+    (No lock where the platform has no fcntl.)"""
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise write_error(out_dir / LOCK, e, "nothing was predicted") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"error: another run is using {cio.display_name(out_dir)}; wait for it "
+                         "to end (then --resume it), or start a new run") from None
+    # the descriptor stays open (and the lock held) until the process exits
+
+
+def write_error(path, e: OSError, saved: str) -> SystemExit:
+    """The one-line exit for a failed write (disk full, folder gone, ...)."""
+    return SystemExit(f"error: cannot write {cio.display_name(path)} ({e.strerror or e}); {saved}")
+
+
 class ResultWriter:
     """Appends rows to predictions.csv (and .jsonl): each batch is written with one
-    write call per file, JSONL first, so a kill leaves at most one cut-off record."""
+    write call per file, JSONL first, so a kill leaves at most one cut-off record; a
+    failed write (disk full) is cut back off. CSV cells go through cio.csv_cell; the
+    JSONL keeps the values as they are."""
 
     def __init__(self, out_dir: Path, json_lines: bool):
         self.csv_path = out_dir / "predictions.csv"
         self.jsonl_path = out_dir / "predictions.jsonl" if json_lines else None
+        self.saved = 0  # rows written by this run
         if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
             self._append(self.csv_path, self._csv_text([dict(zip(CSV_FIELDS, CSV_FIELDS))]))
 
@@ -282,14 +332,25 @@ class ResultWriter:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\r\n")
         for row in rows:
-            w.writerow(row)
+            w.writerow({k: cio.csv_cell(v) for k, v in row.items()})
         return buf.getvalue()
 
     @staticmethod
     def _append(path: Path, text: str):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        """Append text whole, or raise OSError (naming path) and leave the file as it was."""
+        data = text.encode("utf-8")
         try:
-            os.write(fd, text.encode("utf-8"))
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise OSError(e.errno, e.strerror, str(path)) from None
         finally:
             os.close(fd)
 
@@ -299,6 +360,7 @@ class ResultWriter:
         flat = [dict(r, temperature=json.dumps(r["temperature"]) if r["temperature"] != "" else "")
                 for r in rows]
         self._append(self.csv_path, self._csv_text(flat))
+        self.saved += len(rows)
 
 
 def complete_csv_rows(path: Path) -> list[dict]:
@@ -317,7 +379,8 @@ def complete_csv_rows(path: Path) -> list[dict]:
             records.pop()  # the last record has no line end: cut off
     if records and records[0] == CSV_FIELDS:
         records = records[1:]
-    return [dict(zip(CSV_FIELDS, r)) for r in records if len(r) == len(CSV_FIELDS)]
+    return [dict(zip(CSV_FIELDS, map(cio.csv_value, r))) for r in records
+            if len(r) == len(CSV_FIELDS)]
 
 
 def complete_jsonl_rows(path: Path) -> list[dict]:
@@ -334,27 +397,39 @@ def complete_jsonl_rows(path: Path) -> list[dict]:
     return rows
 
 
-def done_files(out_dir: Path, json_lines: bool) -> set[str]:
-    """Resolved paths already predicted: rows present in the CSV (and the JSONL, when
-    written). Both files are rewritten to exactly those rows, so after any kill they
-    agree; everything else is redone."""
-    csv_rows = complete_csv_rows(out_dir / "predictions.csv")
-    done = {r["resolved_path"] for r in csv_rows}
-    jsonl_rows = []
+def one_row_per_file(rows, retry: set[str]) -> dict[str, dict]:
+    """Each file's first result row, else its first error row; the errors of files in
+    retry (given again: a film still being copied may be readable now) are dropped."""
+    kept = {}
+    for r in rows:
+        key = r["resolved_path"]
+        if not r.get("error"):
+            if key not in kept or kept[key].get("error"):
+                kept[key] = r
+        elif key not in retry and key not in kept:
+            kept[key] = r
+    return kept
+
+
+def done_files(out_dir: Path, json_lines: bool, retry: set[str]) -> set[str]:
+    """Resolved paths done: one row per file in the CSV (and the JSONL, when written),
+    see one_row_per_file. Both files are rewritten to exactly those rows, so after any
+    kill they agree and hold each file once; everything else is (re)done."""
+    csv_rows = one_row_per_file(complete_csv_rows(out_dir / "predictions.csv"), retry)
+    done = set(csv_rows)
     if json_lines:
-        jsonl_rows = complete_jsonl_rows(out_dir / "predictions.jsonl")
-        done &= {r["resolved_path"] for r in jsonl_rows}
-    keep_csv = [r for r in csv_rows if r["resolved_path"] in done]
-    text = ResultWriter._csv_text([dict(zip(CSV_FIELDS, CSV_FIELDS)), *keep_csv])
-    cio.write_atomic(out_dir / "predictions.csv", lambda f: f.write(text.encode("utf-8")))
+        jsonl_rows = one_row_per_file(complete_jsonl_rows(out_dir / "predictions.jsonl"), retry)
+        done &= set(jsonl_rows)
+    texts = {"predictions.csv": ResultWriter._csv_text(
+        [dict(zip(CSV_FIELDS, CSV_FIELDS)), *(r for k, r in csv_rows.items() if k in done)])}
     if json_lines:
-        seen, lines = set(), []
-        for r in jsonl_rows:
-            if r["resolved_path"] in done and r["resolved_path"] not in seen:
-                seen.add(r["resolved_path"])
-                lines.append(json.dumps(r) + "\n")
-        data = "".join(lines).encode("utf-8")
-        cio.write_atomic(out_dir / "predictions.jsonl", lambda f: f.write(data))
+        texts["predictions.jsonl"] = "".join(json.dumps(r) + "\n"
+                                             for k, r in jsonl_rows.items() if k in done)
+    for name, text in texts.items():
+        try:
+            cio.write_atomic(out_dir / name, lambda f: f.write(text.encode("utf-8")))  # noqa: B023
+        except OSError as e:
+            raise write_error(out_dir / name, e, "its rows are kept as they were") from None
     return done
 
 
@@ -363,29 +438,94 @@ def done_files(out_dir: Path, json_lines: bool) -> set[str]:
 # ---------------------------------------------------------------------------------
 
 
-def open_output(args, manifest) -> tuple[Path, set[str], bool]:
-    """The output folder (new, or the one resumed), the files done, and whether JSONL."""
+def labelled_data_folder(folder: Path) -> Path | None:
+    """The folder of a labelled data set that folder lies in (a class folder, or a split
+    folder holding class folders), where scans for training or evaluation look; or None."""
+    for d in (folder, *folder.parents):
+        try:
+            if d.name.upper() in cc.CLASS_NAMES or any(cio.class_folders(d, n)
+                                                       for n in cc.CLASS_NAMES):
+                return d
+        except OSError:  # a folder that cannot be listed
+            continue
+    return None
+
+
+def check_gradcam_folder(args) -> None:
+    """--gradcam writes PNGs: refuse a results folder inside an input folder or a labelled
+    data set, whose later scans would read them as films."""
+    if not args.gradcam:
+        return
+    out = Path(args.resume or args.out).resolve()
+    inputs = [d for d in map(Path, args.dir) if d.is_dir()]
+    where = next((f"the input folder {cio.display_name(d)}" for d in inputs
+                  if out == d.resolve() or d.resolve() in out.parents), None)
+    data = labelled_data_folder(out)
+    if where is None and data is not None:
+        where = f"the labelled data set folder {cio.display_name(data)}"
+    if where:
+        raise SystemExit(f"error: --gradcam: the results folder {cio.display_name(out)} is inside "
+                         f"{where}, and its later scans would read the Grad-CAM PNGs as films; "
+                         "give an --out outside it")
+
+
+def open_output(args, manifest, retry: set[str]) -> tuple[Path, set[str], bool]:
+    """The output folder (new, or the one resumed, locked), the files done (the errors of
+    those in retry are redone), and whether JSONL is written."""
     if args.resume:
         out_dir = Path(args.resume)
         if not out_dir.is_dir():
-            raise SystemExit(f"error: --resume: {out_dir} is not a folder")
+            raise SystemExit(f"error: --resume: {cio.display_name(out_dir)} is not a folder")
+        lock_folder(out_dir)
         old = check_resumable(out_dir, manifest)
         json_lines = bool(old.get("json"))
         if args.json != json_lines:
             print(f"note: the run being resumed was started {'with' if json_lines else 'without'}"
                   " --json; continuing it that way")
-        return out_dir, done_files(out_dir, json_lines), json_lines
-    out_dir = cio.unique_dir(args.out, f"predict_{cio.timestamp()}")
+        return out_dir, done_files(out_dir, json_lines, retry), json_lines
+    try:
+        out_dir = cio.unique_dir(args.out, f"predict_{cio.timestamp()}")
+    except OSError as e:
+        raise SystemExit(f"error: cannot make a results folder in {cio.display_name(args.out)} "
+                         f"({e.strerror or e})") from None
+    lock_folder(out_dir)
     manifest = dict(manifest, json=args.json, command=" ".join(sys.argv))
     text = json.dumps(manifest, indent=2)
-    cio.write_atomic(out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+    try:
+        cio.write_atomic(out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+    except OSError as e:
+        raise write_error(out_dir / MANIFEST, e, "nothing was predicted") from None
     return out_dir, set(), args.json
 
 
+def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]:
+    """The rows of one batch of (index, array or None, error), by index."""
+    good = [(i, a) for i, a, _ in items if a is not None]
+    rows = {i: error_row(todo[i], err, model_id) for i, a, err in items if a is None}
+    if not good:
+        return rows
+    x = np.stack([a for _, a in good])
+    logits, feats = cc.member_logits(members, x, len(good), features=True)
+    flags = cc.outside_distribution(members, feats)
+    if scorers is not members:
+        logits = cc.member_logits(scorers, x, len(good))
+    probs = cc.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
+    for k, ((i, _), p) in enumerate(zip(good, probs)):
+        if not np.isfinite(p):
+            rows[i] = error_row(todo[i], "the model's output is not a finite number "
+                                "(NaN or infinity): no verdict", model_id)
+        else:
+            rows[i] = result_row(todo[i], float(p), cal, model_id,
+                                 None if flags is None else (flags[0][k], flags[1][k]))
+    return rows
+
+
 def main(argv=None):
+    cio.printable_console()
     args = parse_args(argv)
     if not args.image and not args.dir:
         raise SystemExit("error: give --image FILE and/or --dir FOLDER (see --help)")
+    check_gradcam_folder(args)
     device = cio.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with cio.exit_on(cc.CheckpointError):
         members, cal, size = cc.load_ensemble(args.model, device, args.calibration)
@@ -393,12 +533,14 @@ def main(argv=None):
     temperatures = cal["temperatures"]
     manifest = run_manifest(model_paths, members, cal, args.json, args.adapt)
     model_id = manifest["model_id"]
-    out_dir, done, json_lines = open_output(args, manifest)
 
     files, not_read = collect_inputs(args)
+    given = {resolved(p) for p in [*files, *(p for p, _ in not_read)]}
+    out_dir, done, json_lines = open_output(args, manifest, retry=given)
     todo = [p for p in files if resolved(p) not in done]
     not_read = [(p, r) for p, r in not_read if resolved(p) not in done]
-    names = "ensemble of " + str(len(members)) if len(members) > 1 else str(model_paths[0])
+    names = ("ensemble of " + str(len(members)) if len(members) > 1
+             else cio.display_name(model_paths[0]))
     print(f"Model: {names} (id {model_id}) | temperature "
           f"{', '.join(f'{t:.4f}' for t in temperatures)}"
           f" | threshold P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band "
@@ -417,57 +559,58 @@ def main(argv=None):
     if args.adapt:  # transductive: every image given, also those done before a --resume
         scorers = adapted_members(members, files, size, args.batch_size)
 
-    writer = ResultWriter(out_dir, json_lines)
-    skipped = []
-    if not_read:
-        for p, reason in not_read:
-            print(f"skipped: {cio.display_name(p)}: {reason}", file=sys.stderr)
-            skipped.append((cio.display_name(p), reason))
-        writer.write([error_row(p, r, model_id) for p, r in not_read])
+    writer = None
+
+    def save(rows):  # rows reach the disk before anything about them is printed
+        nonlocal writer
+        try:
+            writer = writer or ResultWriter(out_dir, json_lines)
+            writer.write(rows)
+        except OSError as e:
+            saved = writer.saved if writer else 0
+            raise write_error(e.filename or out_dir, e, (
+                f"{saved} row(s) of this run were saved before it and are kept; free some "
+                f"space and continue with --resume {cio.display_name(out_dir)}")) from None
+
+    save([error_row(p, r, model_id) for p, r in not_read])
+    skipped = [(cio.display_name(p), reason) for p, reason in not_read]
+    for name, reason in skipped:
+        print(f"skipped: {name}: {reason}", file=sys.stderr)
     loader = DataLoader(FileImages(todo, size), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate,
                         worker_init_fn=cio.die_with_parent)
     cam = GradCAM(members[0][0]) if args.gradcam else None
-    explained = (f"map of member 1 of {len(members)} ({Path(model_paths[0]).name})"
-                 if len(members) > 1 else "")
+    explained = (f"map of member 1 of {len(members)} "
+                 f"({cio.display_name(Path(model_paths[0]).name)})" if len(members) > 1 else "")
     n_ok = n_outside = 0
     for items in loader:
-        good = [(i, a) for i, a, _ in items if a is not None]
-        rows = {i: error_row(todo[i], err, model_id) for i, a, err in items if a is None}
-        probs, flags = [], None
-        if good:
-            x = np.stack([a for _, a in good])
-            logits, feats = cc.member_logits(members, x, len(good), features=True)
-            flags = cc.outside_distribution(members, feats)
-            if scorers is not members:
-                logits = cc.member_logits(scorers, x, len(good))
-            probs = cc.mean_probability(logits, temperatures, cal.get("ensemble_temperature", 1))
-        for k, ((i, g), p) in enumerate(zip(good, probs)):
-            if not np.isfinite(p):
-                rows[i] = error_row(todo[i], "the model's output is not a finite number "
-                                    "(NaN or infinity): no verdict", model_id)
+        rows = score_batch(items, todo, members, scorers, cal, model_id)
+        save([rows[i] for i in sorted(rows)])
+        arrays = {i: a for i, a, _ in items}
+        for i in sorted(rows):
+            row = rows[i]
+            if row["error"]:
+                print(f"skipped: {row['file']}: {row['error']}", file=sys.stderr)
+                skipped.append((row["file"], row["error"]))
                 continue
-            row = result_row(todo[i], float(p), cal, model_id,
-                             None if flags is None else (flags[0][k], flags[1][k]))
-            rows[i] = row
+            n_ok += 1
             n_outside += row["outside"] is True
             print_line(row) if args.quiet else print_block(row, cal)
             if cam is not None and row["prediction"] != OUTSIDE:
-                x1 = torch.from_numpy(g)[None, None].to(device)
+                x1 = torch.from_numpy(arrays[i])[None, None].to(device)
                 reported = cc.CLASS_NAMES.index(row["prediction"])
                 heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(members[0][1])),
                                  class_idx=reported)
-                png = unused_name(out_dir, f"{Path(todo[i]).stem}_gradcam", ".png")
-                save_gradcam(png, g, heat, row, explained)
-                print(f"Grad-CAM: {cio.display_name(png)}")
-            n_ok += 1
-        for i in sorted(rows):
-            if rows[i]["error"]:
-                print(f"skipped: {rows[i]['file']}: {rows[i]['error']}", file=sys.stderr)
-                skipped.append((rows[i]["file"], rows[i]["error"]))
-        writer.write([rows[i] for i in sorted(rows)])
+                png = gradcam_path(out_dir, todo[i])
+                try:
+                    save_gradcam(png, arrays[i], heat, row, explained)
+                    print(f"Grad-CAM: {cio.display_name(png)}")
+                except OSError as e:
+                    print(f"warning: Grad-CAM of {row['file']} not saved: cannot write "
+                          f"{cio.display_name(png)} ({e.strerror or e})", file=sys.stderr)
 
-    print(f"\nPredicted {n_ok} image(s); results in {out_dir / 'predictions.csv'}")
+    where = cio.display_name(out_dir / "predictions.csv")
+    print(f"\nPredicted {n_ok} image(s); results in {where}")
     if n_outside:
         share = n_outside / n_ok
         print(f"{'warning: ' if share > MANY_OUTSIDE else ''}{n_outside} of {n_ok} image(s) "
