@@ -231,7 +231,8 @@ def survey(dest: Path, how: str):
 
 
 def report(dest: Path, counts, bad, dupes) -> str:
-    lines = [f"Dataset in {dest}/", "", f"{'split':<6} {'NORMAL':>7} {'PNEUMONIA':>10} {'total':>6}"]
+    lines = [f"Dataset in {cio.display_name(dest)}/", "",
+             f"{'split':<6} {'NORMAL':>7} {'PNEUMONIA':>10} {'total':>6}"]
     for split in SPLITS:
         n = [counts.get((split, c), 0) for c in cc.CLASS_NAMES]
         if sum(n):
@@ -245,19 +246,20 @@ def report(dest: Path, counts, bad, dupes) -> str:
     cross = [g for g in rel if len({p.split(os.sep)[0] for p in g}) > 1]
     lines.append(f"Exact duplicate groups: {len(dupes)} ({sum(len(g) - 1 for g in dupes)} "
                  f"redundant files), across splits: {len(cross)}")
-    lines += ["  " + " = ".join(g) for g in (cross or rel)[:10]]
+    lines += ["  " + " = ".join(map(cio.display_name, g)) for g in (cross or rel)[:10]]
     if len(cross or rel) > 10:
         lines.append(f"  ... and {len(cross or rel) - 10} more")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
+    cio.printable_console()
     args = parse_args(argv)
     dest = Path(args.dest)
     if args.source:
         top = Path(args.source)
         if not top.is_dir():
-            fail(f"--source {top} is not a folder")
+            fail(f"--source {cio.display_name(top)} is not a folder")
     elif is_layout(dest) and not args.force:
         print(f"{cio.display_name(dest)}/ already holds the dataset; checking it (--force "
               f"downloads again)")
@@ -272,14 +274,14 @@ def main(argv=None):
     lay_out(root, dest, args.mode, args.force)
     missing = [s for s in REQUIRED if not cc.list_labelled(dest / s)[0]]
     if missing:
-        fail(f"{dest} has no images in {', '.join(missing)}")
+        fail(f"{cio.display_name(dest)} has no images in {', '.join(missing)}")
     counts, bad, dupes = survey(dest, args.check)
     text = report(dest, counts, bad, dupes)
     print(text, end="")
     path = dest / f"dataset_report_{cio.timestamp()}.txt"
     try:
-        path.write_text(text)
-        print(f"Report saved to {path}")
+        path.write_text(text, encoding="utf-8")
+        print(f"Report saved to {cio.display_name(path)}")
     except OSError as e:
         print(f"(report not saved: {e.strerror})")
     return 0

@@ -601,13 +601,13 @@ def main(argv=None):
                 reported = cc.CLASS_NAMES.index(row["prediction"])
                 heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(members[0][1])),
                                  class_idx=reported)
-                png = gradcam_path(out_dir, todo[i])
                 try:
+                    png = gradcam_path(out_dir, todo[i])
                     save_gradcam(png, arrays[i], heat, row, explained)
                     print(f"Grad-CAM: {cio.display_name(png)}")
-                except OSError as e:
-                    print(f"warning: Grad-CAM of {row['file']} not saved: cannot write "
-                          f"{cio.display_name(png)} ({e.strerror or e})", file=sys.stderr)
+                except OSError as e:  # the row is saved; only its picture is missing
+                    print(f"warning: the Grad-CAM of {row['file']} was not saved "
+                          f"({e.strerror or e})", file=sys.stderr)
 
     where = cio.display_name(out_dir / "predictions.csv")
     print(f"\nPredicted {n_ok} image(s); results in {where}")

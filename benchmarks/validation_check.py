@@ -111,7 +111,8 @@ def kept_epoch_loss(run: Path, meta: dict) -> float:
 
 
 def check(run: Path) -> dict:
-    rows = [r for r in csv.DictReader(open(run / "val_split.csv")) if r["split"] == "val"]
+    with open(run / "val_split.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
     model, meta = cc.load_checkpoint(run / "mobilenet_cxr.pth")
     size, intensity = meta["preprocessing"]["image_size"], cc.intensity_of(meta)
     x = np.stack([cc.load_image_array(r["file"], size) for r in rows])

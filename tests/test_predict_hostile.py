@@ -250,3 +250,60 @@ def test_gradcam_names_are_printable_fit_and_never_collide(tmp_path):
     assert {"a_b_gradcam.png", "a_b_gradcam_2.png", "a_b_gradcam_3.png"} <= set(pngs)
     assert all(n.isprintable() and len(os.fsencode(n)) <= 255 for n in pngs)
     assert proc.stdout.count("Grad-CAM: ") == len(names)
+
+
+# --- the other scripts: names printed escaped, CSVs safe, the split file exact -------------
+
+
+@pytest.mark.parametrize("script,args", [
+    ("download_dataset.py", ["--source", "{bad}", "--data", "{tmp}/d"]),
+    ("visualize_results.py", ["--split", "{bad}", "--out", "{tmp}/o"]),
+    ("train_cxray.py", ["--data", "{bad}", "--out", "{tmp}/o"]),
+])
+def test_the_other_scripts_print_names_escaped(script, args, tmp_path):
+    bad = tmp_path / "no\x1b[2Jsuch\u202e"
+    args = [a.format(bad=bad, tmp=tmp_path) for a in args]
+    proc = run_script(script, *args, check=False)
+    line = one_line_error(proc)
+    assert cio.display_name(bad) in line, line
+    for ch in RAW_CONTROLS:
+        assert ch not in proc.stdout + proc.stderr, f"{ch!r} reached the console"
+
+
+def test_visualize_predictions_csv_cells_cannot_be_formulas(tmp_path):
+    import numpy as np
+
+    import visualize_results
+
+    paths = [Path(n) for n in ("=cmd.jpeg", "-1.jpeg", "plain.jpeg")]
+    m = {"pred": np.array([1, 0, 1]), "conf": np.array([0.9, 0.8, 0.7]),
+         "correct": np.array([True, True, False]), "answered": np.array([True, True, True])}
+    visualize_results.write_predictions(tmp_path / "p.csv", paths, np.array([1, 0, 0]),
+                                        np.array([0.9, 0.2, 0.7]), m)
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == ["'=cmd.jpeg", "'-1.jpeg", "plain.jpeg"]
+
+
+def test_the_split_file_gives_back_every_name_exactly(tmp_path):
+    """val_split.csv is read back by visualize_results.py --split val: any file name, one
+    that is not UTF-8 or holds a newline or a backslash too, must come back as it was."""
+    import argparse
+
+    import numpy as np
+
+    import train_cxray
+    import visualize_results
+
+    names = ["a\nb.jpeg", "back\\x1b.jpeg", os.fsdecode(b"n\xff.jpeg"), "=cmd.jpeg", "é.jpeg"]
+    paths = [p.resolve() for p in (films(tmp_path / "data", names) / n for n in names)]
+    run = tmp_path / "run"
+    run.mkdir()
+    train_cxray.write_split_csv(run / "val_split.csv",
+                                {"val": (paths, np.ones(len(paths), dtype=int))})
+    files, labels, _, _ = visualize_results.labelled_files(argparse.Namespace(split="val"),
+                                                           [run / "model.pth"])
+    assert files == paths and labels == [1] * len(paths)
+    with open(run / "val_split.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        patients = [r["patient"] for r in csv.DictReader(f)]
+    assert "'=cmd" in patients and not any(p.startswith(("=", "+", "-", "@")) for p in patients)
