@@ -4,7 +4,8 @@ evaluation, in one place (like MedMNIST's info.py).
     CLASS_NAMES, IMAGE_SIZE, DISCLAIMER    what the model answers, and how to say it
     load_image_array, model_input          a file -> (H, W) uint8 -> the network's input
     build_model                            MobileNetV2 with a 2-class head
-    save_checkpoint, load_checkpoint       a state_dict plus plain metadata
+    save_checkpoint, load_checkpoint,      a state_dict plus plain metadata; every field
+      check_checkpoint                     read from one is checked at load time
     calibration_of, fit_calibration        temperature, threshold, uncertain band
     load_ensemble, predict_logits,         the one inference path
       ensemble_probability
@@ -21,7 +22,10 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
+import stat
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -177,11 +181,14 @@ def normalize_batch(gray_u8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+INTENSITIES = ("none", "equalize")  # a checkpoint's preprocessing.intensity
+
+
 def model_input(gray_u8: torch.Tensor, intensity: str = "none") -> torch.Tensor:
     """The model's input for (N, 1, H, W) uint8 images under a checkpoint's preprocessing."""
     if intensity == "equalize":
         gray_u8 = equalize(gray_u8)
-    elif intensity != "none":
+    elif intensity not in INTENSITIES:
         raise ValueError(f"unknown intensity preprocessing {intensity!r}")
     return normalize_batch(gray_u8)
 
@@ -235,36 +242,27 @@ def save_checkpoint(path, state_dict: dict, meta: dict, typicality: dict | None 
 def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     """Build the model from a checkpoint; returns (model in eval mode, metadata). The
     typicality statistics, where the checkpoint has them, are model.typicality (else
-    None). Refuses (CheckpointError) a file whose model could not give a valid probability."""
+    None). Everything in the file is checked first (check_checkpoint): a file that is not
+    one, or whose model could not give a valid probability, is refused (CheckpointError,
+    one line naming the file and the field)."""
     path = Path(path)
     name = cio.display_name(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"model file not found: {name}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{name}: not a loadable checkpoint ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{name}: not a {CHECKPOINT_FORMAT} checkpoint")
-    meta = payload["meta"]
-    if meta.get("class_names") != CLASS_NAMES:
-        raise CheckpointError(f"{name}: unexpected classes {meta.get('class_names')}")
-    bad = [k for k, v in payload["state_dict"].items()
-           if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{name}: {len(bad)} weight tensor(s) hold NaN or infinity "
-                              f"(first: {bad[0]}): refusing a model that cannot answer")
-    problem = _calibration_problem(meta)
-    if problem:
-        raise CheckpointError(f"{name}: {problem}")
     model, _ = build_model(pretrained=False)
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{name}: weights do not fit MobileNetV2 "
-                              f"({str(e).splitlines()[0][:120]})") from None
+        with _open_regular(path, MAX_CHECKPOINT_BYTES) as f:
+            _check_archive(f)
+            try:
+                payload = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # torch.load's errors on a damaged or foreign file
+                raise CheckpointError(f"not a loadable checkpoint ({type(e).__name__})") from None
+        check_checkpoint(payload, model)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    model.load_state_dict(payload["state_dict"])
     model.typicality = payload.get("typicality")
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), payload["meta"]
 
 
 def base_meta(image_size: int, intensity: str = "none") -> dict:
@@ -284,6 +282,192 @@ def base_meta(image_size: int, intensity: str = "none") -> dict:
     }
 
 
+# What a checkpoint may hold. Everything read from one is checked here, at load time,
+# so that no later step trusts a size, a cut or a type from the file.
+IMAGE_SIZE_RANGE = (32, 1024)  # MobileNetV2 needs 32 px; 1024 px costs ~0.3 GB per image
+MAX_CHECKPOINT_BYTES = 256 * 2**20  # the shipped checkpoints have 10 MB
+MAX_CALIBRATION_BYTES = 2**20  # an ensemble's calibration file has 2 kB
+
+
+def check_checkpoint(payload, model: nn.Module) -> None:
+    """Raises CheckpointError naming the first field of a loaded checkpoint that is
+    missing, of the wrong type or out of bounds: its metadata, its weights (which must
+    be exactly the model's tensors, finite) and its typicality statistics."""
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"not a {CHECKPOINT_FORMAT} checkpoint")
+    meta = payload.get("meta", _MISSING)
+    _require(isinstance(meta, dict), "meta", meta, "a dictionary")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError, RecursionError):
+        raise CheckpointError("meta holds something other than plain data (numbers, strings, "
+                              "lists and dictionaries)") from None
+    _require(meta.get("class_names") == CLASS_NAMES, "meta.class_names",
+             meta.get("class_names", _MISSING), repr(CLASS_NAMES))
+    pre = meta.get("preprocessing", _MISSING)
+    _require(isinstance(pre, dict), "meta.preprocessing", pre, "a dictionary")
+    size, (lo, hi) = pre.get("image_size", _MISSING), IMAGE_SIZE_RANGE
+    _require(_is_int(size) and lo <= size <= hi, "meta.preprocessing.image_size", size,
+             f"an integer from {lo} to {hi}")
+    _require(pre.get("intensity", "none") in INTENSITIES, "meta.preprocessing.intensity",
+             pre.get("intensity"), f"one of {', '.join(INTENSITIES)}")
+    if meta.get("calibration") is not None:
+        _check_calibration(meta["calibration"], "meta.calibration.")
+    for key, ok, rule in (  # read by train_cxray.py --typicality-for and --calibrate-for
+            ("seed", _is_int, "an integer"),
+            ("recipe", lambda v: isinstance(v, str), "a recipe's name"),
+            ("recipe_fields", lambda v: v is None or isinstance(v, dict), "a dictionary"),
+            ("metrics", lambda v: isinstance(v, dict), "a dictionary"),
+            ("val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number within (0, 1)"),
+            ("calib_fraction", lambda v: v is None or _is_number(v) and 0 <= v < 1,
+             "a number within [0, 1)")):
+        if key in meta:
+            _require(ok(meta[key]), f"meta.{key}", meta[key], rule)
+    _check_state_dict(payload.get("state_dict", _MISSING), model.state_dict())
+    if payload.get("typicality") is not None:
+        _check_typicality(payload["typicality"], model.last_channel)
+
+
+def _check_calibration(cal, where: str, temperature: str = "temperature") -> dict:
+    """A stored calibration's {"temperature", "threshold", "uncertain_band"} as floats
+    (absent ones: 1, 0.5 and an empty band, which is argmax); raises CheckpointError
+    naming the field (where + key) that is not a valid one."""
+    _require(isinstance(cal, dict), where.rstrip("."), cal, "a dictionary")
+    t = cal.get(temperature, 1.0)
+    _require(_is_number(t) and t > 0, where + temperature, t, "a finite number > 0")
+    thr = cal.get("threshold", 0.5)
+    _require(_is_number(thr) and 0 <= thr <= 1, where + "threshold", thr,
+             "a number within [0, 1]")
+    band = cal.get("uncertain_band", [thr, thr])
+    _require(isinstance(band, (list, tuple)) and len(band) == 2 and all(map(_is_number, band))
+             and 0 <= band[0] <= band[1] <= 1 + 1e-9, where + "uncertain_band", band,
+             "[low, high] with 0 <= low <= high <= 1")
+    return {"temperature": float(t), "threshold": float(thr),
+            "uncertain_band": [float(b) for b in band]}
+
+
+def _check_state_dict(state, expected: dict) -> None:
+    """The weights must be exactly the model's tensors (names, shapes, types), finite."""
+    _require(isinstance(state, dict), "state_dict", state, "a dictionary of tensors")
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        raise CheckpointError(f"weights do not fit MobileNetV2 ({len(missing)} missing, "
+                              f"{len(extra)} unexpected, first: {_shown((missing or extra)[0])})")
+    for k, ref in expected.items():
+        _require(_is_dense(state[k]) and state[k].shape == ref.shape and state[k].dtype == ref.dtype,
+                 f"state_dict[{k!r}]", state[k], f"a {ref.dtype} tensor of shape {tuple(ref.shape)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{len(bad)} weight tensor(s) hold NaN or infinity "
+                              f"(first: {bad[0]}): refusing a model that cannot answer")
+
+
+def _check_typicality(stats, features: int) -> None:
+    """The typicality statistics (fit_typicality): finite tensors whose shapes fit the
+    model's features and each other, a finite cut > 0 and a level within (0, 1)."""
+    _require(isinstance(stats, dict), "typicality", stats, "a dictionary")
+
+    def tensor(key, shape, integer=False):
+        v = stats.get(key, _MISSING)
+        kind = "an integer" if integer else "a floating-point"
+        _require(_is_dense(v) and v.dim() == len(shape) and (integer != v.is_floating_point())
+                 and not v.is_complex() and v.dtype != torch.bool
+                 and all(n is None or n == m for n, m in zip(shape, v.shape)),
+                 f"typicality.{key}", v, f"{kind} tensor of shape "
+                 + str(tuple("n" if n is None else n for n in shape)).replace("'", ""))
+        _require(integer or bool(torch.isfinite(v).all()), f"typicality.{key}", v, "finite")
+        return v
+
+    k = tensor("components", (None, features)).shape[0]
+    _require(k >= 1, "typicality.components", stats["components"], "at least one component")
+    tensor("pca_mean", (features,))
+    tensor("class_means", (len(CLASS_NAMES), k))
+    tensor("precision", (k, k))
+    tensor("train_scores", (None,))
+    tensor("val_scores", (None,))
+    n = tensor("reference_z", (None, k)).shape[0]
+    labels = tensor("reference_labels", (n,), integer=True)
+    _require(bool(((labels >= 0) & (labels < len(CLASS_NAMES))).all()),
+             "typicality.reference_labels", labels, f"class indices 0 to {len(CLASS_NAMES) - 1}")
+    cut, level = stats.get("cut", _MISSING), stats.get("level", _MISSING)
+    _require(_is_number(cut) and cut > 0, "typicality.cut", cut, "a finite number > 0")
+    _require(_is_number(level) and 0 < level < 1, "typicality.level", level,
+             "a number within (0, 1)")
+
+
+_MISSING = object()  # a field the file does not have
+
+
+def _require(ok: bool, field: str, value, rule: str) -> None:
+    """Raises CheckpointError "<field> <value> (must be <rule>)" unless ok."""
+    if not ok:
+        raise CheckpointError(f"{field} {_shown(value)} (must be {rule})")
+
+
+def _shown(value) -> str:
+    """A field's value in a message: short, and never a tensor's contents."""
+    if value is _MISSING:
+        return "missing"
+    if torch.is_tensor(value):
+        return f"is a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = f"{value:g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (a bool is not a number here)."""
+    if not (_is_int(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _is_dense(value) -> bool:
+    """A plain tensor whose elements are all stored in the file (an expanded tensor of
+    a huge shape over a few stored numbers would cost its full size to compute with)."""
+    return (torch.is_tensor(value) and value.layout == torch.strided
+            and value.numel() * value.element_size() <= value.untyped_storage().nbytes())
+
+
+def _open_regular(path, limit: int):
+    """path opened for reading in binary, if it is a regular file of at most limit
+    bytes (never blocks on a FIFO or reads a device without end); else CheckpointError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise CheckpointError(f"cannot open ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+               f"{st.st_size:,} bytes, more than the {limit:,} allowed" if st.st_size > limit
+               else None)
+    if problem:
+        os.close(fd)
+        raise CheckpointError(problem)
+    return os.fdopen(fd, "rb")
+
+
+def _check_archive(f) -> None:
+    """A checkpoint is torch.save's zip archive, whose entries unpack to at most
+    MAX_CHECKPOINT_BYTES (torch.load would inflate a compressed entry of any size)."""
+    try:
+        with zipfile.ZipFile(f) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+    except Exception as e:  # zipfile's errors on a damaged or foreign file
+        raise CheckpointError(f"not a loadable checkpoint (not a torch.save archive: "
+                              f"{type(e).__name__})") from None
+    if unpacked > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"unpacks to {unpacked:,} bytes, more than the "
+                              f"{MAX_CHECKPOINT_BYTES:,} allowed")
+    f.seek(0)
+
+
 # ---------------------------------------------------------------------------------
 # Calibration: temperature, decision threshold and uncertain band.
 # ---------------------------------------------------------------------------------
@@ -294,13 +478,7 @@ def calibration_of(meta: dict) -> dict:
 
     A checkpoint without one (the reference recipe) predicts with argmax: temperature 1,
     threshold 0.5 on P(PNEUMONIA), an empty uncertain band."""
-    cal = meta.get("calibration") or {}
-    t = float(cal.get("threshold", 0.5))
-    return {
-        "temperature": float(cal.get("temperature", 1.0)),
-        "threshold": t,
-        "uncertain_band": [float(b) for b in cal.get("uncertain_band", [t, t])],
-    }
+    return _check_calibration(meta.get("calibration") or {}, "meta.calibration.")
 
 
 def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0) -> dict:
@@ -417,28 +595,37 @@ def load_ensemble(paths, device="cpu", calibration_file=None) -> tuple[list, dic
 
 
 def _ensemble_calibration(path, model_paths, members_calibration) -> dict:
+    """The calibration file (visualize_results.py --save-calibrated) for these members,
+    checked field by field; CheckpointError naming the file and the field otherwise."""
     name = cio.display_name(path)
     try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-        hashes = [m["sha256"] for m in saved["members"]]
-        cal = {"temperatures": [float(t) for t in saved["temperatures"]],
-               "ensemble_temperature": float(saved["ensemble_temperature"]),
-               "threshold": float(saved["threshold"]),
-               "uncertain_band": [float(b) for b in saved["uncertain_band"]], "shared": True}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        with _open_regular(path, MAX_CALIBRATION_BYTES) as f:
+            saved = json.loads(f.read(MAX_CALIBRATION_BYTES + 1).decode("utf-8"))
+        _require(isinstance(saved, dict), "content", saved, "a JSON object")
+        for key in ("members", "temperatures", "ensemble_temperature", "threshold",
+                    "uncertain_band"):
+            _require(key in saved, key, _MISSING, "given")
+        members, temperatures = saved["members"], saved["temperatures"]
+        _require(isinstance(members, list) and all(
+            isinstance(m, dict) and isinstance(m.get("sha256"), str) for m in members),
+            "members", members, 'a list of {"path": ..., "sha256": ...}')
+        _require(isinstance(temperatures, list) and len(temperatures) == len(members) and all(
+            _is_number(t) and t > 0 for t in temperatures), "temperatures", temperatures,
+            "a finite number > 0 per member")
+        cal = _check_calibration(saved, "", temperature="ensemble_temperature")
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8 or nesting errors
         raise CheckpointError(f"{name}: not an ensemble calibration file ({type(e).__name__})") \
             from None
-    if hashes != [cio.sha256_file(p) for p in model_paths]:
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    if [m["sha256"] for m in members] != [cio.sha256_file(p) for p in model_paths]:
         raise CheckpointError(f"{name} was fitted for other model files (or another order); "
                               "give the --model files it names")
-    if cal["temperatures"] != members_calibration["temperatures"]:
+    if [float(t) for t in temperatures] != members_calibration["temperatures"]:
         raise CheckpointError(f"{name}: the members' stored temperatures differ from the file's")
-    problem = _calibration_problem({"calibration": {
-        "temperature": cal["ensemble_temperature"], "threshold": cal["threshold"],
-        "uncertain_band": cal["uncertain_band"]}})
-    if problem:
-        raise CheckpointError(f"{name}: {problem}")
-    return cal
+    return {"temperatures": [float(t) for t in temperatures],
+            "ensemble_temperature": cal["temperature"], "threshold": cal["threshold"],
+            "uncertain_band": cal["uncertain_band"], "shared": True}
 
 
 # ---------------------------------------------------------------------------------
@@ -797,27 +984,13 @@ def _imagenet_state_dict() -> tuple[dict, str]:
         ) from None
 
 
-def _calibration_problem(meta: dict) -> str | None:
-    """Why a checkpoint's stored calibration cannot give a valid probability, or None."""
-    cal = meta.get("calibration") or {}
-    try:
-        t = float(cal.get("temperature", 1.0))
-        thr = float(cal.get("threshold", 0.5))
-        band = [float(b) for b in cal.get("uncertain_band", [thr, thr])]
-    except (TypeError, ValueError):
-        return "calibration values are not numbers"
-    if not (math.isfinite(t) and t > 0):
-        return f"calibration temperature {t:g} (must be a finite number > 0)"
-    if not 0.0 <= thr <= 1.0:
-        return f"calibration threshold {thr:g} (must be within [0, 1])"
-    if len(band) != 2 or not (0.0 <= band[0] <= band[1] <= 1.0 + 1e-9):
-        return f"uncertain band {band} (must be [low, high] within [0, 1])"
-    return None
-
-
 def _cache_key(paths: list[Path], size: int) -> str:
     h = hashlib.sha256(f"v2|{size}".encode())
     for p in paths:
-        st = p.stat()
-        h.update(f"|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        try:
+            st = os.stat(p)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # gone, a broken link or a loop: the decoder names what is wrong
+            size = mtime = -1
+        h.update(f"|{os.path.realpath(p)}|{size}|{mtime}".encode())
     return h.hexdigest()[:20]

@@ -1,0 +1,360 @@
+"""Every field read from a checkpoint or from a --calibration file is checked when it is
+loaded: a bad one is refused in one line naming the file and the field, before any
+size, cut or type from the file is used.
+
+Bad checkpoints are the shipped reference checkpoint with one field edited, saved with
+torch.save. The in-process tests cover every field; the script tests run predict.py as
+a user does, under a memory limit and a timeout, so that a regression that trusts a size
+from the file fails the test instead of exhausting the machine."""
+
+import copy
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, script_env
+
+import cxr_common as cc
+import cxr_io as cio
+
+REAL = ROOT / "models" / "reference_seed1.pth"  # real weights and typicality statistics
+IMAGES = [sorted((TINY / "test" / c).iterdir())[0] for c in cc.CLASS_NAMES]
+MEMORY_LIMIT = 6 * 2**30  # address space for a script: torch alone maps about 3.5 GB
+NAN = float("nan")
+HUGE = 2**31  # bytes of a checkpoint file (sparse: no disk used)
+
+
+@pytest.fixture(scope="module")
+def real():
+    return torch.load(REAL, map_location="cpu", weights_only=True)
+
+
+def saved(payload, tmp_path, edit, name="bad.pth"):
+    """A copy of payload changed by edit(payload), written with torch.save."""
+    p = copy.deepcopy(payload)
+    edit(p)
+    path = tmp_path / name
+    torch.save(p, path)
+    return path
+
+
+def put(path, value):
+    """An edit that sets payload[a][b]... = value for path "a.b...", creating dicts."""
+    *parents, last = path.split(".")
+
+    def edit(p):
+        for key in parents:
+            p = p.setdefault(key, {})
+        p[last] = value
+    return edit
+
+
+def drop(path):
+    *parents, last = path.split(".")
+
+    def edit(p):
+        for key in parents:
+            p = p[key]
+        del p[last]
+    return edit
+
+
+def put_weight(key, value):
+    def edit(p):
+        p["state_dict"][key] = value
+    return edit
+
+
+def drop_weight(key):
+    def edit(p):
+        del p["state_dict"][key]
+    return edit
+
+
+def put_stat(key, make):
+    """An edit that replaces a typicality statistic by make(the stored one)."""
+    def edit(p):
+        p["typicality"][key] = make(p["typicality"][key])
+    return edit
+
+
+def calibration(**fields):
+    return put("meta.calibration", {"temperature": 1.0, "threshold": 0.5,
+                                    "uncertain_band": [0.4, 0.6], **fields})
+
+
+def deeply_nested(depth=100_000):
+    return "[" * depth + "]" * depth
+
+
+# (id, edit, words the one-line refusal must hold)
+BAD_CHECKPOINTS = [
+    # trusted sizes: the process was killed at 30000 px, 3000 px took 2.7 GB for one image
+    ("image_size-30000", put("meta.preprocessing.image_size", 30000), "image_size 30000"),
+    ("image_size-3000", put("meta.preprocessing.image_size", 3000), "image_size 3000"),
+    ("image_size-0", put("meta.preprocessing.image_size", 0), "image_size 0"),
+    ("image_size-bool", put("meta.preprocessing.image_size", True), "image_size True"),
+    ("image_size-float", put("meta.preprocessing.image_size", 224.0), "image_size 224"),
+    ("image_size-text", put("meta.preprocessing.image_size", "224"), "image_size '224'"),
+    ("image_size-missing", drop("meta.preprocessing.image_size"), "image_size missing"),
+    # the typicality cut: NaN turned the flag off, 0 flagged everything
+    ("cut-nan", put("typicality.cut", NAN), "typicality.cut nan"),
+    ("cut-zero", put("typicality.cut", 0.0), "typicality.cut 0"),
+    ("cut-negative", put("typicality.cut", -3.0), "typicality.cut -3"),
+    ("cut-inf", put("typicality.cut", float("inf")), "typicality.cut inf"),
+    ("cut-text", put("typicality.cut", "13"), "typicality.cut '13'"),
+    ("cut-missing", drop("typicality.cut"), "typicality.cut missing"),
+    ("level-above-1", put("typicality.level", 99.0), "typicality.level 99"),
+    # structure
+    ("no-meta", drop("meta"), "meta missing"),
+    ("meta-list", put("meta", [1, 2]), "meta [1, 2]"),
+    ("meta-tensor", put("meta.preprocessing.mean", torch.zeros(3)), "plain data"),
+    ("classes", put("meta.class_names", ["A", "B"]), "class_names"),
+    ("no-preprocessing", drop("meta.preprocessing"), "meta.preprocessing missing"),
+    ("preprocessing-text", put("meta.preprocessing", "224"), "meta.preprocessing '224'"),
+    ("intensity-unknown", put("meta.preprocessing.intensity", "sharpen"), "intensity 'sharpen'"),
+    ("calibration-text", put("meta.calibration", "T=1"), "meta.calibration 'T=1'"),
+    ("temperature-zero", calibration(temperature=0.0), "temperature 0"),
+    ("temperature-negative", calibration(temperature=-1.0), "temperature -1"),
+    ("temperature-nan", calibration(temperature=NAN), "temperature nan"),
+    ("temperature-bool", calibration(temperature=True), "temperature True"),
+    ("temperature-huge-int", calibration(temperature=10**400), "temperature 1000"),
+    ("threshold-above-1", calibration(threshold=1.5), "threshold 1.5"),
+    ("threshold-negative", calibration(threshold=-0.1), "threshold -0.1"),
+    ("threshold-nan", calibration(threshold=NAN), "threshold nan"),
+    ("threshold-text", calibration(threshold="0.5"), "threshold '0.5'"),
+    ("band-reversed", calibration(uncertain_band=[0.6, 0.4]), "uncertain_band [0.6, 0.4]"),
+    ("band-one-number", calibration(uncertain_band=[0.4]), "uncertain_band [0.4]"),
+    ("band-text", calibration(uncertain_band="ab"), "uncertain_band 'ab'"),
+    ("band-above-1", calibration(uncertain_band=[0.4, 2.0]), "uncertain_band [0.4, 2.0]"),
+    ("band-nan", calibration(uncertain_band=[NAN, 0.6]), "uncertain_band [nan, 0.6]"),
+    # fields train_cxray.py reads back (--typicality-for, --calibrate-for)
+    ("seed-text", put("meta.seed", "one"), "meta.seed 'one'"),
+    ("recipe-number", put("meta.recipe", 5), "meta.recipe 5"),
+    ("recipe_fields-list", put("meta.recipe_fields", [1]), "meta.recipe_fields [1]"),
+    ("metrics-list", put("meta.metrics", [0.9]), "meta.metrics [0.9]"),
+    ("val_fraction-2", put("meta.val_fraction", 2), "meta.val_fraction 2"),
+    ("calib_fraction-nan", put("meta.calib_fraction", NAN), "meta.calib_fraction nan"),
+    # weights
+    ("no-state_dict", drop("state_dict"), "state_dict missing"),
+    ("state_dict-list", put("state_dict", [1]), "state_dict [1]"),
+    ("weight-int", put_weight("classifier.1.bias", 5), "state_dict['classifier.1.bias'] 5"),
+    ("weight-shape", put_weight("classifier.1.weight", torch.zeros(3, 1280)),
+     "state_dict['classifier.1.weight'] is a torch.float32 tensor of shape (3, 1280)"),
+    ("weight-dtype", put_weight("classifier.1.bias", torch.zeros(2, dtype=torch.complex64)),
+     "state_dict['classifier.1.bias'] is a torch.complex64"),
+    ("weight-nan", put_weight("classifier.1.bias", torch.full((2,), NAN)), "NaN or infinity"),
+    ("weight-extra", put_weight("extra.weight", torch.zeros(1)), "1 unexpected, first: 'extra"),
+    ("weight-missing", drop_weight("classifier.1.bias"), "1 missing"),
+    # typicality statistics: types, shapes against the model's 1280 features and each other
+    ("typicality-text", put("typicality", "typical"), "typicality 'typical'"),
+    ("components-shape", put_stat("components", lambda v: v[:, :1000]),
+     "typicality.components is a torch.float32 tensor of shape (64, 1000)"),
+    ("pca_mean-shape", put_stat("pca_mean", lambda v: v[:1000]), "typicality.pca_mean"),
+    ("precision-shape", put_stat("precision", lambda v: v[:63, :63]), "typicality.precision"),
+    ("class_means-rows", put_stat("class_means", lambda v: v.repeat(2, 1)),
+     "typicality.class_means"),
+    ("reference_z-shape", put_stat("reference_z", lambda v: v[:, :32]), "typicality.reference_z"),
+    ("reference_labels-length", put_stat("reference_labels", lambda v: v[:-1]),
+     "typicality.reference_labels"),
+    ("reference_labels-value", put_stat("reference_labels", lambda v: v + 7),
+     "typicality.reference_labels"),
+    ("precision-nan", put_stat("precision", lambda v: v * NAN), "must be finite"),
+    ("train_scores-list", put_stat("train_scores", lambda v: v.tolist()[:3]),
+     "typicality.train_scores"),
+    ("val_scores-missing", drop("typicality.val_scores"), "typicality.val_scores missing"),
+    ("reference_z-expanded", put_stat("reference_z", lambda v: v[:1].expand(10**9, -1)),
+     "typicality.reference_z"),
+]
+
+
+def test_the_shipped_checkpoints_load_unchanged():
+    """The shipped checkpoints pass the checks, with the values they store."""
+    for path in (REAL, ROOT / "models" / "mobilenet_cxr.pth"):
+        payload = torch.load(path, weights_only=True)
+        model, meta = cc.load_checkpoint(path)
+        assert meta == payload["meta"]
+        assert model.typicality["cut"] == payload["typicality"]["cut"]
+        assert cc.calibration_of(meta)["temperature"] == (
+            payload["meta"].get("calibration") or {}).get("temperature", 1.0)
+
+
+def refusal(path, load=cc.load_checkpoint, **kwargs) -> str:
+    with pytest.raises(cc.CheckpointError) as e:
+        load(path, **kwargs)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(cio.display_name(path)), message
+    return message
+
+
+@pytest.mark.parametrize("edit, words", [c[1:] for c in BAD_CHECKPOINTS],
+                         ids=[c[0] for c in BAD_CHECKPOINTS])
+def test_a_bad_field_is_refused_naming_it(real, tmp_path, edit, words):
+    assert words in refusal(saved(real, tmp_path, edit))
+
+
+def test_a_checkpoint_that_is_no_regular_file_or_too_big_is_refused(real, tmp_path):
+    folder = tmp_path / "folder.pth"
+    folder.mkdir()
+    fifo = tmp_path / "fifo.pth"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.pth"
+    with open(huge, "wb") as f:
+        f.truncate(HUGE)
+    text = tmp_path / "text.pth"
+    text.write_text("not a checkpoint")
+    assert "not a regular file" in refusal(folder)
+    assert "not a regular file" in refusal(fifo)
+    assert "more than the" in refusal(huge)
+    assert "not a loadable checkpoint" in refusal(text)
+    with pytest.raises(cc.CheckpointError, match="model file not found"):
+        cc.load_checkpoint(tmp_path / "absent.pth")
+
+
+def zip_bomb(real, tmp_path):
+    """The real checkpoint plus a 300 MB tensor, compressed to a few hundred kB
+    (torch.load inflates compressed entries)."""
+    padding = torch.zeros(300 * 2**20, dtype=torch.uint8)
+    plain = saved(real, tmp_path, put("padding", padding), "plain.pth")
+    del padding
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            with zin.open(item) as src, zout.open(item.filename, "w", force_zip64=True) as dst:
+                shutil.copyfileobj(src, dst, 2**20)
+    plain.unlink()
+    assert bomb.stat().st_size < 20 * 2**20
+    return bomb
+
+
+# --- an ensemble's calibration file (predict.py / visualize_results.py --calibration) ----
+
+
+def calibration_file(tmp_path, **fields):
+    """A calibration file for the one-member ensemble [REAL]; a field given as ... is
+    left out."""
+    content = {"members": [{"path": str(REAL), "sha256": cio.sha256_file(REAL)}],
+               "temperatures": [1.0], "ensemble_temperature": 1.5, "threshold": 0.4,
+               "uncertain_band": [0.3, 0.6], **fields}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({k: v for k, v in content.items() if v is not ...}))
+    return path
+
+
+def test_a_valid_calibration_file_is_used(tmp_path):
+    _, cal, _ = cc.load_ensemble([REAL], calibration_file=calibration_file(tmp_path))
+    assert cal["ensemble_temperature"] == 1.5 and cal["threshold"] == 0.4
+    assert cal["uncertain_band"] == [0.3, 0.6] and cal["shared"] is True
+
+
+BAD_CALIBRATION_FILES = [
+    ("content-list", lambda p: p.write_text("[1]"), "content [1]"),
+    ("nested", lambda p: p.write_text(deeply_nested()), "RecursionError"),
+    ("not-json", lambda p: p.write_text("{"), "JSONDecodeError"),
+    ("not-utf8", lambda p: p.write_bytes(b"\xff\xfe{}"), "UnicodeDecodeError"),
+    ("too-big", lambda p: p.write_text(" " * 2 * 2**20), "more than the"),
+    ("folder", lambda p: p.mkdir(), "not a regular file"),
+    ("members-text", {"members": "abc"}, "members 'abc'"),
+    ("members-no-hash", {"members": [{"path": "x"}]}, "members [{'path': 'x'}]"),
+    ("temperatures-bool", {"temperatures": [True]}, "temperatures [True]"),
+    ("temperatures-count", {"temperatures": [1.0, 1.0]}, "temperatures [1.0, 1.0]"),
+    ("ensemble_temperature-nan", {"ensemble_temperature": NAN}, "ensemble_temperature nan"),
+    ("threshold-missing", {"threshold": None}, "threshold None"),
+    ("band-text", {"uncertain_band": "ab"}, "uncertain_band 'ab'"),
+    ("band-missing", {"uncertain_band": ...}, "uncertain_band missing"),
+]
+
+
+def bad_calibration_file(tmp_path, make):
+    """make: a path to use as it is, the fields to change in a valid file, or a function
+    that makes the file."""
+    if isinstance(make, Path):
+        return make
+    if isinstance(make, dict):
+        return calibration_file(tmp_path, **make)
+    path = tmp_path / "calibration.json"
+    make(path)
+    return path
+
+
+@pytest.mark.parametrize("make, words", [c[1:] for c in BAD_CALIBRATION_FILES],
+                         ids=[c[0] for c in BAD_CALIBRATION_FILES])
+def test_a_bad_calibration_file_is_refused_naming_the_field(tmp_path, make, words):
+    path = bad_calibration_file(tmp_path, make)
+    assert words in refusal(path, lambda p: cc.load_ensemble([REAL], calibration_file=p))
+
+
+# --- the scripts, as a user runs them -----------------------------------------------------
+
+
+def run_predict(*args, timeout=300):
+    """predict.py on two real images with a bounded address space and a timeout."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    images = [a for image in IMAGES for a in ("--image", image)]
+    cmd = [sys.executable, str(ROOT / "predict.py"), *images, "--device", "cpu", "--quiet",
+           *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace",
+                          timeout=timeout, env=script_env({"CUDA_VISIBLE_DEVICES": ""}),
+                          preexec_fn=limit)
+
+
+def refused_in_one_line(proc, path, *words):
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith(f"error: {cio.display_name(path)}"), line
+    for w in words:
+        assert w in line, line
+
+
+WORDS = {case: words for case, _, words in BAD_CHECKPOINTS}
+SCRIPT_CASES = [  # the hostile trial's cases, end to end
+    ("image_size-30000", put("meta.preprocessing.image_size", 30000), WORDS["image_size-30000"]),
+    ("cut-nan", put("typicality.cut", NAN), WORDS["cut-nan"]),
+    ("meta-list", put("meta", [1, 2]), WORDS["meta-list"]),
+    ("meta-tensor", put("meta.preprocessing.mean", torch.zeros(3)), WORDS["meta-tensor"]),
+    ("weight-expanded", put_weight("classifier.1.bias", torch.zeros(1).expand(10**12)),
+     "state_dict['classifier.1.bias'] is a torch.float32 tensor of shape (1000000000000,)"),
+]
+
+
+@pytest.mark.parametrize("edit, words", [c[1:] for c in SCRIPT_CASES],
+                         ids=[c[0] for c in SCRIPT_CASES])
+def test_predict_refuses_a_bad_checkpoint_in_one_line(real, tmp_path, edit, words):
+    path = saved(real, tmp_path, edit)
+    proc = run_predict("--model", path, "--out", tmp_path / "out")
+    refused_in_one_line(proc, path, words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_a_zip_bomb_checkpoint(real, tmp_path):
+    bomb = zip_bomb(real, tmp_path)
+    refused_in_one_line(run_predict("--model", bomb, "--out", tmp_path / "out"), bomb,
+                        "unpacks to")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.write_text(deeply_nested()), "RecursionError"),
+    (Path("/dev/zero"), "not a regular file"),
+    (os.mkfifo, "not a regular file"),
+], ids=["nested", "dev-zero", "fifo"])
+def test_predict_refuses_a_bad_calibration_file_in_one_line(tmp_path, make, words):
+    """--calibration used to recurse without end on nested JSON, read /dev/zero without
+    end and wait forever on a FIFO."""
+    path = bad_calibration_file(tmp_path, make)
+    proc = run_predict("--model", REAL, "--calibration", path, "--out", tmp_path / "out",
+                       timeout=120)
+    refused_in_one_line(proc, path, words)
