@@ -365,7 +365,7 @@ def device_name(text: str) -> str:
 def folder_or_new(text: str) -> str:
     """A folder to write into: may exist as a folder or not at all, never as a file."""
     if Path(text).exists() and not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+        raise argparse.ArgumentTypeError(f"{display_name(text)} exists and is not a folder")
     return text
 
 

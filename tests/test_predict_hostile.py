@@ -194,6 +194,10 @@ def test_an_out_that_cannot_be_made_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("")
     proc = predict("--image", FILM, "--out", tmp_path / "a_file" / "sub", check=False)
     one_line_error(proc, "cannot make a results folder", str(tmp_path / "a_file" / "sub"))
+    (tmp_path / "f\x1b[31m").write_text("")  # an --out that is a file, named to spoof
+    proc = predict("--image", FILM, "--out", tmp_path / "f\x1b[31m", check=False)
+    one_line_error(proc, f"{tmp_path}/f\\x1b[31m exists and is not a folder")
+    assert "\x1b" not in proc.stderr
 
 
 def limit_file_size(nbytes):
