@@ -534,13 +534,15 @@ def report_skipped(run_dir: Path, skipped):
 
 
 def write_split_csv(path, used: dict):
-    """Which file went to which split (train, val, cal), with its label and patient."""
+    """Which file went to which split (train, val, cal), with its label and patient; the
+    file as an absolute path, so that the split is found from any working folder."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["split", "label", "patient", "file"])
         for split, (ps, ls) in used.items():
             for p, y in zip(ps, ls):
-                w.writerow([split, cc.CLASS_NAMES[y], cc.patient_id(p), cio.display_name(p)])
+                w.writerow([split, cc.CLASS_NAMES[y], cc.patient_id(p),
+                            cio.display_name(os.path.abspath(p))])
 
 
 class XrayArrays(Dataset):

@@ -24,7 +24,9 @@ import argparse
 import csv
 import html
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -87,7 +89,85 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.save_calibrated and not args.recalibrate:
         p.error("--save-calibrated needs --recalibrate K")
+    if args.save_calibrated and args.adapt and len(args.model) > 1:
+        p.error("--save-calibrated with --adapt writes one model: give one --model")
+    if args.recalibrate:
+        args.recalibrate = list(dict.fromkeys(args.recalibrate))  # each K once
     return args
+
+
+# ---------------------------------------------------------------------------------
+# What can go wrong is checked before any work: the outputs and the K of --recalibrate.
+# ---------------------------------------------------------------------------------
+
+
+def write_problem(path: Path, folder: bool) -> str | None:
+    """Why path cannot be written as a folder (folder=True) or a regular file, None if
+    it can: an existing path must be of that kind, and the nearest existing folder on the
+    way must let this process create a file in it (tried, not guessed from permissions)."""
+    if os.path.lexists(path):
+        if folder and not os.path.isdir(path):
+            return "exists and is not a folder"
+        if not folder and not os.path.isfile(path):
+            return ("is a folder" if os.path.isdir(path) else "exists and is not a regular file")
+    where = path if folder else path.parent
+    while not os.path.lexists(where):
+        where = where.parent
+    if not os.path.isdir(where):
+        return f"{cio.display_name(where)} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        return f"cannot write in {cio.display_name(where)} ({e.strerror or e})"
+    return None
+
+
+def output_problem(args) -> str | None:
+    """Why an output of this run cannot be written (None if all can)."""
+    problem = write_problem(Path(args.out), folder=True)
+    if problem:
+        return f"--out {cio.display_name(args.out)}: {problem}"
+    if args.save_calibrated:
+        problem = write_problem(Path(args.save_calibrated), folder=False)
+        if problem:
+            return f"--save-calibrated {cio.display_name(args.save_calibrated)}: {problem}"
+    return None
+
+
+def overwrites_an_input(save, inputs) -> str | None:
+    """The input (model, calibration file or image) that the file save is, under any
+    spelling, link or hard link; None if it is none of them."""
+    try:
+        st = os.stat(save)
+    except OSError:
+        return None  # a new file
+    for q in inputs:
+        try:
+            sq = os.stat(q)
+        except OSError:
+            continue
+        if (sq.st_dev, sq.st_ino) == (st.st_dev, st.st_ino):
+            return cio.display_name(q)
+    return None
+
+
+def recalibration_problem(ks, y, groups) -> str | None:
+    """Why --recalibrate cannot cross-fit with one of the K on these images (None if it
+    can with all): n images make n // K groups of whole patients, which must be 2 or
+    more, each with both classes, so no more than the patients of either class."""
+    y, groups = np.asarray(y), np.asarray(groups)
+    patients = [len(np.unique(groups[y == c])) for c in (0, 1)]
+    n = len(y)
+    lo, hi = n // (min(patients) + 1) + 1, n // 2
+    for k in ks:
+        if not lo <= k <= hi:
+            fits = (f"K from {lo} to {hi} works here" if lo <= hi else
+                    "no K works here: it needs at least 2 patients of each class")
+            return (f"--recalibrate {k}: {n} images of {patients[0]} NORMAL and {patients[1]} "
+                    f"PNEUMONIA patients make {n // k} group(s) of {k}; cross-fitting needs 2 "
+                    f"or more, each with both classes: {fits}")
+    return None
 
 
 # ---------------------------------------------------------------------------------
@@ -102,17 +182,43 @@ def labelled_files(args, model_paths) -> tuple[list[Path], list[int], list, str]
             raise SystemExit("error: --split val needs one model (each run has its own split)")
         split_csv = Path(model_paths[0]).parent / "val_split.csv"
         if not split_csv.is_file():
-            raise SystemExit(f"error: --split val: no {split_csv} beside the model")
-        rows = [r for r in csv.DictReader(open(split_csv, newline="", encoding="utf-8"))
-                if r["split"] == "val"]
-        return ([Path(r["file"]) for r in rows], [cc.CLASS_NAMES.index(r["label"]) for r in rows],
-                [], f"validation split of {split_csv.parent}")
+            raise SystemExit(f"error: --split val: no {cio.display_name(split_csv)} beside the model")
+        try:
+            with open(split_csv, newline="", encoding="utf-8", errors="surrogateescape") as f:
+                rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+            names = [r["file"] for r in rows]
+            labels = [cc.CLASS_NAMES.index(r["label"]) for r in rows]
+        except (KeyError, ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+            raise SystemExit(f"error: {cio.display_name(split_csv)}: not a split file written by "
+                             f"train_cxray.py ({type(e).__name__}: {e})") from None
+        if not rows:
+            raise SystemExit(f"error: {cio.display_name(split_csv)} lists no validation image")
+        return (listed_files(split_csv, names), labels, [],
+                f"validation split of {cio.display_name(split_csv.parent)}")
     folder = Path(args.data) / args.split if args.split in ("test", "train") else Path(args.split)
+    if not folder.is_dir():
+        raise SystemExit(f"error: {cio.display_name(folder)} is not a folder"
+                         + (" (--data names the dataset root, with train/ and test/)"
+                            if args.split in ("test", "train") else ""))
     paths, labels, others = cc.scan_labelled(folder)
     if not paths:
-        raise SystemExit(f"error: no images in {folder}/NORMAL or {folder}/PNEUMONIA "
+        shown = cio.display_name(folder)
+        raise SystemExit(f"error: no images in {shown}/NORMAL or {shown}/PNEUMONIA "
                          "(class folders may be in any letter case)")
-    return paths, labels, others, str(folder)
+    return paths, labels, others, cio.display_name(folder)
+
+
+def listed_files(split_csv: Path, names: list[str]) -> list[Path]:
+    """The files a run's split file lists, as paths from here. train_cxray.py writes them
+    absolute; older runs wrote them as training was given them, often relative to the
+    folder training ran in: those are read from the current folder, or else from the
+    folder above the run that holds the most of them."""
+    bases = [Path.cwd(), *split_csv.resolve().parent.parents]
+    base = max(bases, key=lambda b: sum(os.path.exists(b / n) for n in names))  # first of equals
+    if not any(os.path.exists(base / n) for n in names):
+        raise SystemExit(f"error: none of the files in {cio.display_name(split_csv)} is found from "
+                         "here or from a folder above the run: run this where training ran")
+    return [base / n for n in names]
 
 
 def read_images(paths, labels, others, size: int):
@@ -353,9 +459,17 @@ def plot_typicality(stats, scores, path):
     savefig(fig, path)
 
 
+def site_patients(y, groups) -> np.ndarray:
+    """Patient ids for the site protocols, told apart by class as well: files named alike
+    in NORMAL/ and PNEUMONIA/ (001.png in both) are two patients, as site_partitions
+    places them."""
+    return np.array([f"{cc.CLASS_NAMES[c]}/{g}" for c, g in zip(y, groups)])
+
+
 def site_partitions(groups, y, k: int, rng) -> list[np.ndarray]:
     """Images split into groups of about k, whole patients each, both classes in each
-    (patients are assigned class by class to the group with the fewest of that class)."""
+    (patients are assigned class by class to the group with the fewest of that class):
+    there must be no more groups than patients of either class (recalibration_problem)."""
     parts = max(1, len(y) // k)
     out = [[] for _ in range(parts)]
     for c in (0, 1):
@@ -381,14 +495,12 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
     about K (whole patients); each group is scored by the calibration fitted on the next
     group, so no image is scored by a calibration that saw it. Mean and spread over
     draws of the metrics at the fitted threshold."""
-    logit = cc.logit(p)
+    logit, groups = cc.logit(p), site_patients(y, groups)
     rows = []
     for k in ks:
         rng, runs, promised = np.random.default_rng(seed), [], []
         for _ in range(draws):
             parts = site_partitions(groups, y, k, rng)
-            if len(parts) < 2:
-                break
             q, thr, band = np.zeros(len(y)), np.zeros(len(y)), np.zeros((len(y), 2))
             for j, part in enumerate(parts):
                 cal, q[part] = recalibrated_scores(y, logit, parts[(j + 1) % len(parts)], part,
@@ -405,9 +517,6 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
             for c, name in enumerate(cc.CLASS_NAMES):
                 m[f"referred_{name}"] = float(referred[y == c].mean())
             runs.append(m)
-        if not runs:
-            print(f"--recalibrate {k}: fewer than 2 groups of {k} images: skipped")
-            continue
         keys = runs[0].keys()
         rows.append({"K": k, "draws": len(runs), "sensitivity_promised": min(promised),
                      "mean": {key: float(np.mean([r[key] for r in runs])) for key in keys},
@@ -442,13 +551,11 @@ def save_site_model(path, members, model_paths, cal_in, y, p, groups, k, source,
     grouped draw): for one model, a copy of it with that calibration; for an ensemble,
     a JSON file for predict.py --calibration (the ensemble's calibration on one shared
     set, instead of the mean of the members' own)."""
+    groups = site_patients(y, groups)
     fit_rows = site_partitions(groups, y, k, np.random.default_rng(seed))[0]
     cal, _ = recalibrated_scores(y, cc.logit(p), fit_rows, fit_rows, groups, seed)
     cal["fitted_on"] = f"{len(fit_rows)} labelled images of {source} (visualize_results.py)"
     if len(members) > 1:
-        if adapted:
-            raise SystemExit("error: --save-calibrated with --adapt writes one model: give one "
-                             "--model")
         saved = {"members": [{"path": str(q), "sha256": cio.sha256_file(q)} for q in model_paths],
                  "temperatures": cal_in["temperatures"],
                  "ensemble_temperature": cal["temperature"] * cal_in.get("ensemble_temperature", 1),
@@ -586,13 +693,23 @@ def write_predictions(path, paths, y, p, m):
 
 def main(argv=None):
     args = parse_args(argv)
+    model_paths = args.model or [cc.DEFAULT_MODEL]
+    problem = output_problem(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    files, labels, others, source = labelled_files(args, model_paths)
+    inputs = [*model_paths, *([args.calibration] if args.calibration else []), *files]
+    if args.save_calibrated and (same := overwrites_an_input(args.save_calibrated, inputs)):
+        raise SystemExit(f"error: --save-calibrated {cio.display_name(args.save_calibrated)} is "
+                         f"{same}, an input of this run: name a new file")
+    if args.recalibrate and (problem := recalibration_problem(
+            args.recalibrate, labels, [cc.patient_id(q) for q in files])):
+        raise SystemExit(f"error: {problem}")
     device = cio.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with cio.exit_on(cc.CheckpointError):
         members, cal, size = cc.load_ensemble(args.model, device, args.calibration)
-    model_paths = args.model or [cc.DEFAULT_MODEL]
 
     # 1. the images and the model's probabilities
-    files, labels, others, source = labelled_files(args, model_paths)
     paths, y, images, skipped = read_images(files, labels, others, size)
     logits, feats = cc.member_logits(members, images, args.batch_size, desc="predicting",
                                      features=True)
@@ -616,6 +733,8 @@ def main(argv=None):
     groups = np.array([cc.patient_id(q) for q in paths])
     if not len(y):
         raise SystemExit("error: no image got a valid prediction")
+    if args.recalibrate and (problem := recalibration_problem(args.recalibrate, y, groups)):
+        raise SystemExit(f"error: {problem} (after the {len(skipped)} skipped file(s))")
     if len(set(y.tolist())) < 2:
         present = cc.CLASS_NAMES[int(y[0])]
         print(f"note: only {present} images in {source}: "
@@ -660,9 +779,6 @@ def main(argv=None):
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
     items = gallery(scorers, paths, images, y, p, m["pred"], m["conf"], out_dir, args.gallery,
                     device)
-    if args.save_calibrated:
-        save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p, groups,
-                        args.recalibrate[0], source, args.adapt)
     notes = [f"Data: {source} ({len(y)} images)", f"Model(s): {names}",
              f"Threshold {cal['threshold']:.4f} and temperature "
              f"{', '.join(f'{t:.4f}' for t in cal['temperatures'])} come from the checkpoint "
@@ -677,6 +793,9 @@ def main(argv=None):
         for name, reason in skipped:
             print(f"  {name}: {reason}")
     print(f"Saved figures, predictions.csv, metrics.json and report.html to {out_dir}/")
+    if args.save_calibrated:  # after the report: a failure here loses no evaluation
+        save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p, groups,
+                        args.recalibrate[0], source, args.adapt)
     print(cc.DISCLAIMER)
     return 0
 
