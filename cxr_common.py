@@ -66,12 +66,13 @@ def scan_labelled(split_dir) -> tuple[list[Path], list[int], list[tuple[Path, st
     """Images of a {NORMAL,PNEUMONIA}/ folder (any letter case), their class indices, and
     the other files found there with why they are not read."""
     paths, labels, others = [], [], []
-    for idx, name in enumerate(CLASS_NAMES):
-        for folder in cio.class_folders(split_dir, name):
-            files, other = cio.scan_folder(folder)
-            paths += files
-            labels += [idx] * len(files)
-            others += other
+    folders = [(idx, f) for idx, name in enumerate(CLASS_NAMES)
+               for f in cio.class_folders(split_dir, name)]
+    for idx, folder in folders:  # a link into another class's folder is not followed
+        files, other = cio.scan_folder(folder, read_elsewhere=[f for _, f in folders])
+        paths += files
+        labels += [idx] * len(files)
+        others += other
     return paths, labels, others
 
 
@@ -989,8 +990,8 @@ def _cache_key(paths: list[Path], size: int) -> str:
     for p in paths:
         try:
             st = os.stat(p)
-            size, mtime = st.st_size, st.st_mtime_ns
+            length, mtime = st.st_size, st.st_mtime_ns
         except OSError:  # gone, a broken link or a loop: the decoder names what is wrong
-            size = mtime = -1
-        h.update(f"|{os.path.realpath(p)}|{size}|{mtime}".encode())
+            length = mtime = -1
+        h.update(f"|{os.path.realpath(p)}|{length}|{mtime}".encode())
     return h.hexdigest()[:20]

@@ -16,9 +16,11 @@ import datetime
 import hashlib
 import math
 import os
+import stat
 import sys
 import unicodedata
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
                     ".dicom"}
 MAX_PIXELS = 60_000_000  # 60 MP: larger than any radiograph, small enough to decode
+MAX_PIXEL_BYTES = 2 * MAX_PIXELS  # the pixel data of a 60 MP image at 16 bits
+MAX_DICOM_BYTES = MAX_PIXEL_BYTES + 16_000_000  # and 16 MB for the rest of a DICOM file
 MIN_SIDE = 16
 # An image with no structure is refused before the model sees it. Every one of the 5,856
 # Kermany images and the samples has a grey-level spread (sd) of at least 19 and a
@@ -57,21 +61,23 @@ def read_image_gray(path, draft_size: int | None = None) -> Image.Image:
     files and leaves the final resized image practically unchanged.
     Raises ImageReadError with a one-line reason for anything unusable.
     """
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise ImageReadError(f"cannot access file ({e.strerror or e})") from None
-    if path.is_dir():
-        raise ImageReadError("is a directory, not an image")
-    if st.st_size == 0:
-        raise ImageReadError("empty file (0 bytes)")
-    if _is_dicom(path):
-        return _read_dicom(path)
+    with open_regular(path) as f:
+        try:
+            empty = os.fstat(f.fileno()).st_size == 0
+            dicom = Path(path).suffix.lower() == ".dcm" or _has_dicom_prefix(f)
+        except OSError as e:
+            raise ImageReadError(f"cannot read file ({e.strerror or e})") from None
+        if empty:
+            raise ImageReadError("empty file (0 bytes)")
+        return _read_dicom(f) if dicom else _read_pil(f, draft_size)
+
+
+def _read_pil(f, draft_size: int | None) -> Image.Image:
+    """read_image_gray for every format Pillow decodes."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(f)
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageReadError(
@@ -103,6 +109,40 @@ def read_image_gray(path, draft_size: int | None = None) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - any other decoder failure, named in one line
         msg = str(e).splitlines()[0][:150] if str(e) else ""
         raise ImageReadError(f"cannot decode this file ({type(e).__name__}: {msg})") from None
+
+
+def open_regular(path):
+    """path opened for binary reading if it is a regular file (or a link to one); else
+    ImageReadError saying what it is. A FIFO, socket or device is never opened (a FIFO
+    would block forever, a device may never end); the open itself cannot block either,
+    should the path become one in between."""
+    try:
+        not_file = file_kind_problem(os.stat(path).st_mode)
+        if not_file:
+            raise ImageReadError(not_file)
+        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | NONBLOCKING))
+    except PermissionError:
+        raise ImageReadError("permission denied") from None
+    except OSError as e:
+        raise ImageReadError(f"cannot access file ({e.strerror or e})") from None
+    not_file = file_kind_problem(os.fstat(f.fileno()).st_mode)
+    if not_file:
+        f.close()
+        raise ImageReadError(not_file)
+    return f
+
+
+NONBLOCKING = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO returns at once (POSIX)
+
+
+def file_kind_problem(mode: int) -> str | None:
+    """Why an entry of this st_mode is not read as a file (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    return f"is {kind}, not an image"
 
 
 def check_structure(gray: np.ndarray) -> None:
@@ -189,22 +229,56 @@ def csv_value(text: str) -> str:
 # ---------------------------------------------------------------------------------
 
 
-def scan_folder(folder) -> tuple[list[Path], list[tuple[Path, str]]]:
+def scan_folder(folder, read_elsewhere=()) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files under folder, recursively, sorted, hidden files skipped: (the images, the
-    other files with why they are not read). An image is a file with an image extension
-    or a DICOM by content (PACS exports often have no extension)."""
+    other entries with why they are not read). An image is a file with an image extension
+    or a DICOM by content (PACS exports often have no extension); only regular files are
+    opened to find out. Linked folders are followed, each real folder once: a link back
+    to a folder that holds it (a loop), or to a folder read already (here, or among
+    read_elsewhere, which the caller scans on its own), is listed as not followed."""
     images, others = [], []
-    for root, dirs, files in os.walk(Path(folder), followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+    folder = Path(folder)
+    seen = {}  # (device, inode) of each folder read -> the path it is read under
+    for d in (folder, *read_elsewhere):
+        with contextlib.suppress(OSError):
+            seen.setdefault(_folder_id(d), Path(d))
+
+    def unreadable(e: OSError):
+        others.append((Path(e.filename), f"cannot read folder ({e.strerror or e})"))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        here = Path(os.path.realpath(root))
+        kept = []
+        for d in sorted(dirs):
+            if d.startswith(".") or d == "__MACOSX":
+                continue
+            p = Path(root) / d
+            try:
+                key = _folder_id(p)
+            except OSError as e:
+                others.append((p, f"cannot read folder ({e.strerror or e})"))
+                continue
+            target, first = Path(os.path.realpath(p)), seen.get(key)
+            if here.is_relative_to(target) or first and Path(root).is_relative_to(first):
+                # a link to a folder that holds this one, on disk or on the way here
+                others.append((p, f"a link back to {display_name(target)} (a loop): "
+                                  "not followed"))
+            elif first:
+                others.append((p, f"a link to {display_name(first)}, read already: "
+                                  "not followed"))
+            else:
+                seen[key] = p
+                kept.append(d)
+        dirs[:] = kept
         for name in sorted(files):
             if name.startswith("."):
                 continue
             p = Path(root) / name
             if p.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom(p):
-                images.append(p)
+                images.append(p)  # read_image_gray names what is wrong with it, if anything
             else:
                 kind = f"extension {p.suffix}" if p.suffix else "no extension"
-                others.append((p, f"not an image or DICOM file ({kind})"))
+                others.append((p, _entry_problem(p) or f"not an image or DICOM file ({kind})"))
     return images, others
 
 
@@ -375,13 +449,35 @@ def folder_or_new(text: str) -> str:
 
 
 def _is_dicom(path: Path) -> bool:
+    """Whether a file found in a folder is a DICOM: by its extension, or by the DICM
+    prefix where path is a regular file (nothing else is opened)."""
     if path.suffix.lower() == ".dcm":
         return True
     try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
+        with open_regular(path) as f:
+            return _has_dicom_prefix(f)
+    except ImageReadError:
         return False
+
+
+def _has_dicom_prefix(f) -> bool:
+    """A DICOM file has 'DICM' after its 128-byte preamble; f is left at its start."""
+    prefix = f.read(132)[128:]
+    f.seek(0)
+    return prefix == b"DICM"
+
+
+def _entry_problem(path: Path) -> str | None:
+    """Why a folder entry cannot be read as a file at all, or None."""
+    try:
+        return file_kind_problem(path.stat().st_mode)
+    except OSError as e:
+        return f"cannot access file ({e.strerror or e})"
+
+
+def _folder_id(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _refuse_colour(img: Image.Image) -> None:
@@ -445,6 +541,7 @@ def _dicom_header_problem(ds) -> str | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1))
         bits = int(ds.get("BitsAllocated", 8))
+        stored = int(ds.get("BitsStored", bits))
     except (TypeError, ValueError):
         return "DICOM header has non-numeric image dimensions"
     if rows < MIN_SIDE or cols < MIN_SIDE:
@@ -458,6 +555,11 @@ def _dicom_header_problem(ds) -> str | None:
                 f"sample(s), limit {MAX_PIXELS // 1_000_000} MP)")
     if bits not in (1, 8, 16, 32, 64):
         return f"DICOM with {bits} bits allocated per sample"
+    if not 1 <= stored <= bits:
+        return f"DICOM with {stored} bits stored in {bits} allocated per sample"
+    if rows * cols * frames * samples * bits > 8 * MAX_PIXEL_BYTES:
+        return (f"image too large ({cols} x {rows} px x {frames} frame(s) x {samples} "
+                f"sample(s) x {bits} bits, limit {MAX_PIXEL_BYTES // 1_000_000} MB)")
     width = ds.get("WindowWidth")
     if width is not None:
         iterable = hasattr(width, "__iter__") and not isinstance(width, (str, bytes))
@@ -470,10 +572,12 @@ def _dicom_header_problem(ds) -> str | None:
     return None
 
 
-def _read_dicom(path: Path) -> Image.Image:
-    """Decode a DICOM file: modality LUT, VOI LUT/window, MONOCHROME1 inverted.
+def _read_dicom(f) -> Image.Image:
+    """Decode a DICOM file (open in binary): modality LUT, VOI LUT/window, MONOCHROME1
+    inverted, a palette applied; of several frames, the first.
 
-    The header is checked (size, frames, samples, window) before the pixels are decoded.
+    The header is checked (size, frames, samples, window) before the pixels are read or
+    decoded, and the data set may hold at most MAX_DICOM_BYTES, on disk or inflated.
     Only pixel data is read; no patient tag is printed or stored.
     """
     try:
@@ -483,43 +587,102 @@ def _read_dicom(path: Path) -> Image.Image:
             "DICOM support needs the optional package pydicom: pip install pydicom"
         ) from None
     try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    try:
-        header = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except Exception as e:
-        raise ImageReadError(f"not a readable DICOM file ({type(e).__name__})") from None
-    problem = _dicom_header_problem(header)
-    if problem:
-        raise ImageReadError(problem)
-    try:
-        ds = pydicom.dcmread(str(path))
-    except Exception as e:
-        raise ImageReadError(f"not a readable DICOM file ({type(e).__name__})") from None
-    if "PixelData" not in ds:
-        raise ImageReadError("DICOM file holds no image (no PixelData)")
-    try:
-        arr = ds.pixel_array
-    except MemoryError:
-        raise ImageReadError("not enough memory to decode this image") from None
-    except Exception as e:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", str(syntax))
-        raise ImageReadError(
-            f"cannot decode DICOM pixel data ({name}): install a handler, e.g. "
-            f"pip install pylibjpeg pylibjpeg-libjpeg ({type(e).__name__})"
-        ) from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]  # multi-frame: first frame
-    if arr.ndim == 3:
-        arr = arr[..., :3].mean(axis=-1)
-    if arr.ndim != 2:
-        raise ImageReadError(f"DICOM pixel data has shape {arr.shape}, expected an image")
-    arr = apply_modality_lut(arr, ds)
-    arr = apply_voi_lut(arr, ds)
+        from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's notes on odd headers: checked here
+        try:
+            f, too_large = _dicom_data(f)
+            header = pydicom.dcmread(f, stop_before_pixels=True)
+        except ImageReadError:
+            raise
+        except Exception as e:
+            raise ImageReadError(f"not a readable DICOM file ({type(e).__name__})") from None
+        problem = _dicom_header_problem(header) or too_large
+        if problem:
+            raise ImageReadError(problem)
+        try:
+            f.seek(0)
+            ds = pydicom.dcmread(f)
+        except Exception as e:
+            raise ImageReadError(f"not a readable DICOM file ({type(e).__name__})") from None
+        if "PixelData" not in ds:
+            raise ImageReadError("DICOM file holds no image (no PixelData)")
+        try:
+            if hasattr(ds, "pixel_array_options"):  # pydicom 3: only the first frame
+                ds.pixel_array_options(index=0)
+            arr = ds.pixel_array
+        except MemoryError:
+            raise ImageReadError("not enough memory to decode this image") from None
+        except Exception as e:
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(syntax, "name", str(syntax))
+            raise ImageReadError(
+                f"cannot decode DICOM pixel data ({name}): install a handler, e.g. "
+                f"pip install pylibjpeg pylibjpeg-libjpeg ({type(e).__name__})"
+            ) from None
+        photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+        shape = (int(ds.Rows), int(ds.Columns)) + ((3,) if int(ds.get("SamplesPerPixel", 1)) == 3
+                                                   else ())
+        if arr.shape[1:] == shape:  # several frames (pydicom 2, or no NumberOfFrames)
+            arr = arr[0]
+        if arr.shape != shape:
+            raise ImageReadError(f"DICOM pixel data has shape {arr.shape}, its header "
+                                 f"declares {' x '.join(map(str, shape))}")
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+        if arr.ndim == 3:  # colour: judged and converted as a colour picture is
+            rgb = Image.fromarray(_scale_by_bit_depth(arr), mode="RGB")
+            _refuse_colour(rgb)
+            return rgb.convert("L")
+        stored = arr
+        arr = apply_voi_lut(apply_modality_lut(arr, ds), ds)
+    top = 2 ** int(ds.get("BitsStored", 8)) - 1
+    if arr is stored and arr.dtype == np.uint8 and top < 255:  # 1 to 7 bits, as stored
+        arr = (np.minimum(arr, top).astype(np.uint16) * 255 // top).astype(np.uint8)
     gray = _to_uint8(np.asarray(arr))
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark
     return Image.fromarray(gray, mode="L")
+
+
+def _dicom_data(f):
+    """(a binary file for pydicom to read, why its data set is too large or None) for an
+    open DICOM file; ImageReadError for a file too large to read.
+
+    A deflated data set (transfer syntax Deflated Explicit VR Little Endian) is inflated
+    here into an Explicit VR Little Endian copy in memory, at most MAX_DICOM_BYTES + 1
+    bytes of it: pydicom would inflate all of it, however large, before reading even the
+    header."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    limit = f"{MAX_DICOM_BYTES // 1_000_000} MB, more than a radiograph needs"
+    if os.fstat(f.fileno()).st_size > MAX_DICOM_BYTES:
+        raise ImageReadError(f"DICOM file larger than {limit}")
+    if not _has_dicom_prefix(f):
+        return f, None
+    f.seek(132)
+    meta = read_dataset(f, is_implicit_VR=False, is_little_endian=True,
+                        stop_when=lambda tag, vr, length: tag >> 16 != 2)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        f.seek(0)
+        return f, None
+    out = DicomBytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    write_file_meta_info(out, FileMetaDataset(meta), enforce_standard=False)
+    inflater, room = zlib.decompressobj(-zlib.MAX_WBITS), MAX_DICOM_BYTES + 1
+    data = f.read(1 << 20)
+    while data and room > 0 and not inflater.eof:
+        block = inflater.decompress(data, room)  # never more than room bytes
+        out.write(block)
+        room -= len(block)
+        data = inflater.unconsumed_tail or f.read(1 << 20)
+    out.seek(0)
+    return out, (f"deflated DICOM data set inflates to more than {limit}" if room <= 0
+                 else None)

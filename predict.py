@@ -105,12 +105,19 @@ def collect_inputs(args) -> tuple[list[Path], list[tuple[Path, str]]]:
         images, others = cio.scan_folder(d)
         files += [f for f in images if not inside(f, results)]
         not_read += [(f, r) for f, r in others if not inside(f, results)]
-    unique, seen = [], set()
+    unique, seen, merged = [], {}, []
     for f in files:
         key = resolved(f)
         if key not in seen:
-            seen.add(key)
+            seen[key] = f
             unique.append(f)
+        else:
+            merged.append((f, seen[key]))
+    if merged:
+        f, first = merged[0]
+        print(f"note: {len(merged)} path(s) lead to a file listed already (links, or given twice), "
+              f"each file is predicted once: e.g. {cio.display_name(f)} is "
+              f"{cio.display_name(first)}")
     return unique, not_read
 
 
