@@ -563,15 +563,15 @@ def save_site_model(path, members, model_paths, cal_in, y, p, groups, k, source,
                  "fitted_on": cal["fitted_on"], "details": cal}
         text = json.dumps(saved, indent=2)
         cio.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-        print(f"Saved {path}: the ensemble's calibration, fitted on {len(fit_rows)} images of "
-              f"{source} (use: predict.py --model ... --calibration {path})")
+        print(f"Saved {cio.display_name(path)}: the ensemble's calibration, fitted on {len(fit_rows)} "
+              f"images of {source} (use: predict.py --model ... --calibration {cio.display_name(path)})")
         return
     model, meta = members[0]
     cal["temperature"] *= cc.calibration_of(meta)["temperature"]  # on top of the stored one
     meta = dict(meta, calibration=cal, recalibrated_from=meta.get("calibration"),
                 adapted_on=source if adapted else None)
     cc.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
-    print(f"Saved {path}: calibration fitted on {len(fit_rows)} images of {source}"
+    print(f"Saved {cio.display_name(path)}: calibration fitted on {len(fit_rows)} images of {source}"
           + (" with BatchNorm statistics adapted to it" if adapted else ""))
 
 
@@ -681,17 +681,19 @@ def draw_figures(y, p, m, cal, out_dir) -> list[str]:
 
 
 def write_predictions(path, paths, y, p, m):
+    """predictions.csv: one row per image; no cell can act as a spreadsheet formula."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "prediction", "prob_pneumonia", "confidence", "correct",
                     "uncertain"])
         for i in range(len(y)):
-            w.writerow([cio.display_name(paths[i]), cc.CLASS_NAMES[y[i]],
+            w.writerow([cio.csv_cell(cio.display_name(paths[i])), cc.CLASS_NAMES[y[i]],
                         cc.CLASS_NAMES[m["pred"][i]], f"{p[i]:.6f}", f"{m['conf'][i]:.6f}",
                         int(m["correct"][i]), int(not m["answered"][i])])
 
 
 def main(argv=None):
+    cio.printable_console()
     args = parse_args(argv)
     model_paths = args.model or [cc.DEFAULT_MODEL]
     problem = output_problem(args)
@@ -792,7 +794,7 @@ def main(argv=None):
         print(f"Skipped {len(skipped)} file(s):")
         for name, reason in skipped:
             print(f"  {name}: {reason}")
-    print(f"Saved figures, predictions.csv, metrics.json and report.html to {out_dir}/")
+    print(f"Saved figures, predictions.csv, metrics.json and report.html to {cio.display_name(out_dir)}/")
     if args.save_calibrated:  # after the report: a failure here loses no evaluation
         save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p, groups,
                         args.recalibrate[0], source, args.adapt)
