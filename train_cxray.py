@@ -244,6 +244,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    cio.printable_console()
     args = parse_args(argv)
     if args.typicality_for:
         return add_typicality(args)
@@ -256,7 +257,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     start = time.time()
     run_dir, commands = open_run_folder(args, resumed, world, rank)
-    log(rank, f"Run folder: {run_dir}")
+    log(rank, f"Run folder: {cio.display_name(run_dir)}")
     log(rank, f"Device: {hardware(device)} x {world} process(es), bf16 autocast: {amp}")
     log(rank, *recipe_changes(args), sep="\n")
 
@@ -426,10 +427,9 @@ def check_data(args):
     """The training folder exists and holds both classes (one line otherwise)."""
     data = Path(args.data)
     if not (data / "train").is_dir():
-        raise SystemExit(
-            f"error: {data}/train not found: run download_dataset.py first (or pass --data)"
-        )
-    require_both_classes(cc.list_labelled(data / "train")[1], f"{data}/train")
+        raise SystemExit(f"error: {cio.display_name(data / 'train')} not found: run "
+                         "download_dataset.py first (or pass --data)")
+    require_both_classes(cc.list_labelled(data / "train")[1], cio.display_name(data / "train"))
 
 
 def grouped_split(paths, labels, val_fraction: float, seed: int):
@@ -453,11 +453,12 @@ def split_files(args, recipe: dict) -> tuple[dict, str]:
     paths, labels = cc.list_labelled(data / "train")
     has_val = (data / "val").is_dir() and bool(cc.list_labelled(data / "val")[0])
     if has_val and not recipe["calibrate"]:
-        return {"train": (paths, labels), "val": cc.list_labelled(data / "val")}, f"{data}/val"
+        return ({"train": (paths, labels), "val": cc.list_labelled(data / "val")},
+                f"{cio.display_name(data)}/val")
     if has_val:
         vp, vl = cc.list_labelled(data / "val")
         paths, labels = paths + vp, labels + vl
-    source = f"{data}/train" + (" + val" if has_val else "")
+    source = f"{cio.display_name(data)}/train" + (" + val" if has_val else "")
 
     def take(idx, ps, ls):
         return [ps[i] for i in idx], [ls[i] for i in idx]
@@ -530,19 +531,24 @@ def report_skipped(run_dir: Path, skipped):
         print(f"skipped: {line}", file=sys.stderr)
     with open(run_dir / "skipped_files.txt", "a", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in lines))
-    print(f"Skipped {len(lines)} unusable file(s), listed in {run_dir / 'skipped_files.txt'}")
+    listed = cio.display_name(run_dir / "skipped_files.txt")
+    print(f"Skipped {len(lines)} unusable file(s), listed in {listed}")
 
 
 def write_split_csv(path, used: dict):
     """Which file went to which split (train, val, cal), with its label and patient; the
-    file as an absolute path, so that the split is found from any working folder."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    file as an absolute path, so that the split is found from any working folder. Code
+    reads the file back (visualize_results.py --split val), so the path is stored exactly,
+    bytes that are not UTF-8 included (surrogateescape), and not escaped: being absolute, it
+    never starts like a spreadsheet formula. The patient (a file stem) is written as
+    display_name shows it, through csv_cell."""
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(["split", "label", "patient", "file"])
         for split, (ps, ls) in used.items():
             for p, y in zip(ps, ls):
-                w.writerow([split, cc.CLASS_NAMES[y], cc.patient_id(p),
-                            cio.display_name(os.path.abspath(p))])
+                patient = cio.csv_cell(cio.display_name(cc.patient_id(p)))
+                w.writerow([split, cc.CLASS_NAMES[y], patient, os.path.abspath(p)])
 
 
 class XrayArrays(Dataset):
@@ -788,11 +794,11 @@ def add_typicality(args) -> int:
     with cio.exit_on(cc.CheckpointError):
         model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
     splits, _, _, source = checkpoint_splits(meta, args.data, args.cache_dir or None)
-    print(f"{path}: validation rebuilt as {source}")
+    print(f"{cio.display_name(path)}: validation rebuilt as {source}")
     stats = typicality_stats(model, *splits["train"], *splits["val"], cc.intensity_of(meta),
                              meta["seed"])
     cc.save_checkpoint(path, model.state_dict(), meta, stats)
-    print(f"Saved {path} with the typicality statistics")
+    print(f"Saved {cio.display_name(path)} with the typicality statistics")
     return 0
 
 
@@ -816,8 +822,8 @@ def refit_calibration(args) -> int:
                             "test_metrics_with_previous": stale}
     meta["calibration"] = calibration
     cc.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
-    print(f"Saved {path} with the re-fitted calibration (the test figures measured with the "
-          "old one are under meta['recalibrated'])")
+    print(f"Saved {cio.display_name(path)} with the re-fitted calibration (the test figures "
+          "measured with the old one are under meta['recalibrated'])")
     return 0
 
 
@@ -867,8 +873,8 @@ def write_outputs(run_dir: Path, best, meta, history, test_text, typicality):
               for h in history]
     (run_dir / f"training_results_{ts}.txt").write_text("\n".join(lines) + "\n\n" + test_text)
     (run_dir / "last_state.pth").unlink(missing_ok=True)
-    print(f"Saved {run_dir / 'mobilenet_cxr.pth'} and reports in {run_dir}/ "
-          f"({meta['wall_seconds'] / 60:.1f} min)")
+    print(f"Saved {cio.display_name(run_dir / 'mobilenet_cxr.pth')} and reports in "
+          f"{cio.display_name(run_dir)}/ ({meta['wall_seconds'] / 60:.1f} min)")
 
 
 def save_plot(history, path):
