@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import stat
 import zipfile
 from pathlib import Path
 
@@ -252,7 +251,7 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
         raise CheckpointError(f"model file not found: {name}")
     model, _ = build_model(pretrained=False)
     try:
-        with _open_regular(path, MAX_CHECKPOINT_BYTES) as f:
+        with cio.open_regular(path, MAX_CHECKPOINT_BYTES, CheckpointError) as f:
             _check_archive(f)
             try:
                 payload = torch.load(f, map_location="cpu", weights_only=True)
@@ -437,23 +436,6 @@ def _is_dense(value) -> bool:
             and value.numel() * value.element_size() <= value.untyped_storage().nbytes())
 
 
-def _open_regular(path, limit: int):
-    """path opened for reading in binary, if it is a regular file of at most limit
-    bytes (never blocks on a FIFO or reads a device without end); else CheckpointError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise CheckpointError(f"cannot open ({e.strerror or e})") from None
-    st = os.fstat(fd)
-    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
-               f"{st.st_size:,} bytes, more than the {limit:,} allowed" if st.st_size > limit
-               else None)
-    if problem:
-        os.close(fd)
-        raise CheckpointError(problem)
-    return os.fdopen(fd, "rb")
-
-
 def _check_archive(f) -> None:
     """A checkpoint is torch.save's zip archive, whose entries unpack to at most
     MAX_CHECKPOINT_BYTES (torch.load would inflate a compressed entry of any size)."""
@@ -600,7 +582,7 @@ def _ensemble_calibration(path, model_paths, members_calibration) -> dict:
     checked field by field; CheckpointError naming the file and the field otherwise."""
     name = cio.display_name(path)
     try:
-        with _open_regular(path, MAX_CALIBRATION_BYTES) as f:
+        with cio.open_regular(path, MAX_CALIBRATION_BYTES, CheckpointError) as f:
             saved = json.loads(f.read(MAX_CALIBRATION_BYTES + 1).decode("utf-8"))
         _require(isinstance(saved, dict), "content", saved, "a JSON object")
         for key in ("members", "temperatures", "ensemble_temperature", "threshold",

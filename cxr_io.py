@@ -111,24 +111,27 @@ def _read_pil(f, draft_size: int | None) -> Image.Image:
         raise ImageReadError(f"cannot decode this file ({type(e).__name__}: {msg})") from None
 
 
-def open_regular(path):
-    """path opened for binary reading if it is a regular file (or a link to one); else
-    ImageReadError saying what it is. A FIFO, socket or device is never opened (a FIFO
+def open_regular(path, limit: int | None = None, error=ImageReadError):
+    """path opened for binary reading if it is a regular file (or a link to one) of at
+    most limit bytes; else error(why). A FIFO, socket or device is never opened (a FIFO
     would block forever, a device may never end); the open itself cannot block either,
-    should the path become one in between."""
+    should the path become one in between. The one way the scripts open an input."""
     try:
         not_file = file_kind_problem(os.stat(path).st_mode)
         if not_file:
-            raise ImageReadError(not_file)
+            raise error(not_file)
         f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | NONBLOCKING))
     except PermissionError:
-        raise ImageReadError("permission denied") from None
+        raise error("permission denied") from None
     except OSError as e:
-        raise ImageReadError(f"cannot access file ({e.strerror or e})") from None
-    not_file = file_kind_problem(os.fstat(f.fileno()).st_mode)
-    if not_file:
+        raise error(f"cannot access file ({e.strerror or e})") from None
+    st = os.fstat(f.fileno())
+    problem = file_kind_problem(st.st_mode) or (
+        f"{st.st_size:,} bytes, more than the {limit:,} allowed"
+        if limit is not None and st.st_size > limit else None)
+    if problem:
         f.close()
-        raise ImageReadError(not_file)
+        raise error(problem)
     return f
 
 
@@ -142,7 +145,7 @@ def file_kind_problem(mode: int) -> str | None:
     kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
             else "a socket" if stat.S_ISSOCK(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
-    return f"is {kind}, not an image"
+    return f"is {kind}, not a regular file"
 
 
 def check_structure(gray: np.ndarray) -> None:

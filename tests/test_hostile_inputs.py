@@ -211,7 +211,7 @@ def test_special_files_are_listed_and_never_opened(tmp_path):
     assert out.pop("good.jpeg") == "read (64, 64)" and out.pop("other.jpeg") == "read (64, 64)"
     assert set(out) == set(words), out
     for name, word in words.items():
-        assert word in out[name] and "not an image" in out[name], (name, out[name])
+        assert word in out[name] and "not a regular file" in out[name], (name, out[name])
 
 
 @linux_only
@@ -302,8 +302,8 @@ def test_predict_dir_with_fifos_links_and_loops(tmp_path):
     assert any(line.startswith(str(folder / "sub" / "linked.jpeg")) for line in
                proc.stdout.splitlines()), proc.stdout
     skipped = [line for line in proc.stderr.splitlines() if line.startswith("skipped:")]
-    assert f"skipped: {folder / 'fifo'}: is a named pipe (FIFO), not an image" in skipped
-    assert f"skipped: {tmp_path / 'arg_fifo'}: is a named pipe (FIFO), not an image" in skipped
+    assert f"skipped: {folder / 'fifo'}: is a named pipe (FIFO), not a regular file" in skipped
+    assert f"skipped: {tmp_path / 'arg_fifo'}: is a named pipe (FIFO), not a regular file" in skipped
     loop = f"a link back to {os.path.realpath(folder)} (a loop): not followed"
     assert f"skipped: {folder / 'loop'}: {loop}" in skipped
     assert "note: 40 path(s) lead to a file listed already" in proc.stdout, proc.stdout
