@@ -52,6 +52,7 @@ CSV_FIELDS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia
 OUTSIDE = "OUTSIDE"  # the prediction column of an image unlike the training data: no verdict
 MANY_OUTSIDE = 0.10  # above this share of a batch flagged, one warning line
 MANIFEST = "run.json"  # what made this folder's rows: --resume must match it
+MAX_MANIFEST_BYTES = 1 << 20
 LOCK = ".lock"  # held by the run using the folder (hidden: folder scans skip it)
 MAX_STEM_BYTES = 200  # of a Grad-CAM file name, leaving room for _gradcam_NN.png in 255
 
@@ -283,7 +284,16 @@ def check_resumable(out_dir: Path, manifest: dict) -> dict:
     if not path.is_file():
         raise SystemExit(f"error: --resume: {where} has no {MANIFEST}, so it cannot be "
                          "checked that the same model made its rows; start a new run")
-    old = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        with cio.open_regular(path, MAX_MANIFEST_BYTES, ValueError) as f:
+            old = json.loads(f.read().decode("utf-8"))
+        if not isinstance(old, dict) or not isinstance(old.get("members"), list) or not all(
+                isinstance(m, dict) and {"sha256", "preprocessing"} <= m.keys()
+                for m in old["members"]):
+            raise ValueError("not the manifest this script writes")
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise SystemExit(f"error: --resume: {cio.display_name(path)} is damaged ({e}); "
+                         f"start a new run") from None
     for key, what in (("model_id", "model file(s)"), ("calibration", "calibration"),
                       ("adapt", "--adapt setting"),
                       ("members", "model files or preprocessing")):

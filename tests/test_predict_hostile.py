@@ -311,3 +311,26 @@ def test_the_split_file_gives_back_every_name_exactly(tmp_path):
     with open(run / "val_split.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         patients = [r["patient"] for r in csv.DictReader(f)]
     assert "'=cmd" in patients and not any(p.startswith(("=", "+", "-", "@")) for p in patients)
+
+
+@pytest.mark.parametrize("damage", ["cut", "list", "nested", "fifo", "not-utf8"])
+def test_a_damaged_manifest_is_one_line_on_resume(tmp_path, damage):
+    """--resume reads the folder's run.json: damaged, it is named in one line, never a
+    traceback, and never read without bound."""
+    out = tmp_path / "p"
+    first = predict("--image", FILM, "--out", out)
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    manifest = run_dir / "run.json"
+    text = manifest.read_text()
+    manifest.unlink()
+    if damage == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.write_bytes({"cut": text[: len(text) // 2].encode(), "list": b"[1, 2]",
+                              "nested": b"[" * 100_000 + b"]" * 100_000,
+                              "not-utf8": b'{"a": "\xff"}'}[damage])
+    proc = predict("--image", FILM, "--resume", run_dir, check=False, timeout=120)
+    assert first.returncode == 0 and proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert "run.json" in line, line
