@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import copy
 import csv
 import hashlib
@@ -29,7 +30,9 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -204,9 +207,9 @@ def parse_args(argv=None):
                         "that calibrate); epoch selection never sees it")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", type=cio.device_name, help="auto, cpu or cuda")
-    p.add_argument("--workers", type=cio.nonnegative_int, default=0,
-                   help="DataLoader worker processes (0 keeps the published runs' random "
-                        "augmentation stream)")
+    p.add_argument("--workers", type=cio.nonnegative_int,
+                   help="DataLoader worker processes (default 0, which keeps the published "
+                        "runs' random augmentation stream; a resumed run keeps its own)")
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
                    help="bf16 autocast in the training step; auto = on for CUDA only")
     p.add_argument("--no-pretrained", action="store_true",
@@ -234,6 +237,8 @@ def parse_args(argv=None):
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is None:
             setattr(args, key, RECIPES[args.recipe][key])
+    if args.workers is None and not args.resume:
+        args.workers = 0
     return args
 
 
@@ -246,23 +251,29 @@ def parse_args(argv=None):
 def main(argv=None):
     cio.printable_console()
     args = parse_args(argv)
+    exit_on_ctrl_c()
     if args.typicality_for:
         return add_typicality(args)
     if args.calibrate_for:
         return refit_calibration(args)
     args, resumed = resume_arguments(args)
+    args.cache_dir = usable_cache(args.cache_dir)
     world, rank, device = setup_distributed(args)  # one process unless started by torchrun
     recipe = recipe_for(args.recipe, args.ablate, args.add)
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     torch.manual_seed(args.seed)
     start = time.time()
     run_dir, commands = open_run_folder(args, resumed, world, rank)
+    exit_on_ctrl_c(run_dir, rank)
     log(rank, f"Run folder: {cio.display_name(run_dir)}")
     log(rank, f"Device: {hardware(device)} x {world} process(es), bf16 autocast: {amp}")
     log(rank, *recipe_changes(args), sep="\n")
 
-    # Data: a patient-grouped validation split, decoded once, augmented on tensors.
-    splits, patients, test_files, val_source = load_splits(args, recipe, run_dir, rank)
+    # Data: a patient-grouped validation split (a resumed run keeps the one it started
+    # with), decoded once, augmented on tensors.
+    saved = None if resumed is None else json.loads(resumed.get("split", "{}"))
+    splits, patients, test_files, val_source, split = load_splits(args, recipe, run_dir, rank,
+                                                                  saved)
     (x_train, y_train), (x_val, y_val) = splits["train"], splits["val"]
     log(rank, f"Train: {len(y_train)} images ({np.bincount(y_train, minlength=2).tolist()} "
               f"NORMAL/PNEUMONIA), validation: {len(y_val)} ({val_source})"
@@ -304,10 +315,10 @@ def main(argv=None):
                         "val_loss": val["val_loss"], "val_acc": val["accuracy"],
                         "val_f1": val["val_f1"], "val_auc": val["auc"],
                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0})
-        log_epoch(rank, history[-1], args.epochs, improved, recipe)
-        if rank == 0:  # resumable after every epoch
+        if rank == 0:  # resumable after every epoch, before it is logged
             save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loader_gen,
-                       args, commands)
+                       args, commands, split)
+        log_epoch(rank, history[-1], args.epochs, improved, recipe)
     if world > 1:
         check_replicas_in_sync(model, world, rank)
         dist.barrier()
@@ -347,14 +358,19 @@ def main(argv=None):
 
 
 def resume_arguments(args):
-    """With --resume, the interrupted run's own arguments (device and workers may
-    change) and its saved state; otherwise args and None."""
+    """With --resume, the interrupted run's own arguments (--device and --workers may
+    change; the run's own --workers unless given) and its saved state; otherwise args and
+    None."""
     if not args.resume:
         return args, None
     state = load_state(Path(args.resume))
     saved = json.loads(state["args"])
     saved = {"ablate": [], "add": [], "skip_test": False, **saved}  # older run states
-    saved.update(resume=args.resume, device=args.device, workers=args.workers)
+    if args.workers is not None and args.workers != saved.get("workers", 0):
+        print(f"note: --workers {args.workers}, the run had {saved.get('workers', 0)}: the random "
+              "augmentations differ from those of an uninterrupted run from here on")
+        saved["workers"] = args.workers
+    saved.update(resume=args.resume, device=args.device)
     return argparse.Namespace(**saved), state
 
 
@@ -398,7 +414,8 @@ def open_run_folder(args, resumed, world: int, rank: int) -> tuple[Path, list[st
         check_data(args)  # before making a folder: a wrong --data leaves nothing behind
         name = args.recipe + "".join(f"-no-{a}" for a in args.ablate) \
             + "".join(f"+{a}" for a in args.add)
-        run_dir = cio.unique_dir(args.out, f"{cio.timestamp()}_{name}_seed{args.seed}")
+        with exit_if_unwritable(Path(args.out)):
+            run_dir = cio.unique_dir(args.out, f"{cio.timestamp()}_{name}_seed{args.seed}")
         atexit.register(remove_if_unfinished, run_dir)
     if world > 1:  # every process needs rank 0's folder name
         names = [str(run_dir) if rank == 0 else None]
@@ -430,6 +447,22 @@ def check_data(args):
         raise SystemExit(f"error: {cio.display_name(data / 'train')} not found: run "
                          "download_dataset.py first (or pass --data)")
     require_both_classes(cc.list_labelled(data / "train")[1], cio.display_name(data / "train"))
+
+
+def usable_cache(folder: str) -> str:
+    """--cache-dir when decoded images can be stored there, else '' (no cache, said in one
+    line): the cache only saves time, so a folder that cannot be written never stops a run."""
+    if not folder:
+        return ""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return folder
+    except OSError as e:
+        why = "not a folder" if isinstance(e, FileExistsError) else e.strerror or e
+        print(f"note: cache folder {cio.display_name(folder)} cannot be written ({why}): "
+              "decoding without a cache")
+        return ""
 
 
 def grouped_split(paths, labels, val_fraction: float, seed: int):
@@ -476,25 +509,59 @@ def split_files(args, recipe: dict) -> tuple[dict, str]:
     return splits, f"patient-grouped {args.val_fraction:.0%} of {source}, seed {args.seed}"
 
 
-def load_splits(args, recipe: dict, run_dir: Path | None, rank: int):
+def load_splits(args, recipe: dict, run_dir: Path | None, rank: int, saved=None):
     """{split: (images, labels)} for train, val (and cal), {split: patient ids}, the test
-    files (not read yet) and where validation came from. Unusable files are skipped and
-    listed."""
+    files (not read yet), where validation came from and the split by file path (what a
+    resumed run's state passes back as saved). Unusable files are skipped and listed."""
     check_data(args)
-    files, val_source = split_files(args, recipe)
+    if saved:
+        files, val_source = saved_split(args, saved, rank)
+    else:
+        if saved is not None:  # the state of an older version, which did not record it
+            log(rank, "note: this run's state has no saved split: rebuilt from its seed, "
+                      "the same only if the data folder is unchanged")
+        files, val_source = split_files(args, recipe)
     arrays, used, skipped = {}, {}, []
     for name, (paths, labels) in files.items():
         images, kept, bad = cc.decode_all(paths, args.image_size, args.cache_dir or None, name)
+        if saved and bad:
+            raise SystemExit(f"error: --resume: {cio.display_name(bad[0][0])} of the run's "
+                             f"{name} split can no longer be read ({bad[0][1]})")
         y = np.array([labels[i] for i in kept], dtype=np.int64)
         require_both_classes(y, f"the {name} split")
         arrays[name] = (images, y)
         used[name] = ([paths[i] for i in kept], y)
         skipped += bad
-    if rank == 0 and run_dir is not None:
+    if rank == 0 and run_dir is not None and saved is None:
         report_skipped(run_dir, skipped)
-        write_split_csv(run_dir / "val_split.csv", used)
+        with exit_if_unwritable(run_dir / "val_split.csv"):
+            write_split_csv(run_dir / "val_split.csv", used)
     patients = {name: [cc.patient_id(p) for p in ps] for name, (ps, _) in used.items()}
-    return arrays, patients, cc.list_labelled(Path(args.data) / "test"), val_source
+    split = {"source": val_source,
+             "files": {name: [[str(p), int(y)] for p, y in zip(ps, ys)]
+                       for name, (ps, ys) in used.items()},
+             "skipped": saved["skipped"] if saved else [str(p) for p, _ in skipped]}
+    return arrays, patients, cc.list_labelled(Path(args.data) / "test"), val_source, split
+
+
+def saved_split(args, saved: dict, rank: int) -> tuple[dict, str]:
+    """A resumed run's own split, as split_files returns one, from the file paths its state
+    recorded: refused when one of them is gone; files added to the data since are not used."""
+    files = {name: ([Path(p) for p, _ in rows], [y for _, y in rows])
+             for name, rows in saved["files"].items()}
+    known = {p for paths, _ in files.values() for p in paths}
+    gone = sorted(p for p in known if not p.is_file())
+    if gone:
+        raise SystemExit(f"error: --resume: {len(gone)} file(s) of the run's split are gone, "
+                         f"e.g. {cio.display_name(gone[0])}: put them back, or start a new run")
+    data = Path(args.data)
+    listed = [p for folder in (data / "train", data / "val") if folder.is_dir()
+              for p in cc.list_labelled(folder)[0]]
+    added = set(listed) - known - {Path(p) for p in saved["skipped"]}
+    if added:
+        log(rank, f"note: {len(added)} file(s) added to {cio.display_name(data)} since the run "
+                  "started are not used: a resumed run keeps the split it started with")
+    return files, saved["source"]
 
 
 def checkpoint_split_args(meta: dict, data, cache_dir=".cache"):
@@ -510,8 +577,8 @@ def checkpoint_split_args(meta: dict, data, cache_dir=".cache"):
 
 def checkpoint_splits(meta: dict, data, cache_dir=".cache"):
     """A trained checkpoint's own splits, rebuilt from its metadata: as load_splits
-    returns them."""
-    return load_splits(*checkpoint_split_args(meta, data, cache_dir), None, rank=1)
+    returns them, less the split by file path."""
+    return load_splits(*checkpoint_split_args(meta, data, cache_dir), None, rank=1)[:4]
 
 
 def require_both_classes(labels, where: str):
@@ -586,7 +653,12 @@ def train_transform(recipe: dict, size: int):
 
 
 def make_loader(x_train, y_train, recipe, args, world, rank, device):
-    """The shuffled, augmented training loader (a DistributedSampler under torchrun)."""
+    """The shuffled, augmented training loader (a DistributedSampler under torchrun).
+
+    The order and the augmentations of an epoch come from loader_gen alone (saved with
+    every epoch), so a resumed run repeats them exactly: with --workers, each epoch starts
+    new workers seeded from it (persistent workers would carry their random state across
+    epochs, which a resumed run cannot restore)."""
     train_set = XrayArrays(x_train, y_train, train_transform(recipe, args.image_size))
     loader_gen = torch.Generator().manual_seed(args.seed)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
@@ -594,7 +666,7 @@ def make_loader(x_train, y_train, recipe, args, world, rank, device):
     loader = DataLoader(train_set, batch_size=args.batch_size // world,
                         shuffle=sampler is None, sampler=sampler, generator=loader_gen,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.workers > 0, worker_init_fn=cio.die_with_parent)
+                        worker_init_fn=cio.die_with_parent)
     return loader, sampler, loader_gen
 
 
@@ -682,9 +754,12 @@ def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoc
     if frozen is not None:
         frozen.eval()  # frozen blocks: their BatchNorm statistics do not move either
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"Epoch {epoch}/{epochs} [train]", unit="batch",
-               disable=rank != 0, leave=False)
+    with ctrl_c_held():  # the DataLoader's workers start (see exit_on_ctrl_c)
+        batches = iter(loader)
+    bar = tqdm(batches, desc=f"Epoch {epoch}/{epochs} [train]", unit="batch",
+               total=len(loader), disable=rank != 0, leave=False)
     for x, y in bar:
+        stop_if_interrupted()
         x = cc.normalize_batch(x.to(device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
@@ -700,6 +775,8 @@ def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoc
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+    with ctrl_c_held():  # and stop, in finalisers
+        del bar, batches
     return total_loss / seen, correct / seen
 
 
@@ -793,7 +870,7 @@ def add_typicality(args) -> int:
     path = Path(args.typicality_for)
     with cio.exit_on(cc.CheckpointError):
         model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
-    splits, _, _, source = checkpoint_splits(meta, args.data, args.cache_dir or None)
+    splits, _, _, source = checkpoint_splits(meta, args.data, usable_cache(args.cache_dir) or None)
     print(f"{cio.display_name(path)}: validation rebuilt as {source}")
     stats = typicality_stats(model, *splits["train"], *splits["val"], cc.intensity_of(meta),
                              meta["seed"])
@@ -812,7 +889,7 @@ def refit_calibration(args) -> int:
     if not meta.get("calib_fraction"):
         raise SystemExit(f"error: {cio.display_name(path)} was trained without a calibration "
                          "split (reference recipe, or an older run): nothing to re-fit")
-    splits, patients, _, _ = checkpoint_splits(meta, args.data, args.cache_dir or None)
+    splits, patients, _, _ = checkpoint_splits(meta, args.data, usable_cache(args.cache_dir) or None)
     calibration = calibrate(model, *splits["cal"], patients["cal"], recipe_of(meta),
                             meta["seed"])
     stale = {k: v for k, v in meta["metrics"].items() if k.startswith("test_")}
@@ -853,12 +930,9 @@ def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[di
 
 def write_outputs(run_dir: Path, best, meta, history, test_text, typicality):
     """The checkpoint, the history, the plot and the results text, then the resumable
-    state is no longer needed."""
+    state is no longer needed (until then a file that cannot be written stops the run
+    with one line, and --resume writes them all again)."""
     ts = cio.timestamp()
-    cc.save_checkpoint(run_dir / "mobilenet_cxr.pth", best["state"], meta, typicality)
-    (run_dir / f"training_history_{ts}.json").write_text(
-        json.dumps({"meta": meta, "history": history}, indent=2))
-    save_plot(history, run_dir / f"training_plot_{ts}.png")
     best_h = history[best["epoch"] - 1]
     lines = [f"Command: {meta['command']}", *(f"Resumed with: {c}" for c in meta["resumed_with"]),
              f"Recipe: {meta['recipe']}, seed {meta['seed']}",
@@ -871,7 +945,17 @@ def write_outputs(run_dir: Path, best, meta, history, test_text, typicality):
               f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f} F1 {h['val_f1']:.4f} "
               f"AUC {h['val_auc']:.4f} | lr {h['lr']:.2e} | {h['seconds']:.0f} s"
               for h in history]
-    (run_dir / f"training_results_{ts}.txt").write_text("\n".join(lines) + "\n\n" + test_text)
+    writes = {
+        "mobilenet_cxr.pth": lambda p: cc.save_checkpoint(p, best["state"], meta, typicality),
+        f"training_history_{ts}.json": lambda p: p.write_text(
+            json.dumps({"meta": meta, "history": history}, indent=2)),
+        f"training_plot_{ts}.png": lambda p: save_plot(history, p),
+        f"training_results_{ts}.txt": lambda p: p.write_text(
+            "\n".join(lines) + "\n\n" + test_text),
+    }
+    for name, write in writes.items():
+        with exit_if_unwritable(run_dir / name, run_dir), ctrl_c_held():
+            write(run_dir / name)
     (run_dir / "last_state.pth").unlink(missing_ok=True)
     print(f"Saved {cio.display_name(run_dir / 'mobilenet_cxr.pth')} and reports in "
           f"{cio.display_name(run_dir)}/ ({meta['wall_seconds'] / 60:.1f} min)")
@@ -904,7 +988,7 @@ def save_plot(history, path):
 
 
 def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loader_gen, args,
-               commands):
+               commands, split):
     state = {
         "commands": json.dumps(commands),
         "epoch": epoch,
@@ -918,22 +1002,106 @@ def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loade
         "torch_rng": torch.get_rng_state(),
         "loader_rng": loader_gen.get_state(),
         "args": json.dumps(vars(args)),
+        "split": json.dumps(split),
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    cio.write_atomic(run_dir / "last_state.pth", lambda f: torch.save(state, f))
+    with exit_if_unwritable(run_dir / "last_state.pth", run_dir), ctrl_c_held():
+        cio.write_atomic(run_dir / "last_state.pth", lambda f: torch.save(state, f))
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What an interrupted run leaves: the command that continues it, or nothing."""
+    if (run_dir / "last_state.pth").is_file():
+        return (f"the last saved epoch is kept: continue with python train_cxray.py --resume "
+                f"{shlex.quote(cio.display_name(run_dir))}")
+    return "no epoch was saved, so there is nothing to resume"
+
+
+@contextlib.contextmanager
+def exit_if_unwritable(path: Path, run_dir: Path | None = None):
+    """A file that cannot be written (disk full, quota, read-only, permissions): one line
+    naming it, and what the run keeps, instead of a traceback. write_atomic leaves the
+    file's previous version as it was; torch.save reports the OSError as the context of
+    a RuntimeError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        err = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(err, OSError):
+            raise
+        raise SystemExit(f"error: cannot write {cio.display_name(path)} ({err.strerror or err})"
+                         + (f"; {resume_hint(run_dir)}" if run_dir else "")) from None
+
+
+CTRL_C = {"pressed": False, "held": 0, "said": False, "run_dir": None, "rank": 0}
+
+
+def exit_on_ctrl_c(run_dir: Path | None = None, rank: int = 0):
+    """From now on Ctrl-C stops the run with one line (no traceback) and exit status 130.
+
+    Python drops an exception raised in a fork hook or a finaliser, so DataLoader workers
+    start and stop with Ctrl-C held (ctrl_c_held), and each batch checks for it too. The
+    workers inherit the handler: they get KeyboardInterrupt, which they expect. A process
+    started with Ctrl-C ignored (nohup, a background job) keeps ignoring it, as Python does."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return
+    CTRL_C.update(run_dir=run_dir, rank=rank)
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != pid:
+            raise KeyboardInterrupt
+        CTRL_C["pressed"] = True
+        if not CTRL_C["held"]:
+            stop_if_interrupted()
+    signal.signal(signal.SIGINT, stop)
+
+
+def stop_if_interrupted():
+    """After a Ctrl-C: the one line saying what the run leaves, and exit status 130."""
+    if not CTRL_C["pressed"]:
+        return
+    if CTRL_C["rank"] == 0 and not CTRL_C["said"]:
+        run_dir = CTRL_C["run_dir"]
+        print(f"\nInterrupted: {resume_hint(run_dir) if run_dir else 'nothing was saved'}",
+              file=sys.stderr, flush=True)
+        CTRL_C["said"] = True
+    raise SystemExit(128 + signal.SIGINT)
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """A Ctrl-C pressed during the block takes effect after it."""
+    CTRL_C["held"] += 1
+    try:
+        yield
+    finally:
+        CTRL_C["held"] -= 1
+    stop_if_interrupted()
 
 
 def load_state(run_dir: Path):
     path = run_dir / "last_state.pth"
+    name = cio.display_name(run_dir)
+    if not run_dir.is_dir():
+        raise SystemExit(f"error: --resume: {name} "
+                         f"{'is not a folder' if run_dir.exists() else 'not found'}")
+    if (run_dir / "mobilenet_cxr.pth").is_file() and not path.is_file():
+        raise SystemExit(f"error: --resume: {name} is a finished run (it has mobilenet_cxr.pth): "
+                         "nothing to resume")
     if not path.is_file():
-        raise SystemExit(f"error: --resume: {path} not found (a finished run has none)")
+        raise SystemExit(f"error: --resume: {name} has no last_state.pth: not a run folder, or "
+                         "a run stopped before its first epoch was saved")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         json.loads(state["args"])
+        missing = {"epoch", "model", "optimizer", "scheduler", "history", "best_state"} - set(state)
+        if missing:
+            raise KeyError(sorted(missing)[0])
         return state
     except Exception as e:  # noqa: BLE001 - any damage to the file: one line, no traceback
-        raise SystemExit(f"error: --resume: {path} is damaged and cannot be resumed "
+        raise SystemExit(f"error: --resume: {cio.display_name(path)} is damaged and cannot be resumed "
                          f"({type(e).__name__}); start the run again") from None
 
 
