@@ -232,8 +232,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.ablate or args.add) and args.recipe != "improved":
         p.error("--ablate and --add change the improved recipe: use them with --recipe improved")
-    if args.image_size < 32:
-        p.error(f"--image-size {args.image_size}: MobileNetV2 needs at least 32 px")
+    lo, hi = cc.IMAGE_SIZE_RANGE
+    if not lo <= args.image_size <= hi:
+        p.error(f"--image-size {args.image_size}: must be {lo} to {hi} px (MobileNetV2 needs "
+                f"{lo}; a checkpoint beyond {hi} would be refused at load)")
     for key in ("epochs", "batch_size", "lr"):
         if getattr(args, key) is None:
             setattr(args, key, RECIPES[args.recipe][key])

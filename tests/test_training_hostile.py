@@ -224,3 +224,14 @@ def test_resume_refuses_what_it_cannot_continue(case, words, tmp_path):
             state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
     proc = run_script("train_cxray.py", "--resume", run_dir, check=False)
     one_line_error(proc, "--resume", words)
+
+
+@pytest.mark.parametrize("size", [16, 2000])
+def test_an_image_size_no_checkpoint_could_load_is_refused_before_training(tmp_path, size):
+    """A size outside the checkpoint loader's range would train for hours and then write
+    a model that load_checkpoint refuses: refused at the command line instead."""
+    proc = run_script("train_cxray.py", *train_args(tmp_path / "runs"), "--image-size", size,
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--image-size {size}: must be 32 to 1024 px" in proc.stderr
+    assert not (tmp_path / "runs").exists()
