@@ -89,19 +89,27 @@ def test_weighted_metrics_equal_the_metrics_of_images_repeated_by_their_weight()
 
 def test_bootstrap_is_the_2_5_and_97_5_percentiles_of_resamples_with_replacement():
     """Guards against resampling without replacement (intervals collapse to a point),
-    other percentiles, or a resample of the wrong size: the procedure, spelled out."""
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
-    p = np.array([0.1, 0.4, 0.6, 0.2, 0.9, 0.7, 0.3, 0.8, 0.65, 0.55])
+    other percentiles, or a resample of the wrong size: the procedure, spelled out.
+
+    40 images whose classes overlap: every measure takes many values over the resamples,
+    so the 5th and the 2.5th percentile differ (on 10 images accuracy moves in tenths
+    and both percentiles can land on the same tenth)."""
+    y = np.r_[np.zeros(15, int), np.ones(25, int)]
+    p = np.r_[np.linspace(0.05, 0.62, 15), np.linspace(0.31, 0.97, 25)]
     ci = bootstrap_ci(y, p, 0.5, 300, seed=3)
     rng = np.random.default_rng(3)
-    acc = []
+    draws = {k: [] for k in ("accuracy", "sensitivity", "specificity", "auc")}
     for _ in range(300):
-        idx = rng.integers(0, 10, 10)
-        if len(set(y[idx])) == 2:
-            acc.append(np.mean((p[idx] >= 0.5) == y[idx]))
-    assert ci["accuracy"] == pytest.approx([np.percentile(acc, 2.5), np.percentile(acc, 97.5)])
-    assert set(ci) == {"accuracy", "sensitivity", "specificity", "auc"}
-    for lo, hi in ci.values():
+        idx = rng.integers(0, 40, 40)
+        m = binary_metrics(y[idx], p[idx], 0.5)
+        for k in draws:
+            if np.isfinite(m[k]):
+                draws[k].append(m[k])
+    assert set(ci) == set(draws)
+    for k, v in draws.items():
+        assert ci[k] == pytest.approx([np.percentile(v, 2.5), np.percentile(v, 97.5)]), k
+        assert np.percentile(v, 5) != pytest.approx(np.percentile(v, 2.5)), k  # premise
+        lo, hi = ci[k]
         assert lo < hi
 
 
@@ -201,6 +209,21 @@ def test_fit_calibration_threshold_and_band_follow_their_rules():
     # the bootstrap interval of each cut contains its median
     assert cal["threshold_interval"][0] <= cal["threshold"] <= cal["threshold_interval"][1]
 
+    # cuts() on distinct scores, where every rank is its own value (in the five groups
+    # above neighbouring ranks share one): 300 pneumonias at 0.300, 0.301, ..., 0.599 and
+    # 200 normals at 0.100, ..., 0.299, given shuffled. Threshold: rank
+    # floor(0.03 * 301) - 1 = 8 -> 0.308 (target 0.95: 0.314; in-sample rule: 0.309).
+    # Band low: sensitivity >= 0.995 keeps 299 of 300 -> 0.301 (level 0.99: 0.303; one
+    # rank up: 0.302). Band high: specificity >= 0.995 needs 199 of 200 normals below it
+    # -> just above the 199th, 0.298 (one rank up: 0.299; level 0.99: 0.297).
+    scores = np.r_[300 + np.arange(300), 100 + np.arange(200)] / 1000
+    labels = np.r_[np.ones(300, int), np.zeros(200, int)]
+    order = np.random.default_rng(0).permutation(500)
+    threshold, lo, hi = cc.cuts(scores[order], labels[order])
+    assert threshold == pytest.approx(0.308, abs=1e-12)
+    assert lo == pytest.approx(0.301, abs=1e-12)
+    assert 0.298 < hi < 0.298 + 1e-9
+
 
 @pytest.mark.parametrize("n", [33, 62, 100, 390])
 def test_the_threshold_keeps_its_sensitivity_promise_on_new_films(n):
@@ -239,9 +262,11 @@ def test_too_few_pneumonias_cannot_promise_the_target():
 def test_a_separable_set_has_no_uncertain_band_and_a_bounded_temperature():
     """Where the two 0.995 cuts cross (every positive above every negative) there is no
     range of unreliable calls: the band is empty, not [sensitivity cut, threshold]. The
-    temperature stops at the bound instead of collapsing every probability to 0 or 1."""
-    y = np.array([0] * 50 + [1] * 50)
-    margins = np.r_[np.linspace(-6, -1, 50), np.linspace(1, 6, 50)]
+    temperature stops at the bound instead of collapsing every probability to 0 or 1.
+    100 pneumonias: the threshold is the 3rd lowest pneumonia score and the sensitivity
+    cut the lowest, so the two differ (with 50 both are the lowest)."""
+    y = np.array([0] * 50 + [1] * 100)
+    margins = np.r_[np.linspace(-6, -1, 50), np.linspace(1, 6, 100)]
     cal = cc.fit_calibration(torch.tensor([[0.0, m] for m in margins], dtype=torch.float32), y)
     assert cal["temperature"] == pytest.approx(cc.TEMPERATURE_RANGE[0])
     lo, hi = cal["uncertain_band"]
@@ -282,6 +307,16 @@ def test_improved_schedule_warms_up_for_one_epoch_then_cosine_to_zero():
     # class-balanced weights n / (2 * count): 4 / 2 = 2 for NORMAL, 4 / 6 for PNEUMONIA
     assert criterion.weight.tolist() == pytest.approx([2.0, 2 / 3])
     assert criterion.label_smoothing == 0.1
+    # and training steps it once per batch: after one epoch of 4 batches the warm-up is
+    # over (0.1), after two the cosine is halfway down (0.05)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    criterion, optimizer, scheduler = train_cxray.make_optimisation(
+        train_cxray.recipe_for("improved"), model, np.array([0, 1, 1, 1]), 4, 0.1, 3)
+    batches = [(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]))] * 4
+    for epoch, lr in ((1, 0.1), (2, 0.05)):
+        train_cxray.train_one_epoch(model, batches, criterion, optimizer, torch.device("cpu"),
+                                    False, 0, epoch, 3, scheduler)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr), epoch
 
 
 def test_reference_schedule_halves_on_a_val_f1_plateau():
