@@ -46,10 +46,11 @@ def check_rows(rows, expected):
 
 def test_fixture_has_images_near_the_threshold(calibrated):
     """The premise of the tests below: images within 0.02 on both sides of the threshold,
-    images between 0.5 and the threshold, images inside and outside the band."""
+    images between 0.5 and the threshold (on whichever side of 0.5 this machine's model
+    puts it), images inside and outside the band."""
     p, t = calibrated.prob, calibrated.threshold
     assert ((p >= t) & (p < t + 0.02)).any() and ((p < t) & (p > t - 0.02)).any()
-    assert ((p >= 0.5) & (p < t)).sum() >= 2
+    assert ((p >= 0.5) != (p >= t)).sum() >= 2
     assert calibrated.band[0] < t < calibrated.band[1]
 
 
@@ -93,6 +94,13 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
     assert at_t["sensitivity"] == pytest.approx(np.mean(pred[y == 1] == 1))
     assert at_t["specificity"] == pytest.approx(np.mean(pred[y == 0] == 0))
     assert metrics["at_0.5"]["accuracy"] == pytest.approx(np.mean((p >= 0.5) == y))
+    # the bootstrap intervals at the stored threshold (20 resamples; these test films are
+    # one per patient, so by patient and by image agree here); the decisions have a
+    # margin from the threshold, so the intervals do not hinge on float rounding
+    groups = np.array([cc.patient_id(f) for f in calibrated.files])
+    ci = cc.bootstrap_ci(y, p, t, 20, groups=groups)
+    for k in ("accuracy", "sensitivity", "specificity"):
+        assert metrics["ci95_at_threshold"][k] == pytest.approx(ci[k], abs=1e-9), k
     answered = ~((p >= calibrated.band[0]) & (p < calibrated.band[1]))
     assert metrics["coverage"] == pytest.approx(answered.mean())
     assert metrics["accuracy_answered"] == pytest.approx(np.mean((pred == y)[answered]))
@@ -161,11 +169,12 @@ def expected_overlay(checkpoint, image, class_idx):
 
 @pytest.fixture(scope="module")
 def gradcam_run(calibrated, tmp_path_factory):
-    """predict.py --gradcam on two images: one the stored threshold and argmax call alike,
-    one between 0.5 and the threshold (argmax PNEUMONIA, calibrated decision NORMAL)."""
+    """predict.py --gradcam on two images: the one of highest P(PNEUMONIA), reported
+    PNEUMONIA, and one between 0.5 and the threshold, whose calibrated decision is not
+    the argmax class."""
     p, t = calibrated.prob, calibrated.threshold
-    agree = calibrated.files[int(np.argmax(p))]  # PNEUMONIA either way
-    disagree = calibrated.files[int(np.flatnonzero((p >= 0.5) & (p < t))[0])]
+    agree = calibrated.files[int(np.argmax(p))]  # above the threshold: PNEUMONIA
+    disagree = calibrated.files[int(np.flatnonzero((p >= 0.5) != (p >= t))[0])]
     out = tmp_path_factory.mktemp("gradcam") / "p"
     run_script("predict.py", "--model", calibrated.path, "--image", agree, "--image", disagree,
                "--gradcam", "--quiet", "--out", out)
@@ -186,12 +195,14 @@ def test_gradcam_figure_shows_the_models_map(calibrated, gradcam_run):
 
 
 def test_gradcam_figure_explains_the_thresholded_prediction(calibrated, gradcam_run):
-    """The figure's title names the calibrated prediction ('Grad-CAM for NORMAL'), so
+    """The figure's title names the calibrated prediction (e.g. 'Grad-CAM for NORMAL'), so
     the map must be that class's, as in visualize_results.py's gallery, not the argmax
     class's, which differs for images between 0.5 and the threshold."""
     out, _, disagree = gradcam_run
     rows = by_name(out / "predictions.csv")
-    assert rows[disagree.name]["prediction"] == "NORMAL"
-    exp, gray = expected_overlay(calibrated.path, disagree, class_idx=0)
+    reported = calibrated.expected(disagree.name)[0]
+    assert rows[disagree.name]["prediction"] == reported
+    exp, gray = expected_overlay(calibrated.path, disagree,
+                                 class_idx=cc.CLASS_NAMES.index(reported))
     panel = overlay_panel(out / f"{disagree.stem}_gradcam.png", gray.shape[0])
     assert np.abs(panel - exp).mean() < 2.0, np.abs(panel - exp).mean()
