@@ -75,6 +75,19 @@ def scan_labelled(split_dir) -> tuple[list[Path], list[int], list[tuple[Path, st
     return paths, labels, others
 
 
+def labelled_data_folder(folder: Path) -> Path | None:
+    """The folder of a labelled data set that folder lies in (a class folder, or a split
+    folder holding class folders), where scans for training or evaluation look; or None.
+    Results written there would later be read as films."""
+    for d in (folder, *folder.parents):
+        try:
+            if d.name.upper() in CLASS_NAMES or any(cio.class_folders(d, n) for n in CLASS_NAMES):
+                return d
+        except OSError:  # a folder that cannot be listed
+            continue
+    return None
+
+
 def list_labelled(split_dir) -> tuple[list[Path], list[int]]:
     """Images of a {NORMAL,PNEUMONIA}/ folder and their class indices (see scan_labelled)."""
     return scan_labelled(split_dir)[:2]

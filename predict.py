@@ -455,19 +455,6 @@ def done_files(out_dir: Path, json_lines: bool, retry: set[str]) -> set[str]:
 # ---------------------------------------------------------------------------------
 
 
-def labelled_data_folder(folder: Path) -> Path | None:
-    """The folder of a labelled data set that folder lies in (a class folder, or a split
-    folder holding class folders), where scans for training or evaluation look; or None."""
-    for d in (folder, *folder.parents):
-        try:
-            if d.name.upper() in cc.CLASS_NAMES or any(cio.class_folders(d, n)
-                                                       for n in cc.CLASS_NAMES):
-                return d
-        except OSError:  # a folder that cannot be listed
-            continue
-    return None
-
-
 def check_gradcam_folder(args) -> None:
     """--gradcam writes PNGs: refuse a results folder inside an input folder or a labelled
     data set, whose later scans would read them as films."""
@@ -477,7 +464,7 @@ def check_gradcam_folder(args) -> None:
     inputs = [d for d in map(Path, args.dir) if d.is_dir()]
     where = next((f"the input folder {cio.display_name(d)}" for d in inputs
                   if out == d.resolve() or d.resolve() in out.parents), None)
-    data = labelled_data_folder(out)
+    data = cc.labelled_data_folder(out)
     if where is None and data is not None:
         where = f"the labelled data set folder {cio.display_name(data)}"
     if where:

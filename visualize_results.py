@@ -128,6 +128,11 @@ def output_problem(args) -> str | None:
     problem = write_problem(Path(args.out), folder=True)
     if problem:
         return f"--out {cio.display_name(args.out)}: {problem}"
+    data = cc.labelled_data_folder(Path(args.out).resolve())
+    if data is not None:
+        return (f"--out {cio.display_name(args.out)} is inside the labelled data set folder "
+                f"{cio.display_name(data)}, and its later scans would read the report's PNGs "
+                f"as films; give an --out outside it")
     if args.save_calibrated:
         problem = write_problem(Path(args.save_calibrated), folder=False)
         if problem:

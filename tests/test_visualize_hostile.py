@@ -257,3 +257,17 @@ def test_a_damaged_split_file_is_one_line(damage, start, tmp_path):
 def test_a_missing_data_folder_is_named(args, start, tmp_path):
     proc = visualize(*[a.format(tmp=tmp_path) for a in args], out=tmp_path / "ev")
     refused_up_front(proc, start.format(tmp=tmp_path), tmp_path / "ev")
+
+
+def test_an_out_inside_a_labelled_data_set_is_refused_up_front(tmp_path):
+    """The report's PNGs written among the films would be read as films by the next
+    training or evaluation scan of that folder."""
+    data = tmp_path / "chest_xray" / "test"
+    copy_classes(data)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (data / "NORMAL" / "eval", data):
+        proc = visualize("--split", data, out=out)
+        line = refused_up_front(proc, f"error: --out {out} is inside the labelled data set",
+                                tmp_path / "nothing")
+        assert "would read the report's PNGs as films" in line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
