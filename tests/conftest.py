@@ -221,20 +221,23 @@ def calibrated(model_path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def ensemble(calibrated, selection_run, tmp_path_factory):
     """Two different checkpoints (different weights, temperatures, thresholds): the
-    calibrated model and the selection run's model at temperature 2.5. The second
-    member's threshold and band are chosen so that the ensemble's (the mean of the
-    members') fall between the ensemble's probabilities."""
+    calibrated model and the selection run's model at temperature 2.5. The members'
+    thresholds and bands are the ensemble's cuts (which fall between the ensemble's
+    probabilities) shifted by -d and +d, so their mean is the ensemble's on any machine
+    and each member's threshold stays inside its own band."""
     files = calibrated.files
     second = selection_run[0] / "mobilenet_cxr.pth"
     t2 = 2.5
     p2 = scaled_probability(logits_of(second, files), t2)
     prob = (calibrated.prob + p2) / 2
     threshold, band = cut_between(prob)
-    thr2 = 2 * threshold - calibrated.threshold
-    band2 = [2 * band[0] - calibrated.band[0], 2 * band[1] - calibrated.band[1]]
-    path2 = with_calibration(second, tmp_path_factory.mktemp("ens") / "second.pth",
-                             t2, thr2, band2)
-    assert 0 < band2[0] <= thr2 <= band2[1] < 1, (thr2, band2)
+    d = min(0.05, band[0] / 2, (1 - band[1]) / 2)
+    folder = tmp_path_factory.mktemp("ens")
+    members = [with_calibration(src, folder / name, t, threshold + s * d,
+                                [band[0] + s * d, band[1] + s * d])
+               for src, name, t, s in ((calibrated.path, "first.pth", CAL_TEMPERATURE, -1),
+                                       (second, "second.pth", t2, 1))]
+    assert d > 0, (threshold, band)  # the members' thresholds differ
     # premise: the first member alone gives clearly different probabilities
     assert (abs(prob - calibrated.prob) > 0.01).sum() >= 4
-    return [calibrated.path, path2], Calibrated(None, files, prob, threshold, band)
+    return members, Calibrated(None, files, prob, threshold, band)
