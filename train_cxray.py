@@ -83,7 +83,7 @@ ABLATIONS = {
     "loss": {"class_weights": False, "label_smoothing": 0.0},
 }
 # --add X: candidate additions, judged on validation before any recipe adopts them
-# (docs/site_shift.md, issue 10 part 4).
+# (their verdicts: experiments/LOG.md and docs/site_shift.md).
 ADDITIONS = {
     "noise": {"noise": 0.05},
     # training inputs get the exact histogram prediction inputs have
