@@ -1,11 +1,11 @@
 """predict.py and visualize_results.py reproduce probabilities, decisions and referrals
 computed here by hand, for checkpoints whose calibration is far from the defaults.
 
-The shared test model has temperature 1 and threshold 0.5, where argmax agrees with the
-stored threshold and logits * T with logits / T. The `calibrated` fixture (conftest) is
-the same weights with temperature 0.4, a threshold far from 0.5 that falls between two
-test images' probabilities (both within 0.02 of it) and an uncertain band around it; the
-`ensemble` fixture adds a second, differently trained and calibrated checkpoint.
+With temperature 1 and threshold 0.5, argmax agrees with the stored threshold and
+logits * T with logits / T. The `calibrated` fixture (conftest) is the shipped model's
+weights with temperature 2.5, a threshold far from 0.5 that falls between two test
+images' probabilities (both within 0.02 of it) and an uncertain band around it; the
+`ensemble` fixture adds the shipped reference model, differently trained and calibrated.
 Expected values: softmax(logits / T)[:, 1] of cc.model_input(cc.load_image_array(f)).
 """
 
@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, logits_of, run_folder, run_script, scaled_probability
+from conftest import (
+    CAL_TEMPERATURE,
+    SECOND_TEMPERATURE,
+    TINY,
+    logits_of,
+    run_folder,
+    run_script,
+    scaled_probability,
+)
 from PIL import Image
 
 import cxr_common as cc
@@ -88,7 +96,7 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(t, abs=1e-9)
     assert metrics["uncertain_band"] == pytest.approx(calibrated.band, abs=1e-9)
-    assert metrics["temperatures"] == pytest.approx([0.4])
+    assert metrics["temperatures"] == pytest.approx([CAL_TEMPERATURE])
     at_t = metrics["at_threshold"]
     assert at_t["accuracy"] == pytest.approx(np.mean(pred == y))
     assert at_t["sensitivity"] == pytest.approx(np.mean(pred[y == 1] == 1))
@@ -110,7 +118,7 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
     check = metrics["calibration_check"]
     assert check["nll"] == pytest.approx(nll(p), abs=1e-5)
     assert check["nll_at_T1"] == pytest.approx(nll(p1), abs=1e-5)
-    assert abs(check["nll"] - check["nll_at_T1"]) > 1e-3  # T = 0.4 really changes them
+    assert abs(check["nll"] - check["nll_at_T1"]) > 1e-3  # T = 2.5 really changes them
     assert "top-label, 15 equal-width bins" in check["ece_variant"]
 
 
@@ -137,7 +145,7 @@ def test_visualize_ensemble_averages_them(ensemble, tmp_path):
     check_rows(by_name(out / "predictions.csv"), expected)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(expected.threshold, abs=1e-9)
-    assert metrics["temperatures"] == pytest.approx([0.4, 2.5])
+    assert metrics["temperatures"] == pytest.approx([CAL_TEMPERATURE, SECOND_TEMPERATURE])
 
 
 # --- the Grad-CAM figure ------------------------------------------------------------------

@@ -250,7 +250,8 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
     # and the probabilities are the shared calibration's: the mean, its logit / T
     rows = list(csv.DictReader(open(run_folder(tmp_path / "b") / "predictions.csv")))
     members = [cc.load_checkpoint(p) for p in paths]
-    x = np.stack([cc.load_image_array(r["resolved_path"], 64) for r in rows])
+    size = members[0][1]["preprocessing"]["image_size"]
+    x = np.stack([cc.load_image_array(r["resolved_path"], size) for r in rows])
     expect = cc.mean_probability(cc.member_logits(members, x), cal["temperatures"],
                                  cal["ensemble_temperature"])
     assert np.allclose([float(r["prob_pneumonia"]) for r in rows], expect, atol=2e-6)
