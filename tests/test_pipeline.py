@@ -217,50 +217,11 @@ def test_candidate_addition_is_recorded_and_never_reads_test(tmp_path):
     assert "sensor noise" in meta["recipe_details"]["augment"]
 
 
-def test_importance_weights_favour_the_source_images_that_look_like_the_target():
-    """Guards against an inverted density ratio ((1 - p) / p) or one not scaled by the
-    set sizes: source points near the target cloud must weigh more than far ones, and
-    with two indistinguishable sets every weight is about 1."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("iw", ROOT / "benchmarks" / "iw_validation.py")
-    iw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(iw)
-    rng = np.random.default_rng(0)
-    source = rng.normal(0, 1, (400, 2))
-    target = rng.normal(0, 1, (200, 2)) + [1.5, 0]
-    w, auc = iw.density_ratio(source, target)
-    assert auc > 0.75
-    near, far = source[:, 0] > 1, source[:, 0] < -1
-    assert w[near].mean() > 5 * w[far].mean()
-    same, _ = iw.density_ratio(source, rng.normal(0, 1, (200, 2)))
-    assert np.median(same) == pytest.approx(1, abs=0.25)
-
-
-@pytest.mark.slow
-def test_importance_weighted_validation_scores_each_model_on_its_own_split(
-        trained_run, selection_run, ablation_run, tmp_path):
-    """benchmarks/iw_validation.py on three real checkpoints: one row per model, the
-    weights' effective size within its validation split, the rank check and its verdict."""
-    models = [r[0] / "mobilenet_cxr.pth" for r in (trained_run, selection_run, ablation_run)]
-    proc = run_script("benchmarks/iw_validation.py", *models, "--data", TINY,
-                      "--cache-dir", tmp_path)
-    assert "Domain classifier train/ vs target (16 images): AUC" in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if "mobilenet_cxr.pth (" in line]
-    assert len(rows) == 3
-    for row in rows:
-        ess, n_val = row.split()[-3].split("/")
-        assert 1 <= float(ess) <= int(n_val)
-        assert 0 <= float(row.split()[-2]) <= 1  # test accuracy
-    assert "Spearman rank correlation with the test score over 3 models" in proc.stdout
-    assert "Verdict (accuracy):" in proc.stdout
-
-
 def test_validation_check_scores_held_out_shifts(selection_run):
     """Rows for every held-out family, and the kept epoch's validation loss, whichever
     epoch this machine's run keeps."""
     run_dir, _ = selection_run
-    proc = run_script("benchmarks/validation_check.py", "--markdown", run_dir)
+    proc = run_script("experiments/validation_check.py", "--markdown", run_dir)
     for family in ("noise", "low-res", "jpeg-q15", "zoom-out", "off-centre", "edge-enhance"):
         assert f"held-out: {family}" in proc.stdout
     (row,) = [s for s in proc.stdout.splitlines() if s.startswith("| reference |")]

@@ -168,7 +168,7 @@ def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
     proc = run_script("predict.py", "--model", site, "--dir", TINY / "test", "--out", out,
                       "--quiet")
     assert f"threshold P(PNEUMONIA) >= {cal['threshold']:.3f}" in proc.stdout
-    table = run_script("benchmarks/protocol_table.py", "--seeds", evaluation).stdout
+    table = run_script("experiments/protocol_table.py", "--seeds", evaluation).stdout
     assert "| local recalibration, K = 4, cross-fitted | 1 |" in table
 
 
@@ -182,9 +182,9 @@ def test_recalibration_after_adabn_is_its_own_protocol(model_path, tmp_path):
     assert "after AdaBN" in proc.stdout
     folder = run_folder(tmp_path)
     assert json.loads((folder / "metrics.json").read_text())["protocol"].startswith("label-free")
-    table = run_script("benchmarks/protocol_table.py", "--seeds", folder).stdout
+    table = run_script("experiments/protocol_table.py", "--seeds", folder).stdout
     assert "| AdaBN + local recalibration, K = 4, cross-fitted | 1 |" in table
-    rows = run_script("benchmarks/protocol_table.py", folder).stdout
+    rows = run_script("experiments/protocol_table.py", folder).stdout
     assert "| AdaBN + local recalibration, K = 4 labelled images of test" in rows
 
 
@@ -198,7 +198,7 @@ def test_the_ceiling_is_the_highest_threshold_keeping_the_target_sensitivity(tmp
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "protocol_table", ROOT / "benchmarks" / "protocol_table.py")
+        "protocol_table", ROOT / "experiments" / "protocol_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     scores = np.linspace(0.10, 0.99, 100)

@@ -4,8 +4,8 @@ under its declared protocol, printed from visualize_results.py's metrics.json.
 
     python visualize_results.py --model M --recalibrate 25 50 100 200 --out outputs/M0
     python visualize_results.py --model M --adapt --out outputs/M1
-    python benchmarks/protocol_table.py outputs/M0/eval_* outputs/M1/eval_*
-    python benchmarks/protocol_table.py --seeds outputs/<recipe>_seed*/eval_*
+    python experiments/protocol_table.py outputs/M0/eval_* outputs/M1/eval_*
+    python experiments/protocol_table.py --seeds outputs/<recipe>_seed*/eval_*
 
 Zero-shot and label-free rows are the folder's metrics at the stored calibration; each
 --recalibrate K gives a "local recalibration, K labelled images" row (cross-fitted,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Site shift and the out-of-distribution flag, measured (docs/site_shift.md).
 
-    python benchmarks/site_shift.py                                 # both shipped models
-    python benchmarks/site_shift.py --model runs/<run>/mobilenet_cxr.pth --imagenet
+    python experiments/site_shift.py                                 # both shipped models
+    python experiments/site_shift.py --model runs/<run>/mobilenet_cxr.pth --imagenet
 
 For each checkpoint (which must hold typicality statistics: train_cxray.py adds them at
 the end of a run, --typicality-for adds them to an old checkpoint), prints the share of

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Validation-only comparison of runs: the evidence for recipe decisions (never test).
 
-    python benchmarks/validation_check.py runs/<reference run> runs/<improved run> ...
-    python benchmarks/validation_check.py --markdown runs/*seed1     # table rows
+    python experiments/validation_check.py runs/<reference run> runs/<improved run> ...
+    python experiments/validation_check.py --markdown runs/*seed1     # table rows
 
 For each run folder, rebuilds its patient-grouped validation split from val_split.csv
 and scores the run's checkpoint (at its stored temperature and threshold) on three

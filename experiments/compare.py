@@ -4,13 +4,13 @@ intervals on the difference.
 
     python visualize_results.py --model models/reference_seed1.pth --out outputs/ref
     python visualize_results.py --out outputs/imp
-    python benchmarks/compare.py outputs/ref/eval_<ts> outputs/imp/eval_<ts>
+    python experiments/compare.py outputs/ref/eval_<ts> outputs/imp/eval_<ts>
 
 Reads each folder's predictions.csv (every image's label, decision at its model's stored
 threshold, and P(PNEUMONIA)), keeps the images both scored, and resamples patients (all
 of a patient's images together) 2000 times; both models are scored on the same resample,
 so the interval is on the difference B - A, not two separate intervals. One seed per
-side: the spread over training seeds is a separate figure (benchmarks/accuracy.py).
+side: the spread over training seeds is a separate figure (experiments/accuracy.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Speed figures, each a ratio of two timings taken in this one run.
 
-    python benchmarks/speed.py                    # CPU or GPU, whatever is here
-    python benchmarks/speed.py --batches 20 --fullres ../shared/data/samples/fullres
+    python experiments/speed.py                    # CPU or GPU, whatever is here
+    python experiments/speed.py --batches 20 --fullres ../shared/data/samples/fullres
 
 1. Training: images/s of train_cxray.py's real loop (decoded-once uint8 arrays,
    augmentation on tensors, channels_last) divided by the same model and optimiser fed

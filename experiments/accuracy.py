@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Train a recipe for several seeds, evaluate each on the test split, print mean and spread.
 
-    python benchmarks/accuracy.py --recipe reference --seeds 1 2 3
-    python benchmarks/accuracy.py --collect runs/*reference*     # summarise finished runs
+    python experiments/accuracy.py --recipe reference --seeds 1 2 3
+    python experiments/accuracy.py --collect runs/*reference*     # summarise finished runs
 
 Training uses the GPU when there is one, else the CPU. Each run is the plain
 `train_cxray.py` command (printed), so every figure can be reproduced by hand; the
@@ -76,7 +76,7 @@ def is_development_run(run_dir: Path) -> bool:
         why.append("skip_test")
     if why:
         print(f"NOT SCORED on test: {run_dir} is a development run ({', '.join(why)}); "
-              "it is judged on validation only (benchmarks/validation_check.py)", file=sys.stderr)
+              "it is judged on validation only (experiments/validation_check.py)", file=sys.stderr)
     return bool(why)
 
 
