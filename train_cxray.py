@@ -63,17 +63,15 @@ RECIPES = {
     # The published reference run, unchanged.
     "reference": dict(
         epochs=8, batch_size=16, optimizer="adam", lr=1e-4, weight_decay=0.0,
-        schedule="plateau", augment=["flip", "rotate10", "brightness0.1"], noise=0.0,
-        intensity="none", equalize_at="first", class_weights=False, label_smoothing=0.0,
-        frozen_blocks=0, probe_epochs=0, finetune_lr_factor=1.0,
+        schedule="plateau", augment=["flip", "rotate10", "brightness0.1"],
+        intensity="none", class_weights=False, label_smoothing=0.0,
         select="val_f1", select_mode="max", calibrate=False),
     # What fixes the normal-recall collapse: see README, "Beating the reference".
     "improved": dict(
         epochs=8, batch_size=32, optimizer="adamw", lr=3e-4, weight_decay=0.01,
         schedule="warmup_cosine",
-        augment=["resized_crop", "flip", "rotate10", "brightness_contrast0.3"], noise=0.0,
-        intensity="equalize", equalize_at="first", class_weights=True, label_smoothing=0.1,
-        frozen_blocks=0, probe_epochs=0, finetune_lr_factor=1.0,
+        augment=["resized_crop", "flip", "rotate10", "brightness_contrast0.3"],
+        intensity="equalize", class_weights=True, label_smoothing=0.1,
         select="val_loss", select_mode="min", calibrate=True),
 }
 # --ablate X: the improved recipe minus one part, replaced by the reference's choice.
@@ -81,17 +79,6 @@ ABLATIONS = {
     "equalize": {"intensity": "none"},
     "augment": {"augment": RECIPES["reference"]["augment"]},
     "loss": {"class_weights": False, "label_smoothing": 0.0},
-}
-# --add X: candidate additions, judged on validation before any recipe adopts them
-# (their verdicts: experiments/LOG.md and docs/site_shift.md).
-ADDITIONS = {
-    "noise": {"noise": 0.05},
-    # training inputs get the exact histogram prediction inputs have
-    "equalize-last": {"equalize_at": "last"},
-    # the stem and the first six inverted-residual blocks (down to 28 x 28) stay ImageNet's
-    "freeze-early": {"frozen_blocks": 7},
-    # LP-FT: fit the classifier on frozen features, then fine-tune everything more gently
-    "lp-ft": {"probe_epochs": 2, "finetune_lr_factor": 1 / 3},
 }
 # Augmentations by name: (plain words, the torchvision transform for a given image size).
 AUGMENTATIONS = {
@@ -108,13 +95,11 @@ TYPICALITY_SAMPLE = 2000  # training images whose features fit the typicality Ga
 STRESS_COPIES = 3  # shifted copies of the validation split that calibration is fitted on
 
 
-def recipe_for(name: str, ablate=(), add=()) -> dict:
-    """The recipe's fields, with --ablate and --add applied as field overrides."""
+def recipe_for(name: str, ablate=()) -> dict:
+    """The recipe's fields, with --ablate applied as field overrides."""
     recipe = copy.deepcopy(RECIPES[name])
     for part in ablate:
         recipe.update(copy.deepcopy(ABLATIONS[part]))
-    for part in add:
-        recipe.update(copy.deepcopy(ADDITIONS[part]))
     return recipe
 
 
@@ -136,17 +121,6 @@ def describe(recipe: dict) -> dict:
         loss.append("class-balanced weights")
     if recipe["label_smoothing"]:
         loss.append(f"label_smoothing={recipe['label_smoothing']:g}")
-    augment = ", ".join(AUGMENTATIONS[a][0] for a in recipe["augment"])
-    training = "all layers"
-    if recipe["frozen_blocks"]:
-        training = (f"features[:{recipe['frozen_blocks']}] frozen (weights and BatchNorm "
-                    "statistics), the rest trained")
-    if recipe["probe_epochs"]:
-        training = (f"the classifier only for {recipe['probe_epochs']} epoch(s) (features "
-                    f"frozen), then {training} at lr x {recipe['finetune_lr_factor']:.3g}")
-    if recipe["noise"]:
-        augment += (f"; plus Gaussian sensor noise (sd {recipe['noise']:g} of the range) on "
-                    "half the images, before equalisation")
     return {
         "epochs": recipe["epochs"], "batch_size": recipe["batch_size"], "lr": recipe["lr"],
         "optimizer": optimizer,
@@ -154,11 +128,9 @@ def describe(recipe: dict) -> dict:
                                  " factor=0.5, patience=2)",
                       "warmup_cosine": "linear warm-up for 1 epoch, then cosine decay to 0 "
                                        "(per step)"}[recipe["schedule"]],
-        "augment": augment,
-        "intensity": recipe["intensity"] + (" (after the augmentations)"
-                                            if recipe["intensity"] == "equalize"
-                                            and recipe["equalize_at"] == "last" else ""),
-        "training": training,
+        "augment": ", ".join(AUGMENTATIONS[a][0] for a in recipe["augment"]),
+        "intensity": recipe["intensity"],
+        "training": "all layers",
         "loss": "CrossEntropyLoss" + (f"({', '.join(loss)})" if loss else ""),
         "selection": f"{'best' if recipe['select_mode'] == 'max' else 'lowest'} {select}",
         "calibration": (
@@ -174,15 +146,13 @@ def describe(recipe: dict) -> dict:
 
 
 def recipe_changes(args) -> list[str]:
-    """What each --ablate and --add changes, in the words describe() gives the fields."""
+    """What each --ablate changes, in the words describe() gives the fields."""
     base = describe(RECIPES[args.recipe])
     lines = []
-    for label, parts, kind in (("Ablation", args.ablate, "ablate"),
-                               ("Candidate addition", args.add, "add")):
-        for part in parts:
-            changed = describe(recipe_for(args.recipe, **{kind: [part]}))
-            diff = "; ".join(f"{k} = {v}" for k, v in changed.items() if v != base[k])
-            lines.append(f"{label} ({part}): {diff}")
+    for part in args.ablate:
+        changed = describe(recipe_for(args.recipe, [part]))
+        diff = "; ".join(f"{k} = {v}" for k, v in changed.items() if v != base[k])
+        lines.append(f"Ablation ({part}): {diff}")
     return lines
 
 
@@ -218,7 +188,7 @@ def parse_args(argv=None):
                    help="where decoded uint8 arrays are kept ('' to disable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--skip-test", action="store_true",
-                   help="do not read the test split (development runs; implied by --ablate, --add)")
+                   help="do not read the test split (development runs; implied by --ablate)")
     p.add_argument("--typicality-for", metavar="CHECKPOINT",
                    help="only add the typicality statistics (the out-of-distribution flag) to "
                         "an existing checkpoint, from its own train/validation split of --data")
@@ -227,11 +197,9 @@ def parse_args(argv=None):
                         "method, on its own calibration split of --data (weights unchanged)")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS),
                    help="improved recipe without this component (repeatable; ablation runs)")
-    p.add_argument("--add", action="append", default=[], choices=sorted(ADDITIONS),
-                   help="improved recipe plus this candidate (repeatable; validation runs)")
     args = p.parse_args(argv)
-    if (args.ablate or args.add) and args.recipe != "improved":
-        p.error("--ablate and --add change the improved recipe: use them with --recipe improved")
+    if args.ablate and args.recipe != "improved":
+        p.error("--ablate options change the improved recipe: use them with --recipe improved")
     lo, hi = cc.IMAGE_SIZE_RANGE
     if not lo <= args.image_size <= hi:
         p.error(f"--image-size {args.image_size}: must be {lo} to {hi} px (MobileNetV2 needs "
@@ -261,7 +229,7 @@ def main(argv=None):
     args, resumed = resume_arguments(args)
     args.cache_dir = usable_cache(args.cache_dir)
     world, rank, device = setup_distributed(args)  # one process unless started by torchrun
-    recipe = recipe_for(args.recipe, args.ablate, args.add)
+    recipe = recipe_for(args.recipe, args.ablate)
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     torch.manual_seed(args.seed)
     start = time.time()
@@ -285,10 +253,6 @@ def main(argv=None):
     # Model, loss, optimiser and schedule; a resumed run picks up where it stopped.
     model, weight_source = make_model(args, device)
     log(rank, f"MobileNetV2 weights: {weight_source}")
-    if recipe["probe_epochs"] and world > 1:
-        raise SystemExit("error: --add lp-ft changes which layers train between epochs, which "
-                         "DistributedDataParallel does not allow: run it in one process")
-    freeze(model, recipe["frozen_blocks"])  # before DDP, which registers what trains
     net = wrap_distributed(model, world, device)
     criterion, optimizer, scheduler = make_optimisation(recipe, model, y_train, len(loader),
                                                         args.lr, args.epochs)
@@ -300,10 +264,9 @@ def main(argv=None):
         if sampler is not None:
             sampler.set_epoch(epoch)
         # one pass over the training images (a warm-up + cosine schedule steps per batch)
-        frozen = freeze(model, frozen_blocks(recipe, epoch))
         train_loss, train_acc = train_one_epoch(
             net, loader, criterion, optimizer, device, amp, rank, epoch, args.epochs,
-            scheduler if recipe["schedule"] == "warmup_cosine" else None, frozen)
+            scheduler if recipe["schedule"] == "warmup_cosine" else None)
         # validation, the same on every process; a plateau schedule steps on it
         val = evaluate(model, x_val, y_val, recipe["intensity"])
         if recipe["schedule"] == "plateau":
@@ -343,7 +306,7 @@ def main(argv=None):
     print("\n" + test_text, flush=True)
     meta = cc.base_meta(args.image_size, recipe["intensity"])
     meta.update(recipe=args.recipe, recipe_details=describe(recipe), recipe_fields=recipe,
-                ablate=args.ablate, add=args.add, seed=args.seed, epochs=args.epochs,
+                ablate=args.ablate, seed=args.seed, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, weights=weight_source,
                 validation=val_source, val_fraction=args.val_fraction,
                 calib_fraction=args.calib_fraction if recipe["calibrate"] else None,
@@ -359,6 +322,9 @@ def main(argv=None):
 # ---------------------------------------------------------------------------------
 
 
+RETIRED_OPTIONS = {"add": []}  # held by older run states
+
+
 def resume_arguments(args):
     """With --resume, the interrupted run's own arguments (--device and --workers may
     change; the run's own --workers unless given) and its saved state; otherwise args and
@@ -367,7 +333,11 @@ def resume_arguments(args):
         return args, None
     state = load_state(Path(args.resume))
     saved = json.loads(state["args"])
-    saved = {"ablate": [], "add": [], "skip_test": False, **saved}  # older run states
+    saved = {"ablate": [], "skip_test": False, **saved}  # older run states
+    used = [k for k, default in RETIRED_OPTIONS.items() if saved.get(k, default) != default]
+    if used:
+        raise SystemExit(f"error: --resume: the run used --{used[0].replace('_', '-')}, an "
+                         "option train_cxray.py does not have: start it again")
     if args.workers is not None and args.workers != saved.get("workers", 0):
         print(f"note: --workers {args.workers}, the run had {saved.get('workers', 0)}: the random "
               "augmentations differ from those of an uninterrupted run from here on")
@@ -414,8 +384,7 @@ def open_run_folder(args, resumed, world: int, rank: int) -> tuple[Path, list[st
     run_dir = None
     if rank == 0:
         check_data(args)  # before making a folder: a wrong --data leaves nothing behind
-        name = args.recipe + "".join(f"-no-{a}" for a in args.ablate) \
-            + "".join(f"+{a}" for a in args.add)
+        name = args.recipe + "".join(f"-no-{a}" for a in args.ablate)
         with exit_if_unwritable(Path(args.out)):
             run_dir = cio.unique_dir(args.out, f"{cio.timestamp()}_{name}_seed{args.seed}")
         atexit.register(remove_if_unfinished, run_dir)
@@ -637,21 +606,14 @@ class XrayArrays(Dataset):
 
 
 def train_transform(recipe: dict, size: int):
-    """Sensor noise (a candidate), per-image equalisation, then the recipe's augmentations.
+    """Per-image equalisation (recipes with intensity "equalize"), then the recipe's
+    augmentations.
 
     Equalisation comes first, so the contrast jitter and the black corners of a rotation
     come after it: training inputs are not exactly equalised, while prediction inputs
-    are (cc.model_input). Equalising after augmentation is a candidate (equalize-last),
-    not the recipe."""
-    steps = []
-    if recipe["noise"]:  # v2.GaussianNoise: torchvision >= 0.20
-        steps.append(v2.RandomApply([v2.ToDtype(torch.float32, scale=True),
-                                     v2.GaussianNoise(sigma=recipe["noise"]),
-                                     v2.ToDtype(torch.uint8, scale=True)], p=0.5))
+    are (cc.model_input)."""
     equalize = [v2.Lambda(cc.equalize)] if recipe["intensity"] == "equalize" else []
-    augment = [AUGMENTATIONS[name][1](size) for name in recipe["augment"]]
-    steps += equalize + augment if recipe["equalize_at"] == "first" else augment + equalize
-    return v2.Compose(steps)
+    return v2.Compose(equalize + [AUGMENTATIONS[name][1](size) for name in recipe["augment"]])
 
 
 def make_loader(x_train, y_train, recipe, args, world, rank, device):
@@ -710,10 +672,8 @@ def make_optimisation(recipe: dict, model, y_train, steps_per_epoch: int, lr: fl
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=recipe["select_mode"], factor=0.5, patience=2)
     else:
-        schedule = warmup_cosine(steps_per_epoch, steps_per_epoch * epochs)
-        probe_steps, gentler = steps_per_epoch * recipe["probe_epochs"], recipe["finetune_lr_factor"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: schedule(step) * (1.0 if step < probe_steps else gentler))
+            optimizer, warmup_cosine(steps_per_epoch, steps_per_epoch * epochs))
     return criterion, optimizer, scheduler
 
 
@@ -724,20 +684,6 @@ def warmup_cosine(warmup: int, total: int):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     return factor
-
-
-def frozen_blocks(recipe: dict, epoch: int) -> int:
-    """How many leading feature blocks stay fixed in this epoch: all of them while LP-FT
-    fits the classifier alone, else the recipe's frozen_blocks."""
-    return 10**6 if epoch <= recipe["probe_epochs"] else recipe["frozen_blocks"]
-
-
-def freeze(model, n_blocks: int) -> nn.Module:
-    """No gradients for model.features[:n_blocks]; returns them, for train_one_epoch to
-    keep in eval mode (their BatchNorm statistics stay ImageNet's too)."""
-    for i, block in enumerate(model.features):
-        block.requires_grad_(i >= n_blocks)
-    return model.features[:n_blocks]
 
 
 def is_better(score: float, best: float, mode: str) -> bool:
@@ -751,10 +697,8 @@ def is_better(score: float, best: float, mode: str) -> bool:
 
 
 def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoch, epochs,
-                    step_scheduler=None, frozen=None):
+                    step_scheduler=None):
     model.train()
-    if frozen is not None:
-        frozen.eval()  # frozen blocks: their BatchNorm statistics do not move either
     total_loss, correct, seen = 0.0, 0, 0
     with ctrl_c_held():  # the DataLoader's workers start (see exit_on_ctrl_c)
         batches = iter(loader)
@@ -909,8 +853,8 @@ def refit_calibration(args) -> int:
 def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[dict, str]:
     """The test split's metrics and the published run's report, or a note when this is
     a development run that must not read it."""
-    if args.skip_test or args.ablate or args.add:
-        return {}, ("Test split not read: development run (--skip-test, --ablate or --add); "
+    if args.skip_test or args.ablate:
+        return {}, ("Test split not read: development run (--skip-test or --ablate); "
                     "decide on validation, evaluate the final recipe once.\n")
     paths, labels = test_files
     x_test, kept, bad = cc.decode_all(paths, args.image_size, args.cache_dir or None, "test")

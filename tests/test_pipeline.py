@@ -203,20 +203,6 @@ def test_ablation_run_changes_one_part_and_never_reads_test(ablation_run):
     assert bad.returncode == 2 and "use them with --recipe improved" in bad.stderr
 
 
-@pytest.mark.slow
-def test_candidate_addition_is_recorded_and_never_reads_test(tmp_path):
-    proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--recipe",
-                                                    "improved", "--add", "noise"))
-    assert "Candidate addition (noise): augment = " in proc.stdout
-    assert "Gaussian sensor noise" in proc.stdout
-    assert "Test split not read" in proc.stdout and "Test Accuracy" not in proc.stdout
-    (run_dir,) = list(tmp_path.iterdir())
-    meta = torch.load(run_dir / "mobilenet_cxr.pth", weights_only=True)["meta"]
-    assert run_dir.name.endswith("improved+noise_seed42") and meta["add"] == ["noise"]
-    assert "GaussianNoise" not in meta["recipe_details"]["augment"]  # plain words
-    assert "sensor noise" in meta["recipe_details"]["augment"]
-
-
 def test_validation_check_scores_held_out_shifts(selection_run):
     """Rows for every held-out family, and the kept epoch's validation loss, whichever
     epoch this machine's run keeps."""

@@ -52,6 +52,23 @@ def test_train_resume_gives_the_same_model(tmp_path):
     assert strip(ha) == strip(hb)
 
 
+@pytest.mark.parametrize("option, value", [("add", ["noise"])])
+def test_train_resume_refuses_a_state_with_an_option_the_script_does_not_have(
+        option, value, tmp_path, monkeypatch):
+    """A run state that holds --add with other than its default would resume as another
+    run (another recipe): refused in one line; with the default it resumes."""
+    import train_cxray as tc
+
+    saved = {**vars(tc.parse_args(["--data", str(TINY)])), "add": [], "skip_test": False,
+             "amp": "auto"}
+    monkeypatch.setattr(tc, "load_state", lambda run_dir: {"args": json.dumps(saved)})
+    args, _ = tc.resume_arguments(tc.parse_args(["--resume", str(tmp_path)]))
+    assert args.data == str(TINY) and args.resume == str(tmp_path)
+    saved[option] = value
+    with pytest.raises(SystemExit, match=f"the run used --{option.replace('_', '-')}, an option"):
+        tc.resume_arguments(tc.parse_args(["--resume", str(tmp_path)]))
+
+
 def test_predict_resume_redoes_and_duplicates_nothing(model_path, tmp_path):
     src = TINY / "train"
     run_script("predict.py", "--model", model_path, "--dir", src, "--quiet", "--batch-size", 4,
