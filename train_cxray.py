@@ -91,6 +91,7 @@ AUGMENTATIONS = {
     "brightness_contrast0.3": ("ColorJitter(brightness=0.3, contrast=0.3)",
                                lambda size: v2.ColorJitter(brightness=0.3, contrast=0.3)),
 }
+CALIB_FRACTION = 0.1  # patient-grouped share of train/ held out by recipes that calibrate
 TYPICALITY_SAMPLE = 2000  # training images whose features fit the typicality Gaussians
 STRESS_COPIES = 3  # shifted copies of the validation split that calibration is fitted on
 
@@ -172,23 +173,16 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=cio.positive_int, default=cc.IMAGE_SIZE)
     p.add_argument("--val-fraction", type=cio.open_fraction, default=0.1,
                    help="patient-grouped validation share of train/ when there is no val/")
-    p.add_argument("--calib-fraction", type=cio.open_fraction, default=0.1,
-                   help="patient-grouped share of train/ held out for calibration (recipes "
-                        "that calibrate); epoch selection never sees it")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", type=cio.device_name, help="auto, cpu or cuda")
     p.add_argument("--workers", type=cio.nonnegative_int,
                    help="DataLoader worker processes (default 0, which keeps the published "
                         "runs' random augmentation stream; a resumed run keeps its own)")
-    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
-                   help="bf16 autocast in the training step; auto = on for CUDA only")
     p.add_argument("--no-pretrained", action="store_true",
                    help="start from random weights instead of ImageNet")
     p.add_argument("--cache-dir", default=".cache",
                    help="where decoded uint8 arrays are kept ('' to disable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    p.add_argument("--skip-test", action="store_true",
-                   help="do not read the test split (development runs; implied by --ablate)")
     p.add_argument("--typicality-for", metavar="CHECKPOINT",
                    help="only add the typicality statistics (the out-of-distribution flag) to "
                         "an existing checkpoint, from its own train/validation split of --data")
@@ -196,7 +190,8 @@ def parse_args(argv=None):
                    help="only re-fit an existing checkpoint's calibration with this version's "
                         "method, on its own calibration split of --data (weights unchanged)")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS),
-                   help="improved recipe without this component (repeatable; ablation runs)")
+                   help="improved recipe without this component (repeatable; ablation runs, "
+                        "which never read the test split)")
     args = p.parse_args(argv)
     if args.ablate and args.recipe != "improved":
         p.error("--ablate options change the improved recipe: use them with --recipe improved")
@@ -209,6 +204,7 @@ def parse_args(argv=None):
             setattr(args, key, RECIPES[args.recipe][key])
     if args.workers is None and not args.resume:
         args.workers = 0
+    args.calib_fraction = CALIB_FRACTION  # recorded in the run's state and checkpoint
     return args
 
 
@@ -230,7 +226,7 @@ def main(argv=None):
     args.cache_dir = usable_cache(args.cache_dir)
     world, rank, device = setup_distributed(args)  # one process unless started by torchrun
     recipe = recipe_for(args.recipe, args.ablate)
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    amp = device.type == "cuda"  # bf16 autocast in the training step on CUDA only
     torch.manual_seed(args.seed)
     start = time.time()
     run_dir, commands = open_run_folder(args, resumed, world, rank)
@@ -322,7 +318,7 @@ def main(argv=None):
 # ---------------------------------------------------------------------------------
 
 
-RETIRED_OPTIONS = {"add": []}  # held by older run states
+RETIRED_OPTIONS = {"add": [], "skip_test": False, "amp": "auto"}  # held by older run states
 
 
 def resume_arguments(args):
@@ -333,7 +329,7 @@ def resume_arguments(args):
         return args, None
     state = load_state(Path(args.resume))
     saved = json.loads(state["args"])
-    saved = {"ablate": [], "skip_test": False, **saved}  # older run states
+    saved = {"ablate": [], **saved}  # older run states
     used = [k for k, default in RETIRED_OPTIONS.items() if saved.get(k, default) != default]
     if used:
         raise SystemExit(f"error: --resume: the run used --{used[0].replace('_', '-')}, an "
@@ -541,7 +537,7 @@ def checkpoint_split_args(meta: dict, data, cache_dir=".cache"):
     args = argparse.Namespace(
         data=str(data), seed=meta["seed"], image_size=meta["preprocessing"]["image_size"],
         val_fraction=meta.get("val_fraction", 0.1),
-        calib_fraction=meta.get("calib_fraction") or 0.1, cache_dir=cache_dir)
+        calib_fraction=meta.get("calib_fraction") or CALIB_FRACTION, cache_dir=cache_dir)
     recipe = dict(recipe_of(meta), calibrate=bool(meta.get("calib_fraction")))  # older runs had no cal split
     return args, recipe
 
@@ -853,8 +849,8 @@ def refit_calibration(args) -> int:
 def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[dict, str]:
     """The test split's metrics and the published run's report, or a note when this is
     a development run that must not read it."""
-    if args.skip_test or args.ablate:
-        return {}, ("Test split not read: development run (--skip-test or --ablate); "
+    if args.ablate:
+        return {}, ("Test split not read: development run (--ablate); "
                     "decide on validation, evaluate the final recipe once.\n")
     paths, labels = test_files
     x_test, kept, bad = cc.decode_all(paths, args.image_size, args.cache_dir or None, "test")

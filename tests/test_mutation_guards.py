@@ -66,7 +66,8 @@ def test_the_calibration_split_shares_no_patient_with_train_or_validation(seed, 
     """Bug: the calibration split overlapping the training and validation patients
     (train and val drawn from all files, not from those calibration left)."""
     args = tc.parse_args(["--data", str(PATIENTS64), "--recipe", "improved", "--seed", str(seed),
-                          "--val-fraction", fractions[0], "--calib-fraction", fractions[1]])
+                          "--val-fraction", fractions[0]])
+    args.calib_fraction = float(fractions[1])  # an older run's, rebuilt from its checkpoint
     splits, _ = tc.split_files(args, tc.recipe_for("improved"))
     assert set(splits) == {"train", "val", "cal"}
     files = {k: ps for k, (ps, _) in splits.items()}
@@ -93,7 +94,8 @@ def test_calibration_groups_are_the_patients_of_the_calibration_split(model_path
     """The calibration split read from disk hands fit_calibration one group per real
     patient (several films each), for every shifted copy."""
     args = tc.parse_args(["--data", str(PATIENTS64), "--recipe", "improved", "--seed", "0",
-                          "--calib-fraction", "0.3", "--image-size", "64", "--cache-dir", ""])
+                          "--image-size", "64", "--cache-dir", ""])
+    args.calib_fraction = 0.3  # a larger calibration split: more patients with several films
     recipe = tc.recipe_for("improved")
     arrays, patients = tc.load_splits(args, recipe, None, rank=1)[:2]
     cal_files = tc.split_files(args, recipe)[0]["cal"][0]

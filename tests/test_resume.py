@@ -52,11 +52,12 @@ def test_train_resume_gives_the_same_model(tmp_path):
     assert strip(ha) == strip(hb)
 
 
-@pytest.mark.parametrize("option, value", [("add", ["noise"])])
+@pytest.mark.parametrize("option, value", [("add", ["noise"]), ("skip_test", True), ("amp", "off")])
 def test_train_resume_refuses_a_state_with_an_option_the_script_does_not_have(
         option, value, tmp_path, monkeypatch):
-    """A run state that holds --add with other than its default would resume as another
-    run (another recipe): refused in one line; with the default it resumes."""
+    """A run state that holds --add, --skip-test or --amp with other than its default would
+    resume as another run (another recipe, test read, other precision): refused in one
+    line; with the defaults it resumes."""
     import train_cxray as tc
 
     saved = {**vars(tc.parse_args(["--data", str(TINY)])), "add": [], "skip_test": False,
