@@ -326,7 +326,7 @@ def check_checkpoint(payload, model: nn.Module) -> None:
              pre.get("intensity"), f"one of {', '.join(INTENSITIES)}")
     if meta.get("calibration") is not None:
         _check_calibration(meta["calibration"], "meta.calibration.")
-    for key, ok, rule in (  # read by train_cxray.py --typicality-for and --calibrate-for
+    for key, ok, rule in (  # read back by experiments/ (upgrade_checkpoint.py, ...)
             ("seed", _is_int, "an integer"),
             ("recipe", lambda v: isinstance(v, str), "a recipe's name"),
             ("recipe_fields", lambda v: v is None or isinstance(v, dict), "a dictionary"),
@@ -990,3 +990,202 @@ def _cache_key(paths: list[Path], size: int) -> str:
             length = mtime = -1
         h.update(f"|{os.path.realpath(p)}|{length}|{mtime}".encode())
     return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------
+# A training run's splits, calibration and typicality statistics: train_cxray.py fits
+# them at the end of a run; experiments/upgrade_checkpoint.py rebuilds them for an
+# existing checkpoint from its metadata (seed, fractions), on the same weights.
+# ---------------------------------------------------------------------------------
+
+CALIB_FRACTION = 0.1  # patient-grouped share of train/ held out by recipes that calibrate
+TYPICALITY_SAMPLE = 2000  # training images whose features fit the typicality Gaussians
+STRESS_COPIES = 3  # shifted copies of the calibration split that calibration is fitted on
+CALIBRATION_RULE = (  # in words, stored with every calibration a run fits
+    f"fitted on a patient-grouped calibration split (not used for selection) under "
+    f"simulated acquisition shift: temperature by min NLL within "
+    f"[{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], kept only if it lowers "
+    f"the cross-fitted NLL, else 1; threshold (expected sensitivity on new films >= "
+    f"{TARGET_SENSITIVITY}, split-conformal rank) and uncertain band (between the sensitivity-"
+    f"{BAND_LEVEL} and specificity-{BAND_LEVEL} cuts) as medians over "
+    f"patient-grouped bootstrap resamples")
+
+
+class DataError(Exception):
+    """A data folder or split that a classifier cannot be trained on."""
+
+
+def usable_cache(folder: str) -> str:
+    """folder when decoded images can be stored there, else '' (no cache, said in one
+    line): the cache only saves time, so a folder that cannot be written never stops a run."""
+    if not folder:
+        return ""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return folder
+    except OSError as e:
+        why = "not a folder" if isinstance(e, FileExistsError) else e.strerror or e
+        print(f"note: cache folder {cio.display_name(folder)} cannot be written ({why}): "
+              "decoding without a cache")
+        return ""
+
+
+def check_data(data) -> None:
+    """The training folder exists and holds both classes (DataError otherwise)."""
+    data = Path(data)
+    if not (data / "train").is_dir():
+        raise DataError(f"{cio.display_name(data / 'train')} not found: run "
+                        "download_dataset.py first (or pass --data)")
+    require_both_classes(list_labelled(data / "train")[1], cio.display_name(data / "train"))
+
+
+def require_both_classes(labels, where: str) -> None:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(CLASS_NAMES))
+    empty = [CLASS_NAMES[i] for i, n in enumerate(counts) if n == 0]
+    if empty:
+        raise DataError(f"{where} has no usable {' or '.join(empty)} images: a "
+                        "classifier needs examples of both classes")
+
+
+def grouped_split(paths, labels, val_fraction: float, seed: int):
+    """Stratified by class, grouped by patient: no patient on both sides."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, round(1 / val_fraction))
+    groups = [patient_id(p) for p in paths]
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(sgkf.split(np.zeros(len(labels)), labels, groups))
+    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+
+
+def split_files(args, recipe: dict) -> tuple[dict, str]:
+    """{"train", "val"[, "cal"]: (paths, labels)} and where validation came from, for
+    args.data, args.seed, args.val_fraction and args.calib_fraction.
+
+    The reference recipe uses a Kaggle-style val/ folder as it is (the published run did:
+    with the Kaggle download that is 16 images). Otherwise, and always for a recipe that
+    calibrates (recipe["calibrate"]), validation is a patient-grouped share of train/
+    (+ val/); a calibrating recipe also holds out a second patient-grouped share for
+    calibration, which epoch selection never sees."""
+    data = Path(args.data)
+    paths, labels = list_labelled(data / "train")
+    has_val = (data / "val").is_dir() and bool(list_labelled(data / "val")[0])
+    if has_val and not recipe["calibrate"]:
+        return ({"train": (paths, labels), "val": list_labelled(data / "val")},
+                f"{cio.display_name(data)}/val")
+    if has_val:
+        vp, vl = list_labelled(data / "val")
+        paths, labels = paths + vp, labels + vl
+    source = f"{cio.display_name(data)}/train" + (" + val" if has_val else "")
+
+    def take(idx, ps, ls):
+        return [ps[i] for i in idx], [ls[i] for i in idx]
+
+    splits = {}
+    if recipe["calibrate"]:
+        rest, ca = grouped_split(paths, labels, args.calib_fraction, args.seed + 1)
+        splits["cal"] = take(ca, paths, labels)
+        paths, labels = take(rest, paths, labels)
+        source += f" (calibration: another {args.calib_fraction:.0%}, seed {args.seed + 1})"
+    tr, va = grouped_split(paths, labels, args.val_fraction / (1 - args.calib_fraction
+                                                               if recipe["calibrate"] else 1),
+                           args.seed)
+    splits["train"], splits["val"] = take(tr, paths, labels), take(va, paths, labels)
+    return splits, f"patient-grouped {args.val_fraction:.0%} of {source}, seed {args.seed}"
+
+
+def decode_splits(files: dict, size: int, cache_dir=None, resumed: bool = False):
+    """Each split of split_files decoded: {split: (images, labels)}, {split: (paths
+    used, labels)} and the unusable files, skipped. Each split must hold both classes,
+    and a resumed run's own split (resumed) every one of its files (DataError)."""
+    arrays, used, skipped = {}, {}, []
+    for name, (paths, labels) in files.items():
+        images, kept, bad = decode_all(paths, size, cache_dir, name)
+        if resumed and bad:
+            raise DataError(f"--resume: {cio.display_name(bad[0][0])} of the run's "
+                            f"{name} split can no longer be read ({bad[0][1]})")
+        y = np.array([labels[i] for i in kept], dtype=np.int64)
+        require_both_classes(y, f"the {name} split")
+        arrays[name] = (images, y)
+        used[name] = ([paths[i] for i in kept], y)
+        skipped += bad
+    return arrays, used, skipped
+
+
+def checkpoint_splits(meta: dict, data, cache_dir=".cache"):
+    """A trained checkpoint's own splits of data, rebuilt from its metadata (seed,
+    fractions; a calibration split only if it recorded a calib_fraction), decoded with
+    cache_dir ('' or None: no cache): {split: (images, labels)}, {split: patient ids},
+    the test files (not read) and where validation came from."""
+    import argparse
+
+    args = argparse.Namespace(data=str(data), seed=meta["seed"],
+                              val_fraction=meta.get("val_fraction", 0.1),
+                              calib_fraction=meta.get("calib_fraction") or CALIB_FRACTION)
+    check_data(data)
+    files, source = split_files(args, {"calibrate": bool(meta.get("calib_fraction"))})
+    arrays, used, _ = decode_splits(files, meta["preprocessing"]["image_size"],
+                                   cache_dir or None)
+    patients = {name: [patient_id(p) for p in ps] for name, (ps, _) in used.items()}
+    return arrays, patients, list_labelled(Path(data) / "test"), source
+
+
+def stress_transform(size: int):
+    """Simulated acquisition shift for calibration: exposure, contrast, gamma, field of
+    view, blur. Applied to calibration-split images only (never to test)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+        v2.RandomRotation(10),
+        v2.ColorJitter(brightness=0.4, contrast=0.4),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.5),
+        v2.Lambda(lambda x: v2.functional.adjust_gamma(
+            x, float(torch.empty(1).uniform_(0.6, 1.6)))),
+    ])
+
+
+def stressed_copies(images: np.ndarray, labels: np.ndarray, copies: int, seed: int):
+    """copies x len(images) perturbed versions of the images (fixed seed)."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed + 1000)
+    t = stress_transform(images.shape[-1])
+    out = np.stack([t(torch.from_numpy(im)[None])[0].numpy()
+                    for _ in range(copies) for im in images])
+    torch.set_rng_state(state)
+    return out, np.tile(labels, copies)
+
+
+def calibrate(model, x_cal, y_cal, patients, intensity: str, seed: int) -> dict:
+    """Temperature, threshold and uncertain band, fitted on shifted copies of the
+    calibration split (patients that neither training nor epoch selection saw)."""
+    x_sv, y_sv = stressed_copies(x_cal, y_cal, STRESS_COPIES, seed)
+    groups = np.tile(patients, STRESS_COPIES)  # a patient's images and copies stay together
+    calibration = fit_calibration(predict_logits(model, x_sv, intensity), y_sv, groups, seed)
+    calibration["fitted_on"] = (f"{STRESS_COPIES} shifted copies of the {len(y_cal)} "
+                                "calibration-split images (stress_transform)")
+    calibration["rule"] = CALIBRATION_RULE
+    lo, hi = calibration["uncertain_band"]
+    print(f"\nCalibration on the shifted calibration split: {calibration['temperature_decision']}")
+    print(f"Temperature {calibration['temperature']:.3f}, "
+          f"threshold P(PNEUMONIA) >= {calibration['threshold']:.4f}, uncertain band "
+          f"[{lo:.4f}, {hi:.4f})")
+    return calibration
+
+
+def typicality_stats(model, x_train, y_train, x_val, y_val, intensity, seed) -> dict:
+    """The statistics of the out-of-distribution flag (fit_typicality) for this model:
+    Gaussians fitted on the features of TYPICALITY_SAMPLE of its training images (enough
+    for 64 dimensions, and a third of the time), the cut on validation."""
+    keep = np.sort(np.random.default_rng(seed).permutation(len(y_train))[:TYPICALITY_SAMPLE])
+    x_train, y_train = x_train[keep], y_train[keep]
+    _, f_train = predict_logits(model, x_train, intensity, desc="typicality: train",
+                                features=True)
+    _, f_val = predict_logits(model, x_val, intensity, features=True)
+    stats = fit_typicality(f_train.numpy(), y_train, f_val.numpy(), y_val, seed)
+    print(f"Typicality: cut {stats['cut']:.2f} (flags {1 - stats['level']:.0%} of validation; "
+          f"{(stats['train_scores'] > stats['cut']).float().mean():.1%} of training)")
+    return stats

@@ -32,7 +32,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
-from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
@@ -53,6 +51,10 @@ from tqdm import tqdm  # noqa: E402
 
 import cxr_common as cc  # noqa: E402
 import cxr_io as cio  # noqa: E402
+
+# also used as train_cxray.X by experiments/site_shift.py, experiments/validation_check.py
+# and docs/make_figures.py
+from cxr_common import STRESS_COPIES, checkpoint_splits, stress_transform, stressed_copies  # noqa: E402, F401
 
 # ---------------------------------------------------------------------------------
 # Recipes are data: every field is read by the code below, and the text in the
@@ -91,9 +93,6 @@ AUGMENTATIONS = {
     "brightness_contrast0.3": ("ColorJitter(brightness=0.3, contrast=0.3)",
                                lambda size: v2.ColorJitter(brightness=0.3, contrast=0.3)),
 }
-CALIB_FRACTION = 0.1  # patient-grouped share of train/ held out by recipes that calibrate
-TYPICALITY_SAMPLE = 2000  # training images whose features fit the typicality Gaussians
-STRESS_COPIES = 3  # shifted copies of the validation split that calibration is fitted on
 
 
 def recipe_for(name: str, ablate=()) -> dict:
@@ -102,12 +101,6 @@ def recipe_for(name: str, ablate=()) -> dict:
     for part in ablate:
         recipe.update(copy.deepcopy(ABLATIONS[part]))
     return recipe
-
-
-def recipe_of(meta: dict) -> dict:
-    """A checkpoint's recipe fields; fields added to the code since it was trained take
-    the values its recipe has now (older runs did not have them)."""
-    return {**RECIPES[meta["recipe"]], **(meta.get("recipe_fields") or {})}
 
 
 def describe(recipe: dict) -> dict:
@@ -134,15 +127,8 @@ def describe(recipe: dict) -> dict:
         "training": "all layers",
         "loss": "CrossEntropyLoss" + (f"({', '.join(loss)})" if loss else ""),
         "selection": f"{'best' if recipe['select_mode'] == 'max' else 'lowest'} {select}",
-        "calibration": (
-            f"fitted on a patient-grouped calibration split (not used for selection) under "
-            f"simulated acquisition shift: temperature by min NLL within "
-            f"[{cc.TEMPERATURE_RANGE[0]:g}, {cc.TEMPERATURE_RANGE[1]:g}], kept only if it lowers "
-            f"the cross-fitted NLL, else 1; threshold (expected sensitivity on new films >= "
-            f"{cc.TARGET_SENSITIVITY}, split-conformal rank) and uncertain band (between the sensitivity-"
-            f"{cc.BAND_LEVEL} and specificity-{cc.BAND_LEVEL} cuts) as medians over "
-            f"patient-grouped bootstrap resamples" if recipe["calibrate"]
-            else "none: argmax (threshold 0.5), temperature 1"),
+        "calibration": (cc.CALIBRATION_RULE if recipe["calibrate"]
+                        else "none: argmax (threshold 0.5), temperature 1"),
     }
 
 
@@ -183,12 +169,6 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=".cache",
                    help="where decoded uint8 arrays are kept ('' to disable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    p.add_argument("--typicality-for", metavar="CHECKPOINT",
-                   help="only add the typicality statistics (the out-of-distribution flag) to "
-                        "an existing checkpoint, from its own train/validation split of --data")
-    p.add_argument("--calibrate-for", metavar="CHECKPOINT",
-                   help="only re-fit an existing checkpoint's calibration with this version's "
-                        "method, on its own calibration split of --data (weights unchanged)")
     p.add_argument("--ablate", action="append", default=[], choices=sorted(ABLATIONS),
                    help="improved recipe without this component (repeatable; ablation runs, "
                         "which never read the test split)")
@@ -204,7 +184,7 @@ def parse_args(argv=None):
             setattr(args, key, RECIPES[args.recipe][key])
     if args.workers is None and not args.resume:
         args.workers = 0
-    args.calib_fraction = CALIB_FRACTION  # recorded in the run's state and checkpoint
+    args.calib_fraction = cc.CALIB_FRACTION  # recorded in the run's state and checkpoint
     return args
 
 
@@ -218,12 +198,8 @@ def main(argv=None):
     cio.printable_console()
     args = parse_args(argv)
     exit_on_ctrl_c()
-    if args.typicality_for:
-        return add_typicality(args)
-    if args.calibrate_for:
-        return refit_calibration(args)
     args, resumed = resume_arguments(args)
-    args.cache_dir = usable_cache(args.cache_dir)
+    args.cache_dir = cc.usable_cache(args.cache_dir)
     world, rank, device = setup_distributed(args)  # one process unless started by torchrun
     recipe = recipe_for(args.recipe, args.ablate)
     amp = device.type == "cuda"  # bf16 autocast in the training step on CUDA only
@@ -290,10 +266,10 @@ def main(argv=None):
     # The best epoch's weights, their calibration (on the calibration split, which
     # selection never saw), the typicality statistics, then the test split, read once.
     model.load_state_dict(best["state"])
-    calibration = (calibrate(model, *splits["cal"], patients["cal"], recipe, args.seed)
-                   if recipe["calibrate"] else None)
-    typicality = typicality_stats(model, x_train, y_train, x_val, y_val, recipe["intensity"],
-                                  args.seed)
+    calibration = (cc.calibrate(model, *splits["cal"], patients["cal"], recipe["intensity"],
+                                args.seed) if recipe["calibrate"] else None)
+    typicality = cc.typicality_stats(model, x_train, y_train, x_val, y_val,
+                                     recipe["intensity"], args.seed)
     val = evaluate(model, x_val, y_val, recipe["intensity"], calibration)
     metrics = {"best_epoch": best["epoch"], "val_f1": val["val_f1"], "val_acc": val["accuracy"],
                "val_auc": val["auc"]}
@@ -379,7 +355,8 @@ def open_run_folder(args, resumed, world: int, rank: int) -> tuple[Path, list[st
         return Path(args.resume), commands
     run_dir = None
     if rank == 0:
-        check_data(args)  # before making a folder: a wrong --data leaves nothing behind
+        with cio.exit_on(cc.DataError):  # before making a folder: a wrong --data leaves nothing
+            cc.check_data(args.data)
         name = args.recipe + "".join(f"-no-{a}" for a in args.ablate)
         with exit_if_unwritable(Path(args.out)):
             run_dir = cio.unique_dir(args.out, f"{cio.timestamp()}_{name}_seed{args.seed}")
@@ -407,98 +384,21 @@ def hardware(device) -> str:
 # ---------------------------------------------------------------------------------
 
 
-def check_data(args):
-    """The training folder exists and holds both classes (one line otherwise)."""
-    data = Path(args.data)
-    if not (data / "train").is_dir():
-        raise SystemExit(f"error: {cio.display_name(data / 'train')} not found: run "
-                         "download_dataset.py first (or pass --data)")
-    require_both_classes(cc.list_labelled(data / "train")[1], cio.display_name(data / "train"))
-
-
-def usable_cache(folder: str) -> str:
-    """--cache-dir when decoded images can be stored there, else '' (no cache, said in one
-    line): the cache only saves time, so a folder that cannot be written never stops a run."""
-    if not folder:
-        return ""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return folder
-    except OSError as e:
-        why = "not a folder" if isinstance(e, FileExistsError) else e.strerror or e
-        print(f"note: cache folder {cio.display_name(folder)} cannot be written ({why}): "
-              "decoding without a cache")
-        return ""
-
-
-def grouped_split(paths, labels, val_fraction: float, seed: int):
-    """Stratified by class, grouped by patient: no patient on both sides."""
-    n_splits = max(2, round(1 / val_fraction))
-    groups = [cc.patient_id(p) for p in paths]
-    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(sgkf.split(np.zeros(len(labels)), labels, groups))
-    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
-
-
-def split_files(args, recipe: dict) -> tuple[dict, str]:
-    """{"train", "val"[, "cal"]: (paths, labels)} and where validation came from.
-
-    The reference recipe uses a Kaggle-style val/ folder as it is (the published run did:
-    with the Kaggle download that is 16 images). Otherwise, and always for a recipe that
-    calibrates, validation is a patient-grouped share of train/ (+ val/); a calibrating
-    recipe also holds out a second patient-grouped share for calibration, which epoch
-    selection never sees."""
-    data = Path(args.data)
-    paths, labels = cc.list_labelled(data / "train")
-    has_val = (data / "val").is_dir() and bool(cc.list_labelled(data / "val")[0])
-    if has_val and not recipe["calibrate"]:
-        return ({"train": (paths, labels), "val": cc.list_labelled(data / "val")},
-                f"{cio.display_name(data)}/val")
-    if has_val:
-        vp, vl = cc.list_labelled(data / "val")
-        paths, labels = paths + vp, labels + vl
-    source = f"{cio.display_name(data)}/train" + (" + val" if has_val else "")
-
-    def take(idx, ps, ls):
-        return [ps[i] for i in idx], [ls[i] for i in idx]
-
-    splits = {}
-    if recipe["calibrate"]:
-        rest, ca = grouped_split(paths, labels, args.calib_fraction, args.seed + 1)
-        splits["cal"] = take(ca, paths, labels)
-        paths, labels = take(rest, paths, labels)
-        source += f" (calibration: another {args.calib_fraction:.0%}, seed {args.seed + 1})"
-    tr, va = grouped_split(paths, labels, args.val_fraction / (1 - args.calib_fraction
-                                                               if recipe["calibrate"] else 1),
-                           args.seed)
-    splits["train"], splits["val"] = take(tr, paths, labels), take(va, paths, labels)
-    return splits, f"patient-grouped {args.val_fraction:.0%} of {source}, seed {args.seed}"
-
-
 def load_splits(args, recipe: dict, run_dir: Path | None, rank: int, saved=None):
     """{split: (images, labels)} for train, val (and cal), {split: patient ids}, the test
     files (not read yet), where validation came from and the split by file path (what a
     resumed run's state passes back as saved). Unusable files are skipped and listed."""
-    check_data(args)
-    if saved:
-        files, val_source = saved_split(args, saved, rank)
-    else:
-        if saved is not None:  # the state of an older version, which did not record it
-            log(rank, "note: this run's state has no saved split: rebuilt from its seed, "
-                      "the same only if the data folder is unchanged")
-        files, val_source = split_files(args, recipe)
-    arrays, used, skipped = {}, {}, []
-    for name, (paths, labels) in files.items():
-        images, kept, bad = cc.decode_all(paths, args.image_size, args.cache_dir or None, name)
-        if saved and bad:
-            raise SystemExit(f"error: --resume: {cio.display_name(bad[0][0])} of the run's "
-                             f"{name} split can no longer be read ({bad[0][1]})")
-        y = np.array([labels[i] for i in kept], dtype=np.int64)
-        require_both_classes(y, f"the {name} split")
-        arrays[name] = (images, y)
-        used[name] = ([paths[i] for i in kept], y)
-        skipped += bad
+    with cio.exit_on(cc.DataError):
+        cc.check_data(args.data)
+        if saved:
+            files, val_source = saved_split(args, saved, rank)
+        else:
+            if saved is not None:  # the state of an older version, which did not record it
+                log(rank, "note: this run's state has no saved split: rebuilt from its seed, "
+                          "the same only if the data folder is unchanged")
+            files, val_source = cc.split_files(args, recipe)
+        arrays, used, skipped = cc.decode_splits(files, args.image_size, args.cache_dir or None,
+                                                 resumed=bool(saved))
     if rank == 0 and run_dir is not None and saved is None:
         report_skipped(run_dir, skipped)
         with exit_if_unwritable(run_dir / "val_split.csv"):
@@ -529,31 +429,6 @@ def saved_split(args, saved: dict, rank: int) -> tuple[dict, str]:
         log(rank, f"note: {len(added)} file(s) added to {cio.display_name(data)} since the run "
                   "started are not used: a resumed run keeps the split it started with")
     return files, saved["source"]
-
-
-def checkpoint_split_args(meta: dict, data, cache_dir=".cache"):
-    """The (args, recipe) a trained checkpoint's splits were made with, from its metadata
-    (seed, fractions, recipe): split_files(*these) lists its files."""
-    args = argparse.Namespace(
-        data=str(data), seed=meta["seed"], image_size=meta["preprocessing"]["image_size"],
-        val_fraction=meta.get("val_fraction", 0.1),
-        calib_fraction=meta.get("calib_fraction") or CALIB_FRACTION, cache_dir=cache_dir)
-    recipe = dict(recipe_of(meta), calibrate=bool(meta.get("calib_fraction")))  # older runs had no cal split
-    return args, recipe
-
-
-def checkpoint_splits(meta: dict, data, cache_dir=".cache"):
-    """A trained checkpoint's own splits, rebuilt from its metadata: as load_splits
-    returns them, less the split by file path."""
-    return load_splits(*checkpoint_split_args(meta, data, cache_dir), None, rank=1)[:4]
-
-
-def require_both_classes(labels, where: str):
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(cc.CLASS_NAMES))
-    empty = [cc.CLASS_NAMES[i] for i, n in enumerate(counts) if n == 0]
-    if empty:
-        raise SystemExit(f"error: {where} has no usable {' or '.join(empty)} images: a "
-                         "classifier needs examples of both classes")
 
 
 def report_skipped(run_dir: Path, skipped):
@@ -745,105 +620,8 @@ def log_epoch(rank, h, epochs, improved, recipe):
 
 
 # ---------------------------------------------------------------------------------
-# After training: calibration (validation only), the test split (once), the report.
+# After training: the test split (once), the report (calibration and typicality: cc).
 # ---------------------------------------------------------------------------------
-
-
-def stress_transform(size: int):
-    """Simulated acquisition shift for calibration: exposure, contrast, gamma, field of
-    view, blur. Applied to validation images only (never to test)."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-        v2.RandomRotation(10),
-        v2.ColorJitter(brightness=0.4, contrast=0.4),
-        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.5),
-        v2.Lambda(lambda x: v2.functional.adjust_gamma(
-            x, float(torch.empty(1).uniform_(0.6, 1.6)))),
-    ])
-
-
-def stressed_copies(images: np.ndarray, labels: np.ndarray, copies: int, seed: int):
-    """copies x len(images) perturbed versions of the validation images (fixed seed)."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed + 1000)
-    t = stress_transform(images.shape[-1])
-    out = np.stack([t(torch.from_numpy(im)[None])[0].numpy()
-                    for _ in range(copies) for im in images])
-    torch.set_rng_state(state)
-    return out, np.tile(labels, copies)
-
-
-def calibrate(model, x_cal, y_cal, patients, recipe, seed) -> dict:
-    """Temperature, threshold and uncertain band, fitted on shifted copies of the
-    calibration split (patients that neither training nor epoch selection saw)."""
-    x_sv, y_sv = stressed_copies(x_cal, y_cal, STRESS_COPIES, seed)
-    groups = np.tile(patients, STRESS_COPIES)  # a patient's images and copies stay together
-    calibration = cc.fit_calibration(cc.predict_logits(model, x_sv, recipe["intensity"]), y_sv,
-                                     groups, seed)
-    calibration["fitted_on"] = (f"{STRESS_COPIES} shifted copies of the {len(y_cal)} "
-                                "calibration-split images (stress_transform)")
-    calibration["rule"] = describe(recipe)["calibration"]
-    lo, hi = calibration["uncertain_band"]
-    print(f"\nCalibration on the shifted calibration split: {calibration['temperature_decision']}")
-    print(f"Temperature {calibration['temperature']:.3f}, "
-          f"threshold P(PNEUMONIA) >= {calibration['threshold']:.4f}, uncertain band "
-          f"[{lo:.4f}, {hi:.4f})")
-    return calibration
-
-
-def typicality_stats(model, x_train, y_train, x_val, y_val, intensity, seed) -> dict:
-    """The statistics of the out-of-distribution flag (cc.fit_typicality) for this model:
-    Gaussians fitted on the features of TYPICALITY_SAMPLE of its training images (enough
-    for 64 dimensions, and a third of the time), the cut on validation."""
-    keep = np.sort(np.random.default_rng(seed).permutation(len(y_train))[:TYPICALITY_SAMPLE])
-    x_train, y_train = x_train[keep], y_train[keep]
-    _, f_train = cc.predict_logits(model, x_train, intensity, desc="typicality: train",
-                                   features=True)
-    _, f_val = cc.predict_logits(model, x_val, intensity, features=True)
-    stats = cc.fit_typicality(f_train.numpy(), y_train, f_val.numpy(), y_val, seed)
-    print(f"Typicality: cut {stats['cut']:.2f} (flags {1 - stats['level']:.0%} of validation; "
-          f"{(stats['train_scores'] > stats['cut']).float().mean():.1%} of training)")
-    return stats
-
-
-def add_typicality(args) -> int:
-    """--typicality-for: give an existing checkpoint the typicality statistics, from the
-    train/validation split it was trained with (rebuilt from its seed and fractions)."""
-    path = Path(args.typicality_for)
-    with cio.exit_on(cc.CheckpointError):
-        model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
-    splits, _, _, source = checkpoint_splits(meta, args.data, usable_cache(args.cache_dir) or None)
-    print(f"{cio.display_name(path)}: validation rebuilt as {source}")
-    stats = typicality_stats(model, *splits["train"], *splits["val"], cc.intensity_of(meta),
-                             meta["seed"])
-    cc.save_checkpoint(path, model.state_dict(), meta, stats)
-    print(f"Saved {cio.display_name(path)} with the typicality statistics")
-    return 0
-
-
-def refit_calibration(args) -> int:
-    """--calibrate-for: the calibration this version's code fits at the end of a run, on
-    the same weights and the run's own calibration split (rebuilt from its seed). The old
-    calibration, and the test figures measured with it, are kept under "recalibrated"."""
-    path = Path(args.calibrate_for)
-    with cio.exit_on(cc.CheckpointError):
-        model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
-    if not meta.get("calib_fraction"):
-        raise SystemExit(f"error: {cio.display_name(path)} was trained without a calibration "
-                         "split (reference recipe, or an older run): nothing to re-fit")
-    splits, patients, _, _ = checkpoint_splits(meta, args.data, usable_cache(args.cache_dir) or None)
-    calibration = calibrate(model, *splits["cal"], patients["cal"], recipe_of(meta),
-                            meta["seed"])
-    stale = {k: v for k, v in meta["metrics"].items() if k.startswith("test_")}
-    meta["metrics"] = {k: v for k, v in meta["metrics"].items() if k not in stale}
-    meta["recalibrated"] = {"command": invoked_as(), "when": cio.timestamp(),
-                            "previous_calibration": meta["calibration"],
-                            "test_metrics_with_previous": stale}
-    meta["calibration"] = calibration
-    cc.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
-    print(f"Saved {cio.display_name(path)} with the re-fitted calibration (the test figures "
-          "measured with the old one are under meta['recalibrated'])")
-    return 0
 
 
 def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[dict, str]:

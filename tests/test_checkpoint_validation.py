@@ -135,7 +135,7 @@ BAD_CHECKPOINTS = [
     ("band-text", calibration(uncertain_band="ab"), "uncertain_band 'ab'"),
     ("band-above-1", calibration(uncertain_band=[0.4, 2.0]), "uncertain_band [0.4, 2.0]"),
     ("band-nan", calibration(uncertain_band=[NAN, 0.6]), "uncertain_band [nan, 0.6]"),
-    # fields train_cxray.py reads back (--typicality-for, --calibrate-for)
+    # fields read back by experiments/ (upgrade_checkpoint.py, ...)
     ("seed-text", put("meta.seed", "one"), "meta.seed 'one'"),
     ("recipe-number", put("meta.recipe", 5), "meta.recipe 5"),
     ("recipe_fields-list", put("meta.recipe_fields", [1]), "meta.recipe_fields [1]"),

@@ -68,7 +68,7 @@ def test_the_calibration_split_shares_no_patient_with_train_or_validation(seed, 
     args = tc.parse_args(["--data", str(PATIENTS64), "--recipe", "improved", "--seed", str(seed),
                           "--val-fraction", fractions[0]])
     args.calib_fraction = float(fractions[1])  # an older run's, rebuilt from its checkpoint
-    splits, _ = tc.split_files(args, tc.recipe_for("improved"))
+    splits, _ = cc.split_files(args, tc.recipe_for("improved"))
     assert set(splits) == {"train", "val", "cal"}
     files = {k: ps for k, (ps, _) in splits.items()}
     patients = {k: {cc.patient_id(p) for p in ps} for k, ps in files.items()}
@@ -98,7 +98,7 @@ def test_calibration_groups_are_the_patients_of_the_calibration_split(model_path
     args.calib_fraction = 0.3  # a larger calibration split: more patients with several films
     recipe = tc.recipe_for("improved")
     arrays, patients = tc.load_splits(args, recipe, None, rank=1)[:2]
-    cal_files = tc.split_files(args, recipe)[0]["cal"][0]
+    cal_files = cc.split_files(args, recipe)[0]["cal"][0]
     assert patients["cal"] == [cc.patient_id(p) for p in cal_files]
     assert len(several_films(cal_files)) >= 2
     seen, real = {}, cc.fit_calibration
@@ -109,9 +109,9 @@ def test_calibration_groups_are_the_patients_of_the_calibration_split(model_path
 
     monkeypatch.setattr(cc, "fit_calibration", spy)
     model, _ = cc.load_checkpoint(model_path)
-    tc.calibrate(model, *arrays["cal"], patients["cal"], recipe, seed=0)
+    cc.calibrate(model, *arrays["cal"], patients["cal"], recipe["intensity"], seed=0)
     groups = np.asarray(seen["groups"])
-    assert groups.tolist() == patients["cal"] * tc.STRESS_COPIES
+    assert groups.tolist() == patients["cal"] * cc.STRESS_COPIES
     # each resample draws a patient's rows (all films, all copies) together
     for idx in cc.resample_indices(len(groups), 20, 0, groups):
         for g in set(groups[idx]):

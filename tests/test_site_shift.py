@@ -53,16 +53,17 @@ def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
 
 
 def test_typicality_for_rebuilds_the_statistics_the_run_stored(trained_run, tmp_path):
-    """--typicality-for rebuilds the run's own train/validation split from the seed in
-    the checkpoint; on the same weights it must give the statistics the run stored at
-    its end (a wrong split or seed gives another cut)."""
+    """upgrade_checkpoint.py --typicality-for rebuilds the run's own train/validation split
+    from the seed in the checkpoint; on the same weights it must give the statistics the
+    run stored at its end (a wrong split or seed gives another cut)."""
     original = trained_run[0] / "mobilenet_cxr.pth"
     payload = torch.load(original, weights_only=True)
     stored = payload["typicality"]
     bare = tmp_path / "bare.pth"
     cc.save_checkpoint(bare, payload["state_dict"], payload["meta"])
     assert cc.load_checkpoint(bare)[0].typicality is None
-    run_script("train_cxray.py", "--typicality-for", bare, "--data", TINY, "--cache-dir", "")
+    run_script("experiments/upgrade_checkpoint.py", "--typicality-for", bare, "--data", TINY,
+               "--cache-dir", "")
     rebuilt = cc.load_checkpoint(bare)[0].typicality
     assert rebuilt["cut"] == pytest.approx(stored["cut"], rel=1e-4)
     assert torch.allclose(rebuilt["class_means"], stored["class_means"], atol=1e-3)
@@ -73,9 +74,10 @@ def test_typicality_for_rebuilds_the_statistics_the_run_stored(trained_run, tmp_
 @pytest.mark.slow
 def test_calibrate_for_refits_the_calibration_the_run_stored(ablation_run, model_path,
                                                              tmp_path):
-    """--calibrate-for rebuilds the run's calibration split from its seed and re-fits on
-    the same weights: it must give back the calibration the run fitted at its end, and
-    keep the one it replaces. A wrong split, seed or patient grouping gives other cuts."""
+    """upgrade_checkpoint.py --calibrate-for rebuilds the run's calibration split from its
+    seed and re-fits on the same weights: it must give back the calibration the run fitted
+    at its end, and keep the one it replaces. A wrong split, seed or patient grouping gives
+    other cuts."""
     payload = torch.load(ablation_run[0] / "mobilenet_cxr.pth", weights_only=True)
     stored = payload["meta"]["calibration"]
     meta = json.loads(json.dumps(payload["meta"]))
@@ -83,7 +85,8 @@ def test_calibrate_for_refits_the_calibration_the_run_stored(ablation_run, model
     meta["metrics"]["test_acc"] = 0.5  # a test figure measured with the old calibration
     copy = tmp_path / "old.pth"
     cc.save_checkpoint(copy, payload["state_dict"], meta, payload.get("typicality"))
-    run_script("train_cxray.py", "--calibrate-for", copy, "--data", TINY, "--cache-dir", "")
+    run_script("experiments/upgrade_checkpoint.py", "--calibrate-for", copy, "--data", TINY,
+               "--cache-dir", "")
     refit = torch.load(copy, weights_only=True)
     calibration = refit["meta"]["calibration"]
     assert calibration["temperature"] == pytest.approx(stored["temperature"], rel=1e-4)
@@ -97,8 +100,8 @@ def test_calibrate_for_refits_the_calibration_the_run_stored(ablation_run, model
     assert "test_acc" not in refit["meta"]["metrics"]
     assert all(torch.equal(refit["state_dict"][k], v) for k, v in payload["state_dict"].items())
     # a reference-recipe checkpoint has no calibration split: one line, no traceback
-    bad = run_script("train_cxray.py", "--calibrate-for", model_path, "--data", TINY,
-                     "--cache-dir", "", check=False)
+    bad = run_script("experiments/upgrade_checkpoint.py", "--calibrate-for", model_path,
+                     "--data", TINY, "--cache-dir", "", check=False)
     assert bad.returncode == 1 and "trained without a calibration split" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -313,6 +316,6 @@ def test_calibration_resamples_whole_patients_with_their_shifted_copies(model_pa
         return real(logits, labels, groups, seed)
 
     monkeypatch.setattr(cc, "fit_calibration", spy)
-    tc.calibrate(model, x, y, patients, tc.recipe_for("improved"), seed=0)
+    cc.calibrate(model, x, y, patients, tc.recipe_for("improved")["intensity"], seed=0)
     groups = np.asarray(seen["groups"])
-    assert list(groups) == patients * tc.STRESS_COPIES
+    assert list(groups) == patients * cc.STRESS_COPIES

@@ -6,7 +6,6 @@ import pytest
 from conftest import TINY
 
 import cxr_common as cc
-import train_cxray
 
 
 def test_patient_ids():
@@ -21,7 +20,7 @@ def test_patient_ids():
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_grouped_split_keeps_patients_together(seed):
     paths, labels = cc.list_labelled(TINY / "train")
-    tr, va = train_cxray.grouped_split(paths, labels, 0.25, seed)
+    tr, va = cc.grouped_split(paths, labels, 0.25, seed)
     assert sorted(tr + va) == list(range(len(paths)))
     ptr = {cc.patient_id(paths[i]) for i in tr}
     pva = {cc.patient_id(paths[i]) for i in va}
