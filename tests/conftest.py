@@ -48,15 +48,106 @@ def script_env(extra=None):
     return dict(os.environ, **TEST_ENV, **(extra or {}))
 
 
+# A script run starts a new process. By default it is forked from this test process,
+# which has imported torch already (the import costs ~4 s of CPU per process, most of the
+# suite's time): the child sets its argv, working folder, standard streams and signal
+# handlers as a new interpreter would, runs the file as __main__ and exits with its status.
+# CXR_TEST_SUBPROCESS=1 starts every script with a fresh interpreter instead; so does any
+# call that changes the environment (variables read at import time would not apply).
+FORK = hasattr(os, "fork") and os.environ.get("CXR_TEST_SUBPROCESS") != "1"
+
+
 def run_script(script, *args, cwd=None, check=True, timeout=300, env=None):
-    """Run a top-level script in a subprocess; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
-                          cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=script_env(env), errors="replace")
+    """Run a top-level script in a new process; returns the CompletedProcess."""
+    argv = [sys.executable, str(ROOT / script), *map(str, args)]
+    if FORK and not env:
+        proc = run_forked(argv, cwd or ROOT, timeout)
+    else:
+        proc = subprocess.run(argv, cwd=cwd or ROOT, capture_output=True, text=True,
+                              timeout=timeout, env=script_env(env), errors="replace")
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
                              f"\n--- stderr\n{proc.stderr}")
     return proc
+
+
+def run_forked(argv, cwd, timeout):
+    """`python script args` in a child forked from this process (see FORK)."""
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            os._exit(_child_main(argv, cwd, out.fileno(), err.fileno()))
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(argv, timeout)
+            time.sleep(0.02)
+        code = os.waitstatus_to_exitcode(status)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode("utf-8", errors="replace"))
+    return subprocess.CompletedProcess(argv, code, *texts)
+
+
+def _child_main(argv, cwd, out_fd, err_fd) -> int:
+    import atexit
+    import faulthandler
+    import io
+    import locale
+    import runpy
+    import signal
+    import traceback
+
+    code = 1
+    try:
+        faulthandler.disable()
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        encoding = locale.getpreferredencoding(False)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=encoding)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding=encoding,
+                                      write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding=encoding,
+                                      errors="backslashreplace", write_through=True)
+        sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGPIPE, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
+        atexit._clear()  # this test process's handlers are not the script's
+        os.chdir(cwd)
+        sys.argv = argv[1:]
+        sys.path.insert(0, str(Path(argv[1]).parent))
+        try:
+            runpy.run_path(argv[1], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = 130
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    return code
 
 
 def run_folder(parent) -> Path:
