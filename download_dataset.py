@@ -22,8 +22,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import cxr_common as cc
-import cxr_io as cio
+from cxr import dataset, imagefiles, network, runtime, scan
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 SPLITS = ["train", "val", "test"]
@@ -72,7 +71,7 @@ def download_from_kaggle() -> Path:
 
 
 def is_layout(folder: Path) -> bool:
-    return all((folder / s / c).is_dir() for s in REQUIRED for c in cc.CLASS_NAMES)
+    return all((folder / s / c).is_dir() for s in REQUIRED for c in network.CLASS_NAMES)
 
 
 def find_layout_root(top: Path) -> Path:
@@ -86,7 +85,8 @@ def find_layout_root(top: Path) -> Path:
             candidates.append(Path(root))
             dirs[:] = []
     if not candidates:
-        fail(f"{cio.display_name(top)} has no train/ and test/ folders with NORMAL/ and PNEUMONIA/ inside")
+        fail(f"{runtime.display_name(top)} has no train/ and test/ folders "
+             "with NORMAL/ and PNEUMONIA/ inside")
     return min(candidates, key=lambda p: len(p.parts))
 
 
@@ -113,10 +113,10 @@ def check_not_inside(root: Path, dest: Path):
     if any(inside(s, dest) or inside(dest, s) for s in sources):
         # e.g. the Kaggle archive unzipped into chest_xray/ gives chest_xray/chest_xray/:
         # replacing --data would delete the data this command reads
-        fail(f"the dataset found in {cio.display_name(root)} lies inside --data "
-             f"{cio.display_name(dest)}, so replacing it would delete it: use it where it "
-             f"is with --data {cio.display_name(root)} (and train_cxray.py --data "
-             f"{cio.display_name(root)}), or choose another --data")
+        fail(f"the dataset found in {runtime.display_name(root)} lies inside --data "
+             f"{runtime.display_name(dest)}, so replacing it would delete it: use it where it "
+             f"is with --data {runtime.display_name(root)} (and train_cxray.py --data "
+             f"{runtime.display_name(root)}), or choose another --data")
 
 
 def check_replaceable(dest: Path):
@@ -125,17 +125,17 @@ def check_replaceable(dest: Path):
     if not (dest.exists() or dest.is_symlink()):
         return
     if dest.is_symlink() or not dest.is_dir():
-        fail(f"--data {cio.display_name(dest)} is not a folder this script made; remove it "
+        fail(f"--data {runtime.display_name(dest)} is not a folder this script made; remove it "
              f"yourself or choose another --data")
     if not (dest / MARKER).is_file():
-        fail(f"--data {cio.display_name(dest)} was not laid out by this script (it has no "
+        fail(f"--data {runtime.display_name(dest)} was not laid out by this script (it has no "
              f"{MARKER} marker), so --force will not delete anything in it: remove it "
              f"yourself or choose another --data")
     foreign = sorted(p.name for p in dest.iterdir() if not own_entry(p))
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        fail(f"--data {cio.display_name(dest)} also holds files this script did not put "
-             f"there ({', '.join(map(cio.display_name, foreign[:3]))}{more}), so --force will "
+        fail(f"--data {runtime.display_name(dest)} also holds files this script did not put "
+             f"there ({', '.join(map(runtime.display_name, foreign[:3]))}{more}), so --force will "
              f"not replace it: move them out or choose another --data")
 
 
@@ -156,11 +156,11 @@ def lay_out(root: Path, dest: Path, mode: str, force: bool):
             check_not_inside(root, dest)
         if not force:
             if is_layout(dest):
-                print(f"{cio.display_name(dest)}/ already exists; checking it (use --force "
+                print(f"{runtime.display_name(dest)}/ already exists; checking it (use --force "
                       f"to replace it)")
                 return
             if not (dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir())):
-                fail(f"{cio.display_name(dest)} exists and is not a dataset folder: choose "
+                fail(f"{runtime.display_name(dest)} exists and is not a dataset folder: choose "
                      f"another --data")
         else:
             check_replaceable(dest)
@@ -181,16 +181,16 @@ def lay_out(root: Path, dest: Path, mode: str, force: bool):
     if skipped:
         print(f"Not copied: {len(skipped)} entries")
         for path, reason in skipped[:20]:
-            print(f"  {cio.display_name(path)}: {reason}")
+            print(f"  {runtime.display_name(path)}: {reason}")
 
 
 def copy_split(src: Path, dst: Path) -> list[tuple[Path, str]]:
     """Copy the images the other scripts would read from src/{NORMAL,PNEUMONIA}/ (the
     same folder scan), keeping their sub-folders; returns what was not copied, and why."""
     skipped = []
-    for name in cc.CLASS_NAMES:
-        for folder in cio.class_folders(src, name):
-            files, others = cio.scan_folder(folder)
+    for name in network.CLASS_NAMES:
+        for folder in scan.class_folders(src, name):
+            files, others = scan.scan_folder(folder)
             skipped += others
             for f in files:
                 target = dst / folder.name / f.relative_to(folder)
@@ -206,8 +206,8 @@ def check_file(path: Path, how: str) -> str | None:
     """None if the file is a usable image, else the reason. Both checks decode every
     pixel (a header check misses truncated JPEGs); quick decodes JPEGs at reduced scale."""
     try:
-        cio.read_image_gray(path, draft_size=cc.IMAGE_SIZE if how == "quick" else None)
-    except cio.ImageReadError as e:
+        imagefiles.read_image_gray(path, draft_size=network.IMAGE_SIZE if how == "quick" else None)
+    except imagefiles.ImageReadError as e:
         return str(e)
     return None
 
@@ -215,9 +215,9 @@ def check_file(path: Path, how: str) -> str | None:
 def survey(dest: Path, how: str):
     counts, bad, by_hash = {}, [], defaultdict(list)
     for split in SPLITS:
-        for cls in cc.CLASS_NAMES:
+        for cls in network.CLASS_NAMES:
             folder = dest / split / cls
-            files = cio.list_images(folder) if folder.is_dir() else []
+            files = scan.list_images(folder) if folder.is_dir() else []
             if files:
                 counts[(split, cls)] = len(files)
             for f in files:
@@ -231,37 +231,37 @@ def survey(dest: Path, how: str):
 
 
 def report(dest: Path, counts, bad, dupes) -> str:
-    lines = [f"Dataset in {cio.display_name(dest)}/", "",
+    lines = [f"Dataset in {runtime.display_name(dest)}/", "",
              f"{'split':<6} {'NORMAL':>7} {'PNEUMONIA':>10} {'total':>6}"]
     for split in SPLITS:
-        n = [counts.get((split, c), 0) for c in cc.CLASS_NAMES]
+        n = [counts.get((split, c), 0) for c in network.CLASS_NAMES]
         if sum(n):
             lines.append(f"{split:<6} {n[0]:>7} {n[1]:>10} {sum(n):>6}")
     if "val" not in {s for s, _ in counts}:
         lines.append("(no val/: train_cxray.py carves a patient-grouped split out of train/)")
     lines.append("")
     lines.append(f"Unreadable files: {len(bad)}")
-    lines += [f"  {cio.display_name(f)}: {r}" for f, r in bad]
+    lines += [f"  {runtime.display_name(f)}: {r}" for f, r in bad]
     rel = [[str(p.relative_to(dest)) for p in group] for group in dupes]
     cross = [g for g in rel if len({p.split(os.sep)[0] for p in g}) > 1]
     lines.append(f"Exact duplicate groups: {len(dupes)} ({sum(len(g) - 1 for g in dupes)} "
                  f"redundant files), across splits: {len(cross)}")
-    lines += ["  " + " = ".join(map(cio.display_name, g)) for g in (cross or rel)[:10]]
+    lines += ["  " + " = ".join(map(runtime.display_name, g)) for g in (cross or rel)[:10]]
     if len(cross or rel) > 10:
         lines.append(f"  ... and {len(cross or rel) - 10} more")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    cio.printable_console()
+    runtime.printable_console()
     args = parse_args(argv)
     dest = Path(args.dest)
     if args.source:
         top = Path(args.source)
         if not top.is_dir():
-            fail(f"--source {cio.display_name(top)} is not a folder")
+            fail(f"--source {runtime.display_name(top)} is not a folder")
     elif is_layout(dest) and not args.force:
-        print(f"{cio.display_name(dest)}/ already holds the dataset; checking it (--force "
+        print(f"{runtime.display_name(dest)}/ already holds the dataset; checking it (--force "
               f"downloads again)")
         top = dest
     else:
@@ -270,18 +270,18 @@ def main(argv=None):
         print(f"Downloading {KAGGLE_DATASET} with kagglehub ...")
         top = download_from_kaggle()
     root = find_layout_root(top)
-    print(f"Dataset found in {cio.display_name(root)}")
+    print(f"Dataset found in {runtime.display_name(root)}")
     lay_out(root, dest, args.mode, args.force)
-    missing = [s for s in REQUIRED if not cc.list_labelled(dest / s)[0]]
+    missing = [s for s in REQUIRED if not dataset.list_labelled(dest / s)[0]]
     if missing:
-        fail(f"{cio.display_name(dest)} has no images in {', '.join(missing)}")
+        fail(f"{runtime.display_name(dest)} has no images in {', '.join(missing)}")
     counts, bad, dupes = survey(dest, args.check)
     text = report(dest, counts, bad, dupes)
     print(text, end="")
-    path = dest / f"dataset_report_{cio.timestamp()}.txt"
+    path = dest / f"dataset_report_{runtime.timestamp()}.txt"
     try:
         path.write_text(text, encoding="utf-8")
-        print(f"Report saved to {cio.display_name(path)}")
+        print(f"Report saved to {runtime.display_name(path)}")
     except OSError as e:
         print(f"(report not saved: {e.strerror})")
     return 0

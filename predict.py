@@ -8,13 +8,13 @@
 
 Accepts JPEG, PNG (8/16-bit, RGBA, palette), BMP, TIFF and DICOM (.dcm, needs the
 optional package pydicom). Each file goes through the same preprocessing as training
-(cxr_common.load_image_array). Unreadable files are reported in one line and skipped;
+(cxr.dataset.load_image_array). Unreadable files are reported in one line and skipped;
 the rest of the batch goes on.
 
 Results are appended to <out>/predictions.csv (and predictions.jsonl with --json) as
 they are computed, so a killed run loses nothing and --resume redoes nothing but the
 files that failed. One run at a time may use a results folder. File names are printed
-and stored escaped (cxr_io.display_name); CSV cells cannot act as spreadsheet formulas.
+and stored escaped (cxr.runtime.display_name); CSV cells cannot act as spreadsheet formulas.
 This is decision support, not a diagnosis.
 """
 
@@ -42,8 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-import cxr_common as cc  # noqa: E402
-import cxr_io as cio  # noqa: E402
+from cxr import checkpoints, dataset, imagefiles, network, runtime, scan, scoring, siteshift  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
 CSV_FIELDS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
@@ -65,8 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--dir", action="append", default=[], help="a folder, searched recursively")
     p.add_argument("--model", action="append", default=[],
-                   help=f"checkpoint; repeat to average an ensemble (default {cc.DEFAULT_MODEL})")
-    p.add_argument("--out", type=cio.folder_or_new, default="outputs",
+                   help=f"checkpoint; repeat to average an ensemble (default {checkpoints.DEFAULT_MODEL})")
+    p.add_argument("--out", type=runtime.folder_or_new, default="outputs",
                    help="parent folder: each run writes to a new OUT/predict_<timestamp>/")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted run in OUT_DIR, skipping files already done")
@@ -75,10 +74,10 @@ def parse_args(argv=None):
                         "(visualize_results.py --save-calibrated FILE.json)")
     p.add_argument("--json", action="store_true", help="also write predictions.jsonl")
     p.add_argument("--gradcam", action="store_true", help="write <name>_gradcam.png per image")
-    p.add_argument("--batch-size", type=cio.positive_int, default=32)
-    p.add_argument("--workers", type=cio.nonnegative_int, default=1,
+    p.add_argument("--batch-size", type=runtime.positive_int, default=32)
+    p.add_argument("--workers", type=runtime.nonnegative_int, default=1,
                    help="decoding worker processes (0: decode in the main process)")
-    p.add_argument("--device", default="auto", type=cio.device_name,
+    p.add_argument("--device", default="auto", type=runtime.device_name,
                    help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="one line per image, not the block")
     p.add_argument("--adapt", action="store_true",
@@ -103,7 +102,7 @@ def collect_inputs(args) -> tuple[list[Path], list[tuple[Path, str]]]:
         if not Path(d).is_dir():
             not_read.append((Path(d), "not a folder"))
             continue
-        images, others = cio.scan_folder(d)
+        images, others = scan.scan_folder(d)
         files += [f for f in images if not inside(f, results)]
         not_read += [(f, r) for f, r in others if not inside(f, results)]
     unique, seen, merged = [], {}, []
@@ -117,8 +116,8 @@ def collect_inputs(args) -> tuple[list[Path], list[tuple[Path, str]]]:
     if merged:
         f, first = merged[0]
         print(f"note: {len(merged)} path(s) lead to a file listed already (links, or given twice), "
-              f"each file is predicted once: e.g. {cio.display_name(f)} is "
-              f"{cio.display_name(first)}")
+              f"each file is predicted once: e.g. {runtime.display_name(f)} is "
+              f"{runtime.display_name(first)}")
     return unique, not_read
 
 
@@ -133,9 +132,9 @@ def inside(path, folder) -> bool:
 def resolved(path) -> str:
     """The key a file is known by across runs: its absolute, resolved path."""
     try:
-        return cio.display_name(Path(path).resolve())
+        return runtime.display_name(Path(path).resolve())
     except (OSError, RuntimeError):  # a symlink loop
-        return cio.display_name(Path(path).absolute())
+        return runtime.display_name(Path(path).absolute())
 
 
 class FileImages(Dataset):
@@ -146,7 +145,7 @@ class FileImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        array, error = cc.try_load_image_array(self.paths[i], self.size)
+        array, error = dataset.try_load_image_array(self.paths[i], self.size)
         return i, array, error
 
 
@@ -156,13 +155,13 @@ def collate(items):
 
 def adapted_members(members, files, size, batch_size):
     """--adapt: each member with BatchNorm statistics re-estimated on all readable inputs."""
-    arrays = [a for a, _ in (cc.try_load_image_array(f, size) for f in files) if a is not None]
+    arrays = [a for a, _ in (dataset.try_load_image_array(f, size) for f in files) if a is not None]
     if not arrays:
         return members
     x = np.stack(arrays)
     print(f"--adapt: BatchNorm statistics re-estimated on {len(x)} unlabeled image(s) "
           "(transductive; the flag uses the model as trained)")
-    return [(cc.adapt_batchnorm(m, x, cc.intensity_of(meta), batch_size), meta)
+    return [(siteshift.adapt_batchnorm(m, x, network.intensity_of(meta), batch_size), meta)
             for m, meta in members]
 
 
@@ -173,14 +172,14 @@ def adapted_members(members, files, size, batch_size):
 
 def result_row(path, p_pneu, cal, model_id, flag=None):
     """A verdict row; an image outside the training distribution (flag: (outside,
-    typicality / cut) from cc.outside_distribution) gets no verdict and no confidence,
+    typicality / cut) from siteshift.outside_distribution) gets no verdict and no confidence,
     only its probabilities for the record."""
-    pred, conf = cc.decide(p_pneu, cal["threshold"])
+    pred, conf = scoring.decide(p_pneu, cal["threshold"])
     lo, hi = cal["uncertain_band"]
     outside, typicality = (bool(flag[0]), flag[1]) if flag is not None else (False, None)
     return {
-        "file": cio.display_name(path),
-        "prediction": OUTSIDE if outside else cc.CLASS_NAMES[int(pred)],
+        "file": runtime.display_name(path),
+        "prediction": OUTSIDE if outside else network.CLASS_NAMES[int(pred)],
         "confidence": "" if outside else round(float(conf), 6),
         "prob_normal": round(1.0 - p_pneu, 6),
         "prob_pneumonia": round(p_pneu, 6), "uncertain": bool(lo <= p_pneu < hi),
@@ -194,7 +193,7 @@ def result_row(path, p_pneu, cal, model_id, flag=None):
 
 def error_row(path, reason, model_id):
     return dict.fromkeys(CSV_FIELDS, "") | {
-        "file": cio.display_name(path), "error": reason, "model": model_id,
+        "file": runtime.display_name(path), "error": reason, "model": model_id,
         "resolved_path": resolved(path)}
 
 
@@ -213,7 +212,7 @@ def print_block(row, cal):
     print(f"\nImage: {row['file']}")
     if row["prediction"] == OUTSIDE:
         print(f"Outside what the model was trained on: refer. No verdict (typicality "
-              f"{row['typicality']:.2f} x the cut that {1 - cc.TYPICALITY_LEVEL:.0%} of validation "
+              f"{row['typicality']:.2f} x the cut that {1 - siteshift.TYPICALITY_LEVEL:.0%} of validation "
               "films exceed).")
         return
     print(f"P(PNEUMONIA), calibrated: {row['prob_pneumonia']:.1%}   (decision: PNEUMONIA at "
@@ -239,7 +238,7 @@ def save_gradcam(path_out, gray, heat, row, explained):
                       + (f"\n{explained}" if explained else ""), fontsize=10, parse_math=False)
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(f"{row['file']}\n{cc.DISCLAIMER}", fontsize=8, parse_math=False)
+    fig.suptitle(f"{row['file']}\n{network.DISCLAIMER}", fontsize=8, parse_math=False)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path_out, dpi=100)
     plt.close(fig)
@@ -265,7 +264,7 @@ def gradcam_path(folder: Path, image) -> Path:
 
 
 def run_manifest(model_paths, members, cal, json_lines, adapt=False) -> dict:
-    hashes = [cio.sha256_file(p) for p in model_paths]
+    hashes = [runtime.sha256_file(p) for p in model_paths]
     model_id = hashlib.sha256("".join(hashes).encode()).hexdigest()[:12]
     return {
         "model_id": model_id,
@@ -280,19 +279,19 @@ def run_manifest(model_paths, members, cal, json_lines, adapt=False) -> dict:
 
 def check_resumable(out_dir: Path, manifest: dict) -> dict:
     """The manifest of the run in out_dir; exits if this invocation would mix results."""
-    path, where = out_dir / MANIFEST, cio.display_name(out_dir)
+    path, where = out_dir / MANIFEST, runtime.display_name(out_dir)
     if not path.is_file():
         raise SystemExit(f"error: --resume: {where} has no {MANIFEST}, so it cannot be "
                          "checked that the same model made its rows; start a new run")
     try:
-        with cio.open_regular(path, MAX_MANIFEST_BYTES, ValueError) as f:
+        with imagefiles.open_regular(path, MAX_MANIFEST_BYTES, ValueError) as f:
             old = json.loads(f.read().decode("utf-8"))
         if not isinstance(old, dict) or not isinstance(old.get("members"), list) or not all(
                 isinstance(m, dict) and {"sha256", "preprocessing"} <= m.keys()
                 for m in old["members"]):
             raise ValueError("not the manifest this script writes")
     except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
-        raise SystemExit(f"error: --resume: {cio.display_name(path)} is damaged ({e}); "
+        raise SystemExit(f"error: --resume: {runtime.display_name(path)} is damaged ({e}); "
                          f"start a new run") from None
     for key, what in (("model_id", "model file(s)"), ("calibration", "calibration"),
                       ("adapt", "--adapt setting"),
@@ -321,20 +320,20 @@ def lock_folder(out_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SystemExit(f"error: another run is using {cio.display_name(out_dir)}; wait for it "
+        raise SystemExit(f"error: another run is using {runtime.display_name(out_dir)}; wait for it "
                          "to end (then --resume it), or start a new run") from None
     # the descriptor stays open (and the lock held) until the process exits
 
 
 def write_error(path, e: OSError, saved: str) -> SystemExit:
     """The one-line exit for a failed write (disk full, folder gone, ...)."""
-    return SystemExit(f"error: cannot write {cio.display_name(path)} ({e.strerror or e}); {saved}")
+    return SystemExit(f"error: cannot write {runtime.display_name(path)} ({e.strerror or e}); {saved}")
 
 
 class ResultWriter:
     """Appends rows to predictions.csv (and .jsonl): each batch is written with one
     write call per file, JSONL first, so a kill leaves at most one cut-off record; a
-    failed write (disk full) is cut back off. CSV cells go through cio.csv_cell; the
+    failed write (disk full) is cut back off. CSV cells go through runtime.csv_cell; the
     JSONL keeps the values as they are."""
 
     def __init__(self, out_dir: Path, json_lines: bool):
@@ -349,7 +348,7 @@ class ResultWriter:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\r\n")
         for row in rows:
-            w.writerow({k: cio.csv_cell(v) for k, v in row.items()})
+            w.writerow({k: runtime.csv_cell(v) for k, v in row.items()})
         return buf.getvalue()
 
     @staticmethod
@@ -396,7 +395,7 @@ def complete_csv_rows(path: Path) -> list[dict]:
             records.pop()  # the last record has no line end: cut off
     if records and records[0] == CSV_FIELDS:
         records = records[1:]
-    return [dict(zip(CSV_FIELDS, map(cio.csv_value, r))) for r in records
+    return [dict(zip(CSV_FIELDS, map(runtime.csv_value, r))) for r in records
             if len(r) == len(CSV_FIELDS)]
 
 
@@ -444,7 +443,7 @@ def done_files(out_dir: Path, json_lines: bool, retry: set[str]) -> set[str]:
                                              for k, r in jsonl_rows.items() if k in done)
     for name, text in texts.items():
         try:
-            cio.write_atomic(out_dir / name, lambda f: f.write(text.encode("utf-8")))  # noqa: B023
+            runtime.write_atomic(out_dir / name, lambda f: f.write(text.encode("utf-8")))  # noqa: B023
         except OSError as e:
             raise write_error(out_dir / name, e, "its rows are kept as they were") from None
     return done
@@ -462,13 +461,13 @@ def check_gradcam_folder(args) -> None:
         return
     out = Path(args.resume or args.out).resolve()
     inputs = [d for d in map(Path, args.dir) if d.is_dir()]
-    where = next((f"the input folder {cio.display_name(d)}" for d in inputs
+    where = next((f"the input folder {runtime.display_name(d)}" for d in inputs
                   if out == d.resolve() or d.resolve() in out.parents), None)
-    data = cc.labelled_data_folder(out)
+    data = dataset.labelled_data_folder(out)
     if where is None and data is not None:
-        where = f"the labelled data set folder {cio.display_name(data)}"
+        where = f"the labelled data set folder {runtime.display_name(data)}"
     if where:
-        raise SystemExit(f"error: --gradcam: the results folder {cio.display_name(out)} is inside "
+        raise SystemExit(f"error: --gradcam: the results folder {runtime.display_name(out)} is inside "
                          f"{where}, and its later scans would read the Grad-CAM PNGs as films; "
                          "give an --out outside it")
 
@@ -479,7 +478,7 @@ def open_output(args, manifest, retry: set[str]) -> tuple[Path, set[str], bool]:
     if args.resume:
         out_dir = Path(args.resume)
         if not out_dir.is_dir():
-            raise SystemExit(f"error: --resume: {cio.display_name(out_dir)} is not a folder")
+            raise SystemExit(f"error: --resume: {runtime.display_name(out_dir)} is not a folder")
         lock_folder(out_dir)
         old = check_resumable(out_dir, manifest)
         json_lines = bool(old.get("json"))
@@ -488,15 +487,15 @@ def open_output(args, manifest, retry: set[str]) -> tuple[Path, set[str], bool]:
                   " --json; continuing it that way")
         return out_dir, done_files(out_dir, json_lines, retry), json_lines
     try:
-        out_dir = cio.unique_dir(args.out, f"predict_{cio.timestamp()}")
+        out_dir = runtime.unique_dir(args.out, f"predict_{runtime.timestamp()}")
     except OSError as e:
-        raise SystemExit(f"error: cannot make a results folder in {cio.display_name(args.out)} "
+        raise SystemExit(f"error: cannot make a results folder in {runtime.display_name(args.out)} "
                          f"({e.strerror or e})") from None
     lock_folder(out_dir)
     manifest = dict(manifest, json=args.json, command=" ".join(sys.argv))
     text = json.dumps(manifest, indent=2)
     try:
-        cio.write_atomic(out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+        runtime.write_atomic(out_dir / MANIFEST, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
         raise write_error(out_dir / MANIFEST, e, "nothing was predicted") from None
     return out_dir, set(), args.json
@@ -509,11 +508,11 @@ def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]
     if not good:
         return rows
     x = np.stack([a for _, a in good])
-    logits, feats = cc.member_logits(members, x, len(good), features=True)
-    flags = cc.outside_distribution(members, feats)
+    logits, feats = network.member_logits(members, x, len(good), features=True)
+    flags = siteshift.outside_distribution(members, feats)
     if scorers is not members:
-        logits = cc.member_logits(scorers, x, len(good))
-    probs = cc.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
+        logits = network.member_logits(scorers, x, len(good))
+    probs = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
     for k, ((i, _), p) in enumerate(zip(good, probs)):
         if not np.isfinite(p):
             rows[i] = error_row(todo[i], "the model's output is not a finite number "
@@ -525,15 +524,15 @@ def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]
 
 
 def main(argv=None):
-    cio.printable_console()
+    runtime.printable_console()
     args = parse_args(argv)
     if not args.image and not args.dir:
         raise SystemExit("error: give --image FILE and/or --dir FOLDER (see --help)")
     check_gradcam_folder(args)
-    device = cio.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
-    with cio.exit_on(cc.CheckpointError):
-        members, cal, size = cc.load_ensemble(args.model, device, args.calibration)
-    model_paths = args.model or [cc.DEFAULT_MODEL]
+    device = runtime.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
+    with runtime.exit_on(checkpoints.CheckpointError):
+        members, cal, size = checkpoints.load_ensemble(args.model, device, args.calibration)
+    model_paths = args.model or [checkpoints.DEFAULT_MODEL]
     temperatures = cal["temperatures"]
     manifest = run_manifest(model_paths, members, cal, args.json, args.adapt)
     model_id = manifest["model_id"]
@@ -544,7 +543,7 @@ def main(argv=None):
     todo = [p for p in files if resolved(p) not in done]
     not_read = [(p, r) for p, r in not_read if resolved(p) not in done]
     names = ("ensemble of " + str(len(members)) if len(members) > 1
-             else cio.display_name(model_paths[0]))
+             else runtime.display_name(model_paths[0]))
     print(f"Model: {names} (id {model_id}) | temperature "
           f"{', '.join(f'{t:.4f}' for t in temperatures)}"
           f" | threshold P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band "
@@ -558,7 +557,7 @@ def main(argv=None):
     if any(getattr(m, "typicality", None) is None for m, _ in members):
         print("note: this model has no typicality statistics, so images unlike its training "
               "data are not flagged (add them: python train_cxray.py --typicality-for MODEL)")
-    print(cc.DISCLAIMER)
+    print(network.DISCLAIMER)
     scorers = members
     if args.adapt:  # transductive: every image given, also those done before a --resume
         scorers = adapted_members(members, files, size, args.batch_size)
@@ -574,18 +573,18 @@ def main(argv=None):
             saved = writer.saved if writer else 0
             raise write_error(e.filename or out_dir, e, (
                 f"{saved} row(s) of this run were saved before it and are kept; free some "
-                f"space and continue with --resume {cio.display_name(out_dir)}")) from None
+                f"space and continue with --resume {runtime.display_name(out_dir)}")) from None
 
     save([error_row(p, r, model_id) for p, r in not_read])
-    skipped = [(cio.display_name(p), reason) for p, reason in not_read]
+    skipped = [(runtime.display_name(p), reason) for p, reason in not_read]
     for name, reason in skipped:
         print(f"skipped: {name}: {reason}", file=sys.stderr)
     loader = DataLoader(FileImages(todo, size), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate,
-                        worker_init_fn=cio.die_with_parent)
+                        worker_init_fn=runtime.die_with_parent)
     cam = GradCAM(members[0][0]) if args.gradcam else None
     explained = (f"map of member 1 of {len(members)} "
-                 f"({cio.display_name(Path(model_paths[0]).name)})" if len(members) > 1 else "")
+                 f"({runtime.display_name(Path(model_paths[0]).name)})" if len(members) > 1 else "")
     n_ok = n_outside = 0
     for items in loader:
         rows = score_batch(items, todo, members, scorers, cal, model_id)
@@ -602,24 +601,24 @@ def main(argv=None):
             print_line(row) if args.quiet else print_block(row, cal)
             if cam is not None and row["prediction"] != OUTSIDE:
                 x1 = torch.from_numpy(arrays[i])[None, None].to(device)
-                reported = cc.CLASS_NAMES.index(row["prediction"])
-                heat, _, _ = cam(cc.model_input(x1, cc.intensity_of(members[0][1])),
+                reported = network.CLASS_NAMES.index(row["prediction"])
+                heat, _, _ = cam(network.model_input(x1, network.intensity_of(members[0][1])),
                                  class_idx=reported)
                 try:
                     png = gradcam_path(out_dir, todo[i])
                     save_gradcam(png, arrays[i], heat, row, explained)
-                    print(f"Grad-CAM: {cio.display_name(png)}")
+                    print(f"Grad-CAM: {runtime.display_name(png)}")
                 except OSError as e:  # the row is saved; only its picture is missing
                     print(f"warning: the Grad-CAM of {row['file']} was not saved "
                           f"({e.strerror or e})", file=sys.stderr)
 
-    where = cio.display_name(out_dir / "predictions.csv")
+    where = runtime.display_name(out_dir / "predictions.csv")
     print(f"\nPredicted {n_ok} image(s); results in {where}")
     if n_outside:
         share = n_outside / n_ok
         print(f"{'warning: ' if share > MANY_OUTSIDE else ''}{n_outside} of {n_ok} image(s) "
               f"({share:.0%}) are outside what the model was trained on (on validation: "
-              f"{1 - cc.TYPICALITY_LEVEL:.0%})"
+              f"{1 - siteshift.TYPICALITY_LEVEL:.0%})"
               + ("; are these films from another hospital or not chest X-rays? Its figures do "
                  "not apply to them: see visualize_results.py --recalibrate"
                  if share > MANY_OUTSIDE else ""))
@@ -627,7 +626,7 @@ def main(argv=None):
         print(f"Skipped {len(skipped)} file(s):")
         for name, err in skipped:
             print(f"  {name}: {err}")
-    print(cc.DISCLAIMER)
+    print(network.DISCLAIMER)
     if n_ok == 0 and not done:
         print("error: no image could be read", file=sys.stderr)
         return 1

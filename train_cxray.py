@@ -49,12 +49,7 @@ from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import cxr_common as cc  # noqa: E402
-import cxr_io as cio  # noqa: E402
-
-# also used as train_cxray.X by experiments/site_shift.py, experiments/validation_check.py
-# and docs/make_figures.py
-from cxr_common import STRESS_COPIES, checkpoint_splits, stress_transform, stressed_copies  # noqa: E402, F401
+from cxr import calib, checkpoints, dataset, network, runtime, scoring, siteshift  # noqa: E402
 
 # ---------------------------------------------------------------------------------
 # Recipes are data: every field is read by the code below, and the text in the
@@ -127,7 +122,7 @@ def describe(recipe: dict) -> dict:
         "training": "all layers",
         "loss": "CrossEntropyLoss" + (f"({', '.join(loss)})" if loss else ""),
         "selection": f"{'best' if recipe['select_mode'] == 'max' else 'lowest'} {select}",
-        "calibration": (cc.CALIBRATION_RULE if recipe["calibrate"]
+        "calibration": (calib.CALIBRATION_RULE if recipe["calibrate"]
                         else "none: argmax (threshold 0.5), temperature 1"),
     }
 
@@ -149,19 +144,19 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", default="chest_xray", help="the dataset root: train/ [val/] test/")
-    p.add_argument("--out", default="runs", type=cio.folder_or_new,
+    p.add_argument("--out", default="runs", type=runtime.folder_or_new,
                    help="parent folder: each run writes to a new OUT/<ts>_<recipe>_seed<N>/")
     p.add_argument("--recipe", default="reference", choices=sorted(RECIPES))
-    p.add_argument("--epochs", type=cio.positive_int, help="default: the recipe's (reference: 8)")
-    p.add_argument("--batch-size", type=cio.positive_int,
+    p.add_argument("--epochs", type=runtime.positive_int, help="default: the recipe's (reference: 8)")
+    p.add_argument("--batch-size", type=runtime.positive_int,
                    help="global batch size (reference: 16)")
-    p.add_argument("--lr", type=cio.positive_float, help="learning rate (reference: 1e-4)")
-    p.add_argument("--image-size", type=cio.positive_int, default=cc.IMAGE_SIZE)
-    p.add_argument("--val-fraction", type=cio.open_fraction, default=0.1,
+    p.add_argument("--lr", type=runtime.positive_float, help="learning rate (reference: 1e-4)")
+    p.add_argument("--image-size", type=runtime.positive_int, default=network.IMAGE_SIZE)
+    p.add_argument("--val-fraction", type=runtime.open_fraction, default=0.1,
                    help="patient-grouped validation share of train/ when there is no val/")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", type=cio.device_name, help="auto, cpu or cuda")
-    p.add_argument("--workers", type=cio.nonnegative_int,
+    p.add_argument("--device", default="auto", type=runtime.device_name, help="auto, cpu or cuda")
+    p.add_argument("--workers", type=runtime.nonnegative_int,
                    help="DataLoader worker processes (default 0, which keeps the published "
                         "runs' random augmentation stream; a resumed run keeps its own)")
     p.add_argument("--no-pretrained", action="store_true",
@@ -175,7 +170,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.ablate and args.recipe != "improved":
         p.error("--ablate options change the improved recipe: use them with --recipe improved")
-    lo, hi = cc.IMAGE_SIZE_RANGE
+    lo, hi = checkpoints.IMAGE_SIZE_RANGE
     if not lo <= args.image_size <= hi:
         p.error(f"--image-size {args.image_size}: must be {lo} to {hi} px (MobileNetV2 needs "
                 f"{lo}; a checkpoint beyond {hi} would be refused at load)")
@@ -184,7 +179,7 @@ def parse_args(argv=None):
             setattr(args, key, RECIPES[args.recipe][key])
     if args.workers is None and not args.resume:
         args.workers = 0
-    args.calib_fraction = cc.CALIB_FRACTION  # recorded in the run's state and checkpoint
+    args.calib_fraction = dataset.CALIB_FRACTION  # recorded in the run's state and checkpoint
     return args
 
 
@@ -195,11 +190,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    cio.printable_console()
+    runtime.printable_console()
     args = parse_args(argv)
     exit_on_ctrl_c()
     args, resumed = resume_arguments(args)
-    args.cache_dir = cc.usable_cache(args.cache_dir)
+    args.cache_dir = dataset.usable_cache(args.cache_dir)
     world, rank, device = setup_distributed(args)  # one process unless started by torchrun
     recipe = recipe_for(args.recipe, args.ablate)
     amp = device.type == "cuda"  # bf16 autocast in the training step on CUDA only
@@ -207,7 +202,7 @@ def main(argv=None):
     start = time.time()
     run_dir, commands = open_run_folder(args, resumed, world, rank)
     exit_on_ctrl_c(run_dir, rank)
-    log(rank, f"Run folder: {cio.display_name(run_dir)}")
+    log(rank, f"Run folder: {runtime.display_name(run_dir)}")
     log(rank, f"Device: {hardware(device)} x {world} process(es), bf16 autocast: {amp}")
     log(rank, *recipe_changes(args), sep="\n")
 
@@ -266,9 +261,9 @@ def main(argv=None):
     # The best epoch's weights, their calibration (on the calibration split, which
     # selection never saw), the typicality statistics, then the test split, read once.
     model.load_state_dict(best["state"])
-    calibration = (cc.calibrate(model, *splits["cal"], patients["cal"], recipe["intensity"],
+    calibration = (calib.calibrate(model, *splits["cal"], patients["cal"], recipe["intensity"],
                                 args.seed) if recipe["calibrate"] else None)
-    typicality = cc.typicality_stats(model, x_train, y_train, x_val, y_val,
+    typicality = siteshift.typicality_stats(model, x_train, y_train, x_val, y_val,
                                      recipe["intensity"], args.seed)
     val = evaluate(model, x_val, y_val, recipe["intensity"], calibration)
     metrics = {"best_epoch": best["epoch"], "val_f1": val["val_f1"], "val_acc": val["accuracy"],
@@ -276,7 +271,7 @@ def main(argv=None):
     test_metrics, test_text = test_once(model, test_files, recipe, calibration, args, run_dir)
     metrics.update(test_metrics)
     print("\n" + test_text, flush=True)
-    meta = cc.base_meta(args.image_size, recipe["intensity"])
+    meta = checkpoints.base_meta(args.image_size, recipe["intensity"])
     meta.update(recipe=args.recipe, recipe_details=describe(recipe), recipe_fields=recipe,
                 ablate=args.ablate, seed=args.seed, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, weights=weight_source,
@@ -325,7 +320,7 @@ def setup_distributed(args):
         raise SystemExit(f"error: --batch-size {args.batch_size} is the global batch: it must "
                          f"divide evenly among the {world} processes")
     if world == 1:
-        return 1, 0, cio.pick_device(args.device)
+        return 1, 0, runtime.pick_device(args.device)
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
@@ -333,7 +328,7 @@ def setup_distributed(args):
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
-        device = cio.pick_device("cpu")
+        device = runtime.pick_device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return world, rank, device
@@ -355,11 +350,11 @@ def open_run_folder(args, resumed, world: int, rank: int) -> tuple[Path, list[st
         return Path(args.resume), commands
     run_dir = None
     if rank == 0:
-        with cio.exit_on(cc.DataError):  # before making a folder: a wrong --data leaves nothing
-            cc.check_data(args.data)
+        with runtime.exit_on(dataset.DataError):  # before making a folder: a wrong --data leaves nothing
+            dataset.check_data(args.data)
         name = args.recipe + "".join(f"-no-{a}" for a in args.ablate)
         with exit_if_unwritable(Path(args.out)):
-            run_dir = cio.unique_dir(args.out, f"{cio.timestamp()}_{name}_seed{args.seed}")
+            run_dir = runtime.unique_dir(args.out, f"{runtime.timestamp()}_{name}_seed{args.seed}")
         atexit.register(remove_if_unfinished, run_dir)
     if world > 1:  # every process needs rank 0's folder name
         names = [str(run_dir) if rank == 0 else None]
@@ -388,27 +383,27 @@ def load_splits(args, recipe: dict, run_dir: Path | None, rank: int, saved=None)
     """{split: (images, labels)} for train, val (and cal), {split: patient ids}, the test
     files (not read yet), where validation came from and the split by file path (what a
     resumed run's state passes back as saved). Unusable files are skipped and listed."""
-    with cio.exit_on(cc.DataError):
-        cc.check_data(args.data)
+    with runtime.exit_on(dataset.DataError):
+        dataset.check_data(args.data)
         if saved:
             files, val_source = saved_split(args, saved, rank)
         else:
             if saved is not None:  # the state of an older version, which did not record it
                 log(rank, "note: this run's state has no saved split: rebuilt from its seed, "
                           "the same only if the data folder is unchanged")
-            files, val_source = cc.split_files(args, recipe)
-        arrays, used, skipped = cc.decode_splits(files, args.image_size, args.cache_dir or None,
+            files, val_source = dataset.split_files(args, recipe)
+        arrays, used, skipped = dataset.decode_splits(files, args.image_size, args.cache_dir or None,
                                                  resumed=bool(saved))
     if rank == 0 and run_dir is not None and saved is None:
         report_skipped(run_dir, skipped)
         with exit_if_unwritable(run_dir / "val_split.csv"):
             write_split_csv(run_dir / "val_split.csv", used)
-    patients = {name: [cc.patient_id(p) for p in ps] for name, (ps, _) in used.items()}
+    patients = {name: [dataset.patient_id(p) for p in ps] for name, (ps, _) in used.items()}
     split = {"source": val_source,
              "files": {name: [[str(p), int(y)] for p, y in zip(ps, ys)]
                        for name, (ps, ys) in used.items()},
              "skipped": saved["skipped"] if saved else [str(p) for p, _ in skipped]}
-    return arrays, patients, cc.list_labelled(Path(args.data) / "test"), val_source, split
+    return arrays, patients, dataset.list_labelled(Path(args.data) / "test"), val_source, split
 
 
 def saved_split(args, saved: dict, rank: int) -> tuple[dict, str]:
@@ -420,13 +415,13 @@ def saved_split(args, saved: dict, rank: int) -> tuple[dict, str]:
     gone = sorted(p for p in known if not p.is_file())
     if gone:
         raise SystemExit(f"error: --resume: {len(gone)} file(s) of the run's split are gone, "
-                         f"e.g. {cio.display_name(gone[0])}: put them back, or start a new run")
+                         f"e.g. {runtime.display_name(gone[0])}: put them back, or start a new run")
     data = Path(args.data)
     listed = [p for folder in (data / "train", data / "val") if folder.is_dir()
-              for p in cc.list_labelled(folder)[0]]
+              for p in dataset.list_labelled(folder)[0]]
     added = set(listed) - known - {Path(p) for p in saved["skipped"]}
     if added:
-        log(rank, f"note: {len(added)} file(s) added to {cio.display_name(data)} since the run "
+        log(rank, f"note: {len(added)} file(s) added to {runtime.display_name(data)} since the run "
                   "started are not used: a resumed run keeps the split it started with")
     return files, saved["source"]
 
@@ -435,12 +430,12 @@ def report_skipped(run_dir: Path, skipped):
     """Name each unusable file on the console and in skipped_files.txt; training goes on."""
     if not skipped:
         return
-    lines = [f"{cio.display_name(p)}: {reason}" for p, reason in skipped]
+    lines = [f"{runtime.display_name(p)}: {reason}" for p, reason in skipped]
     for line in lines:
         print(f"skipped: {line}", file=sys.stderr)
     with open(run_dir / "skipped_files.txt", "a", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in lines))
-    listed = cio.display_name(run_dir / "skipped_files.txt")
+    listed = runtime.display_name(run_dir / "skipped_files.txt")
     print(f"Skipped {len(lines)} unusable file(s), listed in {listed}")
 
 
@@ -456,8 +451,8 @@ def write_split_csv(path, used: dict):
         w.writerow(["split", "label", "patient", "file"])
         for split, (ps, ls) in used.items():
             for p, y in zip(ps, ls):
-                patient = cio.csv_cell(cio.display_name(cc.patient_id(p)))
-                w.writerow([split, cc.CLASS_NAMES[y], patient, os.path.abspath(p)])
+                patient = runtime.csv_cell(runtime.display_name(dataset.patient_id(p)))
+                w.writerow([split, network.CLASS_NAMES[y], patient, os.path.abspath(p)])
 
 
 class XrayArrays(Dataset):
@@ -482,8 +477,8 @@ def train_transform(recipe: dict, size: int):
 
     Equalisation comes first, so the contrast jitter and the black corners of a rotation
     come after it: training inputs are not exactly equalised, while prediction inputs
-    are (cc.model_input)."""
-    equalize = [v2.Lambda(cc.equalize)] if recipe["intensity"] == "equalize" else []
+    are (network.model_input)."""
+    equalize = [v2.Lambda(network.equalize)] if recipe["intensity"] == "equalize" else []
     return v2.Compose(equalize + [AUGMENTATIONS[name][1](size) for name in recipe["augment"]])
 
 
@@ -501,7 +496,7 @@ def make_loader(x_train, y_train, recipe, args, world, rank, device):
     loader = DataLoader(train_set, batch_size=args.batch_size // world,
                         shuffle=sampler is None, sampler=sampler, generator=loader_gen,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=cio.die_with_parent)
+                        worker_init_fn=runtime.die_with_parent)
     return loader, sampler, loader_gen
 
 
@@ -511,8 +506,8 @@ def make_loader(x_train, y_train, recipe, args, world, rank, device):
 
 
 def make_model(args, device):
-    with cio.exit_on(cc.WeightsUnavailable):
-        model, weight_source = cc.build_model(pretrained=not args.no_pretrained)
+    with runtime.exit_on(network.WeightsUnavailable):
+        model, weight_source = network.build_model(pretrained=not args.no_pretrained)
     return model.to(device).to(memory_format=torch.channels_last), weight_source
 
 
@@ -577,7 +572,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoc
                total=len(loader), disable=rank != 0, leave=False)
     for x, y in bar:
         stop_if_interrupted()
-        x = cc.normalize_batch(x.to(device, non_blocking=True))
+        x = network.normalize_batch(x.to(device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -598,14 +593,14 @@ def train_one_epoch(model, loader, criterion, optimizer, device, amp, rank, epoc
 
 
 def evaluate(model, images, labels, intensity="none", calibration=None, desc=None) -> dict:
-    """Validation loss (cross-entropy at temperature 1) and cc.binary_metrics of (N, H, W)
+    """Validation loss (cross-entropy at temperature 1) and scoring.binary_metrics of (N, H, W)
     uint8 images: at the calibration's temperature and threshold, or argmax without one."""
-    logits = cc.predict_logits(model, images, intensity, desc=desc)
+    logits = network.predict_logits(model, images, intensity, desc=desc)
     cal = calibration or {"temperature": 1.0, "threshold": 0.5}
-    p = cc.probabilities(logits, cal["temperature"])
-    m = cc.binary_metrics(labels, p, cal["threshold"])
+    p = network.probabilities(logits, cal["temperature"])
+    m = scoring.binary_metrics(labels, p, cal["threshold"])
     loss = nn.functional.cross_entropy(logits, torch.as_tensor(labels)).item()
-    return {**m, "val_loss": loss, "val_f1": m["f1"], "pred": cc.decide(p, cal["threshold"])[0]}
+    return {**m, "val_loss": loss, "val_f1": m["f1"], "pred": scoring.decide(p, cal["threshold"])[0]}
 
 
 def log_epoch(rank, h, epochs, improved, recipe):
@@ -631,17 +626,17 @@ def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[di
         return {}, ("Test split not read: development run (--ablate); "
                     "decide on validation, evaluate the final recipe once.\n")
     paths, labels = test_files
-    x_test, kept, bad = cc.decode_all(paths, args.image_size, args.cache_dir or None, "test")
+    x_test, kept, bad = dataset.decode_all(paths, args.image_size, args.cache_dir or None, "test")
     report_skipped(run_dir, bad)
     y_test = np.array([labels[i] for i in kept], dtype=np.int64)
     test = evaluate(model, x_test, y_test, recipe["intensity"], calibration, desc="test")
     cm = confusion_matrix(y_test, test["pred"], labels=[0, 1])
     recalls = cm.diagonal() / np.maximum(cm.sum(1), 1)
     report = classification_report(y_test, test["pred"], labels=[0, 1],
-                                   target_names=cc.CLASS_NAMES, digits=4, zero_division=0)
+                                   target_names=network.CLASS_NAMES, digits=4, zero_division=0)
     text = (f"Test Accuracy: {test['accuracy'] * 100:.2f}%\n\n"
             f"Classification Report:\n{report}\n"
-            f"Confusion Matrix (rows: true {cc.CLASS_NAMES}, columns: predicted):\n{cm}\n"
+            f"Confusion Matrix (rows: true {network.CLASS_NAMES}, columns: predicted):\n{cm}\n"
             f"Test ROC AUC: {test['auc']:.4f}\n")
     return {"test_acc": test["accuracy"], "test_auc": test["auc"], "test_f1": test["f1"],
             "test_confusion": cm.tolist(), "test_recall_normal": float(recalls[0]),
@@ -652,7 +647,7 @@ def write_outputs(run_dir: Path, best, meta, history, test_text, typicality):
     """The checkpoint, the history, the plot and the results text, then the resumable
     state is no longer needed (until then a file that cannot be written stops the run
     with one line, and --resume writes them all again)."""
-    ts = cio.timestamp()
+    ts = runtime.timestamp()
     best_h = history[best["epoch"] - 1]
     lines = [f"Command: {meta['command']}", *(f"Resumed with: {c}" for c in meta["resumed_with"]),
              f"Recipe: {meta['recipe']}, seed {meta['seed']}",
@@ -666,7 +661,7 @@ def write_outputs(run_dir: Path, best, meta, history, test_text, typicality):
               f"AUC {h['val_auc']:.4f} | lr {h['lr']:.2e} | {h['seconds']:.0f} s"
               for h in history]
     writes = {
-        "mobilenet_cxr.pth": lambda p: cc.save_checkpoint(p, best["state"], meta, typicality),
+        "mobilenet_cxr.pth": lambda p: checkpoints.save_checkpoint(p, best["state"], meta, typicality),
         f"training_history_{ts}.json": lambda p: p.write_text(
             json.dumps({"meta": meta, "history": history}, indent=2)),
         f"training_plot_{ts}.png": lambda p: save_plot(history, p),
@@ -677,8 +672,8 @@ def write_outputs(run_dir: Path, best, meta, history, test_text, typicality):
         with exit_if_unwritable(run_dir / name, run_dir), ctrl_c_held():
             write(run_dir / name)
     (run_dir / "last_state.pth").unlink(missing_ok=True)
-    print(f"Saved {cio.display_name(run_dir / 'mobilenet_cxr.pth')} and reports in "
-          f"{cio.display_name(run_dir)}/ ({meta['wall_seconds'] / 60:.1f} min)")
+    print(f"Saved {runtime.display_name(run_dir / 'mobilenet_cxr.pth')} and reports in "
+          f"{runtime.display_name(run_dir)}/ ({meta['wall_seconds'] / 60:.1f} min)")
 
 
 def save_plot(history, path):
@@ -727,14 +722,14 @@ def save_state(run_dir, model, optimizer, scheduler, epoch, history, best, loade
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     with exit_if_unwritable(run_dir / "last_state.pth", run_dir), ctrl_c_held():
-        cio.write_atomic(run_dir / "last_state.pth", lambda f: torch.save(state, f))
+        runtime.write_atomic(run_dir / "last_state.pth", lambda f: torch.save(state, f))
 
 
 def resume_hint(run_dir: Path) -> str:
     """What an interrupted run leaves: the command that continues it, or nothing."""
     if (run_dir / "last_state.pth").is_file():
         return (f"the last saved epoch is kept: continue with python train_cxray.py --resume "
-                f"{shlex.quote(cio.display_name(run_dir))}")
+                f"{shlex.quote(runtime.display_name(run_dir))}")
     return "no epoch was saved, so there is nothing to resume"
 
 
@@ -750,7 +745,7 @@ def exit_if_unwritable(path: Path, run_dir: Path | None = None):
         err = e if isinstance(e, OSError) else e.__context__
         if not isinstance(err, OSError):
             raise
-        raise SystemExit(f"error: cannot write {cio.display_name(path)} ({err.strerror or err})"
+        raise SystemExit(f"error: cannot write {runtime.display_name(path)} ({err.strerror or err})"
                          + (f"; {resume_hint(run_dir)}" if run_dir else "")) from None
 
 
@@ -803,7 +798,7 @@ def ctrl_c_held():
 
 def load_state(run_dir: Path):
     path = run_dir / "last_state.pth"
-    name = cio.display_name(run_dir)
+    name = runtime.display_name(run_dir)
     if not run_dir.is_dir():
         raise SystemExit(f"error: --resume: {name} "
                          f"{'is not a folder' if run_dir.exists() else 'not found'}")
@@ -821,7 +816,7 @@ def load_state(run_dir: Path):
             raise KeyError(sorted(missing)[0])
         return state
     except Exception as e:  # noqa: BLE001 - any damage to the file: one line, no traceback
-        raise SystemExit(f"error: --resume: {cio.display_name(path)} is damaged and cannot be resumed "
+        raise SystemExit(f"error: --resume: {runtime.display_name(path)} is damaged and cannot be resumed "
                          f"({type(e).__name__}); start the run again") from None
 
 

@@ -44,8 +44,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
-import cxr_common as cc  # noqa: E402
-import cxr_io as cio  # noqa: E402
+from cxr import calib, checkpoints, dataset, network, runtime, scoring, siteshift  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
 
@@ -55,19 +54,19 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", action="append", default=[],
-                   help=f"checkpoint; repeat for an ensemble (default {cc.DEFAULT_MODEL})")
+                   help=f"checkpoint; repeat for an ensemble (default {checkpoints.DEFAULT_MODEL})")
     p.add_argument("--data", default="chest_xray", help="the dataset root (train/, test/)")
     p.add_argument("--split", default="test",
                    help="test, train, val (the validation split of the model's run, from "
                         "val_split.csv beside it), or any folder with NORMAL/ and PNEUMONIA/")
-    p.add_argument("--out", type=cio.folder_or_new, default="outputs",
+    p.add_argument("--out", type=runtime.folder_or_new, default="outputs",
                    help="parent folder: each evaluation writes to a new OUT/eval_<timestamp>/")
-    p.add_argument("--batch-size", type=cio.positive_int, default=64)
-    p.add_argument("--bootstrap", type=cio.positive_int, default=2000,
+    p.add_argument("--batch-size", type=runtime.positive_int, default=64)
+    p.add_argument("--bootstrap", type=runtime.positive_int, default=2000,
                    help="resamples for the 95%% CIs")
-    p.add_argument("--gallery", type=cio.nonnegative_int, default=8,
+    p.add_argument("--gallery", type=runtime.nonnegative_int, default=8,
                    help="confident errors shown in the report")
-    p.add_argument("--device", default="auto", type=cio.device_name,
+    p.add_argument("--device", default="auto", type=runtime.device_name,
                    help="auto, cpu or cuda")
     p.add_argument("--calibration", metavar="FILE",
                    help="an ensemble's calibration fitted on a shared labelled set")
@@ -76,11 +75,11 @@ def parse_args(argv=None):
     site.add_argument("--adapt", action="store_true",
                       help="label-free adaptation: re-estimate BatchNorm statistics on these "
                            "unlabeled images (AdaBN) before scoring them")
-    site.add_argument("--recalibrate", type=cio.positive_int, nargs="+", metavar="K",
+    site.add_argument("--recalibrate", type=runtime.positive_int, nargs="+", metavar="K",
                       help="local recalibration with K labelled images of this site (patient-"
                            "grouped), cross-fitted: every image is scored by a calibration "
                            "fitted on other patients; e.g. --recalibrate 25 50 100 200")
-    site.add_argument("--draws", type=cio.positive_int, default=20,
+    site.add_argument("--draws", type=runtime.positive_int, default=20,
                       help="random patient partitions per K for --recalibrate")
     site.add_argument("--save-calibrated", metavar="PATH",
                       help="with --recalibrate K (the first K): write a copy of the model "
@@ -114,12 +113,12 @@ def write_problem(path: Path, folder: bool) -> str | None:
     while not os.path.lexists(where):
         where = where.parent
     if not os.path.isdir(where):
-        return f"{cio.display_name(where)} is not a folder"
+        return f"{runtime.display_name(where)} is not a folder"
     try:
         with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as e:
-        return f"cannot write in {cio.display_name(where)} ({e.strerror or e})"
+        return f"cannot write in {runtime.display_name(where)} ({e.strerror or e})"
     return None
 
 
@@ -127,16 +126,16 @@ def output_problem(args) -> str | None:
     """Why an output of this run cannot be written (None if all can)."""
     problem = write_problem(Path(args.out), folder=True)
     if problem:
-        return f"--out {cio.display_name(args.out)}: {problem}"
-    data = cc.labelled_data_folder(Path(args.out).resolve())
+        return f"--out {runtime.display_name(args.out)}: {problem}"
+    data = dataset.labelled_data_folder(Path(args.out).resolve())
     if data is not None:
-        return (f"--out {cio.display_name(args.out)} is inside the labelled data set folder "
-                f"{cio.display_name(data)}, and its later scans would read the report's PNGs "
+        return (f"--out {runtime.display_name(args.out)} is inside the labelled data set folder "
+                f"{runtime.display_name(data)}, and its later scans would read the report's PNGs "
                 f"as films; give an --out outside it")
     if args.save_calibrated:
         problem = write_problem(Path(args.save_calibrated), folder=False)
         if problem:
-            return f"--save-calibrated {cio.display_name(args.save_calibrated)}: {problem}"
+            return f"--save-calibrated {runtime.display_name(args.save_calibrated)}: {problem}"
     return None
 
 
@@ -153,7 +152,7 @@ def overwrites_an_input(save, inputs) -> str | None:
         except OSError:
             continue
         if (sq.st_dev, sq.st_ino) == (st.st_dev, st.st_ino):
-            return cio.display_name(q)
+            return runtime.display_name(q)
     return None
 
 
@@ -187,30 +186,30 @@ def labelled_files(args, model_paths) -> tuple[list[Path], list[int], list, str]
             raise SystemExit("error: --split val needs one model (each run has its own split)")
         split_csv = Path(model_paths[0]).parent / "val_split.csv"
         if not split_csv.is_file():
-            raise SystemExit(f"error: --split val: no {cio.display_name(split_csv)} beside the model")
+            raise SystemExit(f"error: --split val: no {runtime.display_name(split_csv)} beside the model")
         try:
             with open(split_csv, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
             names = [r["file"] for r in rows]
-            labels = [cc.CLASS_NAMES.index(r["label"]) for r in rows]
+            labels = [network.CLASS_NAMES.index(r["label"]) for r in rows]
         except (KeyError, ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
-            raise SystemExit(f"error: {cio.display_name(split_csv)}: not a split file written by "
+            raise SystemExit(f"error: {runtime.display_name(split_csv)}: not a split file written by "
                              f"train_cxray.py ({type(e).__name__}: {e})") from None
         if not rows:
-            raise SystemExit(f"error: {cio.display_name(split_csv)} lists no validation image")
+            raise SystemExit(f"error: {runtime.display_name(split_csv)} lists no validation image")
         return (listed_files(split_csv, names), labels, [],
-                f"validation split of {cio.display_name(split_csv.parent)}")
+                f"validation split of {runtime.display_name(split_csv.parent)}")
     folder = Path(args.data) / args.split if args.split in ("test", "train") else Path(args.split)
     if not folder.is_dir():
-        raise SystemExit(f"error: {cio.display_name(folder)} is not a folder"
+        raise SystemExit(f"error: {runtime.display_name(folder)} is not a folder"
                          + (" (--data names the dataset root, with train/ and test/)"
                             if args.split in ("test", "train") else ""))
-    paths, labels, others = cc.scan_labelled(folder)
+    paths, labels, others = dataset.scan_labelled(folder)
     if not paths:
-        shown = cio.display_name(folder)
+        shown = runtime.display_name(folder)
         raise SystemExit(f"error: no images in {shown}/NORMAL or {shown}/PNEUMONIA "
                          "(class folders may be in any letter case)")
-    return paths, labels, others, cio.display_name(folder)
+    return paths, labels, others, runtime.display_name(folder)
 
 
 def listed_files(split_csv: Path, names: list[str]) -> list[Path]:
@@ -221,15 +220,15 @@ def listed_files(split_csv: Path, names: list[str]) -> list[Path]:
     bases = [Path.cwd(), *split_csv.resolve().parent.parents]
     base = max(bases, key=lambda b: sum(os.path.exists(b / n) for n in names))  # first of equals
     if not any(os.path.exists(base / n) for n in names):
-        raise SystemExit(f"error: none of the files in {cio.display_name(split_csv)} is found from "
+        raise SystemExit(f"error: none of the files in {runtime.display_name(split_csv)} is found from "
                          "here or from a folder above the run: run this where training ran")
     return [base / n for n in names]
 
 
 def read_images(paths, labels, others, size: int):
     """Decode every image; unusable files are listed, never fatal."""
-    images, kept, bad = cc.decode_all(paths, size, desc="evaluation")
-    skipped = [(cio.display_name(p), r) for p, r in [*others, *bad]]
+    images, kept, bad = dataset.decode_all(paths, size, desc="evaluation")
+    skipped = [(runtime.display_name(p), r) for p, r in [*others, *bad]]
     for name, reason in skipped:
         print(f"skipped: {name}: {reason}", file=sys.stderr)
     if not kept:
@@ -276,7 +275,7 @@ def savefig(fig, path):
 def plot_confusion(y, pred, path, title):
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ConfusionMatrixDisplay(confusion_matrix(y, pred, labels=[0, 1]),
-                           display_labels=cc.CLASS_NAMES).plot(ax=ax, cmap="Blues",
+                           display_labels=network.CLASS_NAMES).plot(ax=ax, cmap="Blues",
                                                                colorbar=False)
     ax.set_title(title)
     savefig(fig, path)
@@ -304,7 +303,7 @@ def plot_confidence(conf, correct, path):
             color="tab:green")
     ax.hist(conf[~correct], bins=bins, alpha=0.7, label=f"incorrect ({(~correct).sum()})",
             color="tab:red")
-    ax.axvline(cc.CONFIDENT, ls="--", color="k", lw=1, label=f"confidence {cc.CONFIDENT}")
+    ax.axvline(scoring.CONFIDENT, ls="--", color="k", lw=1, label=f"confidence {scoring.CONFIDENT}")
     ax.set_xlabel("confidence of the predicted class")
     ax.set_ylabel("images")
     ax.set_title("Prediction confidence: correct vs incorrect")
@@ -315,7 +314,7 @@ def plot_confidence(conf, correct, path):
 def plot_reliability(rows, ece, path):
     fig, ax = plt.subplots(figsize=(5, 4.5))
     centers = [(lo + hi) / 2 for lo, hi, *_ in rows]
-    ax.bar(centers, [r[2] for r in rows], width=1 / cc.ECE_BINS, edgecolor="k", alpha=0.7,
+    ax.bar(centers, [r[2] for r in rows], width=1 / scoring.ECE_BINS, edgecolor="k", alpha=0.7,
            label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.plot([r[3] for r in rows], [r[2] for r in rows], "o", color="tab:red",
@@ -324,7 +323,7 @@ def plot_reliability(rows, ece, path):
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE = {ece:.4f}, {cc.ECE_BINS} bins)")
+    ax.set_title(f"Reliability diagram (ECE = {ece:.4f}, {scoring.ECE_BINS} bins)")
     ax.legend(loc="upper left")
     savefig(fig, path)
 
@@ -350,14 +349,14 @@ def gallery(members, paths, images, y, p, pred, conf, out_dir, n, device):
     cam, items = GradCAM(members[0][0]), []
     (out_dir / "errors").mkdir(exist_ok=True)
     for rank, i in enumerate(wrong, 1):
-        x = cc.model_input(torch.from_numpy(images[i])[None, None].to(device),
-                           cc.intensity_of(members[0][1]))
+        x = network.model_input(torch.from_numpy(images[i])[None, None].to(device),
+                           network.intensity_of(members[0][1]))
         heat, _, _ = cam(x, class_idx=int(pred[i]))
         pair = np.concatenate([np.repeat(images[i][..., None], 3, 2), overlay(images[i], heat)], 1)
         name = f"errors/error_{rank:02d}.png"
         plt.imsave(out_dir / name, pair)
-        items.append({"img": name, "file": cio.display_name(paths[i]),
-                      "truth": cc.CLASS_NAMES[y[i]], "pred": cc.CLASS_NAMES[pred[i]],
+        items.append({"img": name, "file": runtime.display_name(paths[i]),
+                      "truth": network.CLASS_NAMES[y[i]], "pred": network.CLASS_NAMES[pred[i]],
                       "conf": float(conf[i]), "p": float(p[i])})
     return items
 
@@ -385,7 +384,7 @@ figure {{ margin: 0; }} .figs img {{ width: 380px; }} .err img {{ width: 360px; 
 figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 </style></head><body>
 <h1>{e(title)}</h1>
-<p class="warn">{e(cc.DISCLAIMER)}</p>
+<p class="warn">{e(network.DISCLAIMER)}</p>
 <p>{"<br>".join(e(n) for n in notes)}</p>
 <h2>Metrics (95% bootstrap intervals)</h2>
 <table><tr><th>metric</th><th>at threshold 0.5</th><th>at the stored threshold</th></tr>
@@ -408,30 +407,30 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 def shift_report(members, feats, y, pred) -> dict | None:
     """Typicality flags, their error rates, and a domain classifier (validation images
     vs these) on the first member's features; None without typicality statistics."""
-    flags = cc.outside_distribution(members, feats)
+    flags = siteshift.outside_distribution(members, feats)
     if flags is None:
         return None
     flag, _ = flags
     stats = members[0][0].typicality
-    z = cc.project(feats[0].numpy(), stats)
+    z = siteshift.project(feats[0].numpy(), stats)
     ref_z, ref_y = stats["reference_z"].numpy(), stats["reference_labels"].numpy()
-    auc = cc.domain_auc(ref_z, z)
-    by_class = {n: cc.domain_auc(ref_z[ref_y == k], z[y == k])
-                for k, n in enumerate(cc.CLASS_NAMES) if (y == k).sum() >= 5}
+    auc = siteshift.domain_auc(ref_z, z)
+    by_class = {n: siteshift.domain_auc(ref_z[ref_y == k], z[y == k])
+                for k, n in enumerate(network.CLASS_NAMES) if (y == k).sum() >= 5}
     worst = max(by_class, key=by_class.get) if by_class else None
-    verdict = cc.shift_verdict(auc)
-    if worst is not None and cc.shift_verdict(by_class[worst]) != verdict:
-        verdict += f"; but for {worst} images alone: {cc.shift_verdict(by_class[worst])}"
+    verdict = siteshift.shift_verdict(auc)
+    if worst is not None and siteshift.shift_verdict(by_class[worst]) != verdict:
+        verdict += f"; but for {worst} images alone: {siteshift.shift_verdict(by_class[worst])}"
     wrong = pred != y
     return {
         "flagged_share": float(flag.mean()),
         "flagged_by_class": {n: float(flag[y == k].mean()) if (y == k).any() else float("nan")
-                             for k, n in enumerate(cc.CLASS_NAMES)},
+                             for k, n in enumerate(network.CLASS_NAMES)},
         "error_rate_flagged": float(wrong[flag].mean()) if flag.any() else float("nan"),
         "error_rate_unflagged": float(wrong[~flag].mean()) if (~flag).any() else float("nan"),
         "domain_auc": auc, "verdict": verdict, "domain_auc_by_class": by_class,
         "validation_flagged_share": 1 - stats["level"],
-        "scores": cc.typicality_score(feats[0].numpy(), stats), "flag": flag,
+        "scores": siteshift.typicality_score(feats[0].numpy(), stats), "flag": flag,
     }
 
 
@@ -468,7 +467,7 @@ def site_patients(y, groups) -> np.ndarray:
     """Patient ids for the site protocols, told apart by class as well: files named alike
     in NORMAL/ and PNEUMONIA/ (001.png in both) are two patients, as site_partitions
     places them."""
-    return np.array([f"{cc.CLASS_NAMES[c]}/{g}" for c, g in zip(y, groups)])
+    return np.array([f"{network.CLASS_NAMES[c]}/{g}" for c, g in zip(y, groups)])
 
 
 def site_partitions(groups, y, k: int, rng) -> list[np.ndarray]:
@@ -491,8 +490,8 @@ def site_partitions(groups, y, k: int, rng) -> list[np.ndarray]:
 def recalibrated_scores(y, logit, fit_rows, score_rows, groups, seed):
     """Fit the calibration on fit_rows; (calibration, P(PNEUMONIA) of score_rows)."""
     two = torch.tensor(np.c_[np.zeros(len(logit)), logit], dtype=torch.float32)
-    cal = cc.fit_calibration(two[fit_rows], y[fit_rows], groups[fit_rows], seed)
-    return cal, cc.probabilities(two[score_rows], cal["temperature"])
+    cal = calib.fit_calibration(two[fit_rows], y[fit_rows], groups[fit_rows], seed)
+    return cal, network.probabilities(two[score_rows], cal["temperature"])
 
 
 def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
@@ -500,7 +499,7 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
     about K (whole patients); each group is scored by the calibration fitted on the next
     group, so no image is scored by a calibration that saw it. Mean and spread over
     draws of the metrics at the fitted threshold."""
-    logit, groups = cc.logit(p), site_patients(y, groups)
+    logit, groups = network.logit(p), site_patients(y, groups)
     rows = []
     for k in ks:
         rng, runs, promised = np.random.default_rng(seed), [], []
@@ -515,11 +514,11 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
             pred = (q >= thr).astype(int)
             conf = np.where(pred == 1, q, 1 - q)
             referred = (q >= band[:, 0]) & (q < band[:, 1])
-            m = cc.binary_metrics(y, (pred + 0.5) / 2, 0.5)  # decisions at each row's threshold
-            m["auc"] = cc.binary_metrics(y, q, 0.5)["auc"]
-            m["ece"] = cc.expected_calibration_error(pred == y, conf)[0]
-            m["nll"] = cc.log_loss(y, q)
-            for c, name in enumerate(cc.CLASS_NAMES):
+            m = scoring.binary_metrics(y, (pred + 0.5) / 2, 0.5)  # decisions at each row's threshold
+            m["auc"] = scoring.binary_metrics(y, q, 0.5)["auc"]
+            m["ece"] = scoring.expected_calibration_error(pred == y, conf)[0]
+            m["nll"] = scoring.log_loss(y, q)
+            for c, name in enumerate(network.CLASS_NAMES):
                 m[f"referred_{name}"] = float(referred[y == c].mean())
             runs.append(m)
         keys = runs[0].keys()
@@ -541,8 +540,8 @@ def recalibration_text(rows, source, adapted: bool = False) -> str:
                      f"  {m['sensitivity']:.3f} +/- {s['sensitivity']:.3f}  {m['specificity']:.3f}"
                      f" +/- {s['specificity']:.3f}  {m['ece']:.3f}   {m['referred_NORMAL']:.1%} / "
                      f"{m['referred_PNEUMONIA']:.1%}")
-    short = [r for r in rows if r["sensitivity_promised"] < cc.TARGET_SENSITIVITY]
-    lines.append(f"  Threshold rule: expected sensitivity >= {cc.TARGET_SENSITIVITY} on new "
+    short = [r for r in rows if r["sensitivity_promised"] < calib.TARGET_SENSITIVITY]
+    lines.append(f"  Threshold rule: expected sensitivity >= {calib.TARGET_SENSITIVITY} on new "
                  "films of this site (split-conformal rank of the pneumonia scores).")
     for r in short:
         lines.append(f"  K = {r['K']}: too few pneumonia films per fit for that promise; the "
@@ -558,25 +557,25 @@ def save_site_model(path, members, model_paths, cal_in, y, p, groups, k, source,
     set, instead of the mean of the members' own)."""
     groups = site_patients(y, groups)
     fit_rows = site_partitions(groups, y, k, np.random.default_rng(seed))[0]
-    cal, _ = recalibrated_scores(y, cc.logit(p), fit_rows, fit_rows, groups, seed)
+    cal, _ = recalibrated_scores(y, network.logit(p), fit_rows, fit_rows, groups, seed)
     cal["fitted_on"] = f"{len(fit_rows)} labelled images of {source} (visualize_results.py)"
     if len(members) > 1:
-        saved = {"members": [{"path": str(q), "sha256": cio.sha256_file(q)} for q in model_paths],
+        saved = {"members": [{"path": str(q), "sha256": runtime.sha256_file(q)} for q in model_paths],
                  "temperatures": cal_in["temperatures"],
                  "ensemble_temperature": cal["temperature"] * cal_in.get("ensemble_temperature", 1),
                  "threshold": cal["threshold"], "uncertain_band": cal["uncertain_band"],
                  "fitted_on": cal["fitted_on"], "details": cal}
         text = json.dumps(saved, indent=2)
-        cio.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-        print(f"Saved {cio.display_name(path)}: the ensemble's calibration, fitted on {len(fit_rows)} "
-              f"images of {source} (use: predict.py --model ... --calibration {cio.display_name(path)})")
+        runtime.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+        print(f"Saved {runtime.display_name(path)}: the ensemble's calibration, fitted on {len(fit_rows)} "
+              f"images of {source} (use: predict.py --model ... --calibration {runtime.display_name(path)})")
         return
     model, meta = members[0]
-    cal["temperature"] *= cc.calibration_of(meta)["temperature"]  # on top of the stored one
+    cal["temperature"] *= checkpoints.calibration_of(meta)["temperature"]  # on top of the stored one
     meta = dict(meta, calibration=cal, recalibrated_from=meta.get("calibration"),
                 adapted_on=source if adapted else None)
-    cc.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
-    print(f"Saved {cio.display_name(path)}: calibration fitted on {len(fit_rows)} images of {source}"
+    checkpoints.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
+    print(f"Saved {runtime.display_name(path)}: calibration fitted on {len(fit_rows)} images of {source}"
           + (" with BatchNorm statistics adapted to it" if adapted else ""))
 
 
@@ -590,33 +589,33 @@ def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
     same members' probabilities at temperature 1, to see what the temperature does)."""
     thr = cal["threshold"]
     lo, hi = cal["uncertain_band"]
-    pred, conf = cc.decide(p, thr)
+    pred, conf = scoring.decide(p, thr)
     correct = pred == y
     answered = ~((p >= lo) & (p < hi))
-    pred_half, conf_half = cc.decide(p, 0.5)
+    pred_half, conf_half = scoring.decide(p, 0.5)
     conf_t1 = np.where(pred == 1, p_at_t1, 1 - p_at_t1)  # the same decisions, stated at T = 1
     return {
         "n": int(len(y)), "counts": np.bincount(y, minlength=2).tolist(),
         "pred": pred, "conf": conf, "correct": correct, "answered": answered,
-        "at_0.5": cc.binary_metrics(y, p, 0.5), "at_threshold": cc.binary_metrics(y, p, thr),
-        "ci95_at_0.5": cc.bootstrap_ci(y, p, 0.5, n_boot, groups=groups),
-        "ci95_at_threshold": cc.bootstrap_ci(y, p, thr, n_boot, groups=groups),
+        "at_0.5": scoring.binary_metrics(y, p, 0.5), "at_threshold": scoring.binary_metrics(y, p, thr),
+        "ci95_at_0.5": scoring.bootstrap_ci(y, p, 0.5, n_boot, groups=groups),
+        "ci95_at_threshold": scoring.bootstrap_ci(y, p, thr, n_boot, groups=groups),
         "bootstrap": "by patient" if groups is not None else "by image",
-        "ece_at_0.5": cc.expected_calibration_error(pred_half == y, conf_half)[0],
-        "ece": cc.expected_calibration_error(correct, conf)[0],
+        "ece_at_0.5": scoring.expected_calibration_error(pred_half == y, conf_half)[0],
+        "ece": scoring.expected_calibration_error(correct, conf)[0],
         "calibration_check": {
-            "ece_variant": f"top-label, {cc.ECE_BINS} equal-width bins, correct = the decision "
+            "ece_variant": f"top-label, {scoring.ECE_BINS} equal-width bins, correct = the decision "
                            "at the stored threshold",
-            "ece": cc.expected_calibration_error(correct, conf)[0],
-            "ece_at_T1": cc.expected_calibration_error(correct, conf_t1)[0],
-            "classwise_ece": cc.classwise_ece(y, p),
-            "classwise_ece_at_T1": cc.classwise_ece(y, p_at_t1),
-            "nll": cc.log_loss(y, p), "nll_at_T1": cc.log_loss(y, p_at_t1)},
+            "ece": scoring.expected_calibration_error(correct, conf)[0],
+            "ece_at_T1": scoring.expected_calibration_error(correct, conf_t1)[0],
+            "classwise_ece": scoring.classwise_ece(y, p),
+            "classwise_ece_at_T1": scoring.classwise_ece(y, p_at_t1),
+            "nll": scoring.log_loss(y, p), "nll_at_T1": scoring.log_loss(y, p_at_t1)},
         "confusion": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
-        **cc.error_analysis(y, pred, conf),
+        **scoring.error_analysis(y, pred, conf),
         "coverage": float(answered.mean()),
         "referral_rate": {name: float((~answered)[y == k].mean()) if (y == k).any()
-                          else float("nan") for k, name in enumerate(cc.CLASS_NAMES)},
+                          else float("nan") for k, name in enumerate(network.CLASS_NAMES)},
         "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
     }
 
@@ -632,10 +631,10 @@ def analysis_text(m, cal, source, names) -> str:
         f"Sensitivity (PNEUMONIA recall): {fmt(t['sensitivity'])}\n"
         f"Specificity (NORMAL recall): {fmt(t['specificity'])}\n"
         f"ROC AUC: {fmt(t['auc'])}\n"
-        f"ECE ({cc.ECE_BINS} bins): {m['ece']:.4f}\n"
+        f"ECE ({scoring.ECE_BINS} bins): {m['ece']:.4f}\n"
         f"Calibration: at the stored temperature / at T = 1 (the same decisions)\n"
         f"  ECE, {k['ece_variant']}: {k['ece']:.4f} / {k['ece_at_T1']:.4f}\n"
-        f"  class-wise ECE (P(NORMAL) and P(PNEUMONIA), {cc.ECE_BINS} bins): "
+        f"  class-wise ECE (P(NORMAL) and P(PNEUMONIA), {scoring.ECE_BINS} bins): "
         f"{k['classwise_ece']:.4f} / {k['classwise_ece_at_T1']:.4f}\n"
         f"  NLL: {k['nll']:.4f} / {k['nll_at_T1']:.4f}\n"
         f"Confusion matrix (rows: true NORMAL, PNEUMONIA; columns: predicted):\n"
@@ -646,7 +645,7 @@ def analysis_text(m, cal, source, names) -> str:
         f"  False negatives (PNEUMONIA called NORMAL): {m['false_negatives']}\n"
         f"  Mean confidence of errors: {m['error_conf_mean']:.4f}\n"
         f"  Median confidence of errors: {m['error_conf_median']:.4f}\n"
-        f"  Errors with confidence > {cc.CONFIDENT}: {m['confident_error_share'] * 100:.1f}%\n"
+        f"  Errors with confidence > {scoring.CONFIDENT}: {m['confident_error_share'] * 100:.1f}%\n"
         f"\nUncertain band [{lo:.3f}, {hi:.3f}): {int((~m['answered']).sum())} images referred, "
         f"accuracy on the other {int(m['answered'].sum())} ({m['coverage']:.1%} coverage): "
         f"{m['accuracy_answered'] * 100:.2f}%\n"
@@ -663,7 +662,7 @@ def metric_table(m, threshold) -> list:
                               (m["at_threshold"], m["ci95_at_threshold"]))]
         rows.append((k, cells))
         print(f"  {k:<12} at 0.5: {cells[0]}   at {threshold:.3f}: {cells[1]}")
-    rows.append((f"ECE ({cc.ECE_BINS} bins)", [f"{m['ece_at_0.5']:.4f}", f"{m['ece']:.4f}"]))
+    rows.append((f"ECE ({scoring.ECE_BINS} bins)", [f"{m['ece_at_0.5']:.4f}", f"{m['ece']:.4f}"]))
     return rows
 
 
@@ -675,7 +674,7 @@ def draw_figures(y, p, m, cal, out_dir) -> list[str]:
         plot_roc(y, p, out_dir / "roc_curve.png")
         plot_pr(y, p, out_dir / "pr_curve.png")
     plot_confidence(m["conf"], m["correct"], out_dir / "prediction_confidence.png")
-    ece, rel_rows = cc.expected_calibration_error(m["correct"], m["conf"])
+    ece, rel_rows = scoring.expected_calibration_error(m["correct"], m["conf"])
     plot_reliability(rel_rows, ece, out_dir / "reliability_diagram.png")
     cov, acc = coverage_curve(m["correct"], m["conf"])
     lo, hi = cal["uncertain_band"]
@@ -692,58 +691,58 @@ def write_predictions(path, paths, y, p, m):
         w.writerow(["file", "label", "prediction", "prob_pneumonia", "confidence", "correct",
                     "uncertain"])
         for i in range(len(y)):
-            w.writerow([cio.csv_cell(cio.display_name(paths[i])), cc.CLASS_NAMES[y[i]],
-                        cc.CLASS_NAMES[m["pred"][i]], f"{p[i]:.6f}", f"{m['conf'][i]:.6f}",
+            w.writerow([runtime.csv_cell(runtime.display_name(paths[i])), network.CLASS_NAMES[y[i]],
+                        network.CLASS_NAMES[m["pred"][i]], f"{p[i]:.6f}", f"{m['conf'][i]:.6f}",
                         int(m["correct"][i]), int(not m["answered"][i])])
 
 
 def main(argv=None):
-    cio.printable_console()
+    runtime.printable_console()
     args = parse_args(argv)
-    model_paths = args.model or [cc.DEFAULT_MODEL]
+    model_paths = args.model or [checkpoints.DEFAULT_MODEL]
     problem = output_problem(args)
     if problem:
         raise SystemExit(f"error: {problem}")
     files, labels, others, source = labelled_files(args, model_paths)
     inputs = [*model_paths, *([args.calibration] if args.calibration else []), *files]
     if args.save_calibrated and (same := overwrites_an_input(args.save_calibrated, inputs)):
-        raise SystemExit(f"error: --save-calibrated {cio.display_name(args.save_calibrated)} is "
+        raise SystemExit(f"error: --save-calibrated {runtime.display_name(args.save_calibrated)} is "
                          f"{same}, an input of this run: name a new file")
     if args.recalibrate and (problem := recalibration_problem(
-            args.recalibrate, labels, [cc.patient_id(q) for q in files])):
+            args.recalibrate, labels, [dataset.patient_id(q) for q in files])):
         raise SystemExit(f"error: {problem}")
-    device = cio.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
-    with cio.exit_on(cc.CheckpointError):
-        members, cal, size = cc.load_ensemble(args.model, device, args.calibration)
+    device = runtime.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
+    with runtime.exit_on(checkpoints.CheckpointError):
+        members, cal, size = checkpoints.load_ensemble(args.model, device, args.calibration)
 
     # 1. the images and the model's probabilities
     paths, y, images, skipped = read_images(files, labels, others, size)
-    logits, feats = cc.member_logits(members, images, args.batch_size, desc="predicting",
+    logits, feats = network.member_logits(members, images, args.batch_size, desc="predicting",
                                      features=True)
     scorers = members
     if args.adapt:  # label-free, transductive: BatchNorm statistics of these images
-        scorers = [(cc.adapt_batchnorm(model, images, cc.intensity_of(meta), args.batch_size),
+        scorers = [(siteshift.adapt_batchnorm(model, images, network.intensity_of(meta), args.batch_size),
                     meta) for model, meta in members]
-        logits = cc.member_logits(scorers, images, args.batch_size, desc="adapted")
+        logits = network.member_logits(scorers, images, args.batch_size, desc="adapted")
         print(f"--adapt: BatchNorm statistics re-estimated on these {len(images)} images "
               "(label-free adaptation, transductive)")
-    p = cc.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
-    p_t1 = cc.mean_probability(logits, [1.0] * len(members))  # what the temperature changes
+    p = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
+    p_t1 = network.mean_probability(logits, [1.0] * len(members))  # what the temperature changes
     finite = np.isfinite(p)
     for i in np.flatnonzero(~finite):
         reason = "the model's output is not a finite number (NaN or infinity): no verdict"
-        print(f"skipped: {cio.display_name(paths[i])}: {reason}", file=sys.stderr)
-        skipped.append((cio.display_name(paths[i]), reason))
+        print(f"skipped: {runtime.display_name(paths[i])}: {reason}", file=sys.stderr)
+        skipped.append((runtime.display_name(paths[i]), reason))
     paths, y, images = [q for q, f in zip(paths, finite) if f], y[finite], images[finite]
     p, p_t1 = p[finite], p_t1[finite]
     feats = [f[torch.from_numpy(finite)] for f in feats]
-    groups = np.array([cc.patient_id(q) for q in paths])
+    groups = np.array([dataset.patient_id(q) for q in paths])
     if not len(y):
         raise SystemExit("error: no image got a valid prediction")
     if args.recalibrate and (problem := recalibration_problem(args.recalibrate, y, groups)):
         raise SystemExit(f"error: {problem} (after the {len(skipped)} skipped file(s))")
     if len(set(y.tolist())) < 2:
-        present = cc.CLASS_NAMES[int(y[0])]
+        present = network.CLASS_NAMES[int(y[0])]
         print(f"note: only {present} images in {source}: "
               + ("specificity" if present == "NORMAL" else "sensitivity")
               + ", accuracy, confidence and calibration are reported; ROC AUC, the ROC and "
@@ -769,7 +768,7 @@ def main(argv=None):
     table = metric_table(m, cal["threshold"])
 
     # 3. figures, predictions.csv, metrics.json, report.html in a new folder
-    out_dir = cio.unique_dir(args.out, f"eval_{cio.timestamp()}")
+    out_dir = runtime.unique_dir(args.out, f"eval_{runtime.timestamp()}")
     figures = draw_figures(y, p, m, cal, out_dir)
     if shift is not None:
         plot_typicality(members[0][0].typicality, shift["scores"], out_dir / "typicality.png")
@@ -799,11 +798,11 @@ def main(argv=None):
         print(f"Skipped {len(skipped)} file(s):")
         for name, reason in skipped:
             print(f"  {name}: {reason}")
-    print(f"Saved figures, predictions.csv, metrics.json and report.html to {cio.display_name(out_dir)}/")
+    print(f"Saved figures, predictions.csv, metrics.json and report.html to {runtime.display_name(out_dir)}/")
     if args.save_calibrated:  # after the report: a failure here loses no evaluation
         save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p, groups,
                         args.recalibrate[0], source, args.adapt)
-    print(cc.DISCLAIMER)
+    print(network.DISCLAIMER)
     return 0
 
 

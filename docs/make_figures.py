@@ -53,8 +53,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import cxr_common as cc  # noqa: E402
-import cxr_io as cio  # noqa: E402
+from cxr import calib, checkpoints, dataset, imagefiles, network, runtime, scan, scoring  # noqa: E402
 
 FIGURES = ["samples", "counts", "preprocessing", "curve", "gradcam", "reliability", "report"]
 DPI = 80
@@ -123,14 +122,14 @@ def need_split(data: Path, split: str):
 def fig_samples(args, out: Path):
     data = Path(args.data)
     rng = np.random.default_rng(0)
-    rows = [(s, c) for s in ("train", "test") for c in cc.CLASS_NAMES]
+    rows = [(s, c) for s in ("train", "test") for c in network.CLASS_NAMES]
     ncol = 6
     fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * 1.25, len(rows) * 1.45))
     for r, (split, cls) in enumerate(rows):
         need_split(data, split)
-        files = cio.list_images(data / split / cls)
+        files = scan.list_images(data / split / cls)
         for c, i in enumerate(sorted(rng.choice(len(files), ncol, replace=False))):
-            show(axes[r, c], cc.load_image_array(files[i], 112), files[i].name, fontsize=5)
+            show(axes[r, c], dataset.load_image_array(files[i], 112), files[i].name, fontsize=5)
         axes[r, 0].set_ylabel(f"{split}\n{cls}", fontsize=8)
     fig.suptitle("Random films (seed 0) of each split and class, as the model sees them",
                  fontsize=9)
@@ -142,10 +141,10 @@ def fig_counts(args, out: Path):
     data = Path(args.data)
     splits = [s for s in ("train", "val", "test") if (data / s).is_dir()]
     need_split(data, "train")
-    counts = {s: np.bincount(cc.list_labelled(data / s)[1], minlength=2) for s in splits}
+    counts = {s: np.bincount(dataset.list_labelled(data / s)[1], minlength=2) for s in splits}
     fig, ax = plt.subplots(figsize=(5.2, 2.8))
     x = np.arange(len(splits))
-    for k, (cls, colour) in enumerate(zip(cc.CLASS_NAMES, ("tab:blue", "tab:orange"))):
+    for k, (cls, colour) in enumerate(zip(network.CLASS_NAMES, ("tab:blue", "tab:orange"))):
         bars = ax.bar(x + (k - 0.5) * 0.38, [counts[s][k] for s in splits], 0.38,
                       label=cls, color=colour)
         ax.bar_label(bars, fontsize=8)
@@ -167,19 +166,19 @@ def fig_counts(args, out: Path):
 def fig_preprocessing(args, out: Path):
     import train_cxray as tc
 
-    size = cc.IMAGE_SIZE
-    full = np.asarray(cio.read_image_gray(EXAMPLE), dtype=np.uint8)
-    gray = cc.load_image_array(EXAMPLE, size)
+    size = network.IMAGE_SIZE
+    full = np.asarray(imagefiles.read_image_gray(EXAMPLE), dtype=np.uint8)
+    gray = dataset.load_image_array(EXAMPLE, size)
     t = torch.from_numpy(gray)[None]  # (1, H, W) uint8, as the training loader holds it
-    equalized = cc.equalize(t)[0].numpy()
-    net_in = cc.model_input(t[None], "none")[0, 0].numpy()
+    equalized = network.equalize(t)[0].numpy()
+    net_in = network.model_input(t[None], "none")[0, 0].numpy()
     draws = 4
     rows = [
         ("reference recipe:\ntraining augmentation",
          tc.train_transform(tc.recipe_for("reference"), size)),
         ("improved recipe:\nequalise, then augment",
          tc.train_transform(tc.recipe_for("improved"), size)),
-        ("shifted validation\n(stress_transform)", tc.stress_transform(size)),
+        ("shifted validation\n(stress_transform)", calib.stress_transform(size)),
     ]
     fig, axes = plt.subplots(1 + len(rows), draws, figsize=(draws * 1.75, (1 + len(rows)) * 1.95))
     show(axes[0, 0], full, f"the file: {full.shape[1]} x {full.shape[0]},\ngrey 8-bit")
@@ -275,11 +274,11 @@ def pneumonia_cam(model, meta, path):
     """(film, Grad-CAM of the PNEUMONIA class, P(PNEUMONIA) at the stored temperature)."""
     from gradcam import GradCAM
 
-    gray = cc.load_image_array(path, meta["preprocessing"]["image_size"])
-    x = cc.model_input(torch.from_numpy(gray)[None, None], cc.intensity_of(meta))
+    gray = dataset.load_image_array(path, meta["preprocessing"]["image_size"])
+    x = network.model_input(torch.from_numpy(gray)[None, None], network.intensity_of(meta))
     heat, _, probs = GradCAM(model)(x, class_idx=1)  # probs: softmax at T = 1
     logits = torch.log(torch.as_tensor(probs, dtype=torch.float64))[None]
-    p = float(cc.probabilities(logits, cc.calibration_of(meta)["temperature"])[0])
+    p = float(network.probabilities(logits, checkpoints.calibration_of(meta)["temperature"])[0])
     return gray, heat, p
 
 
@@ -288,7 +287,7 @@ def fig_gradcam(args, out: Path):
 
     data = Path(args.data)
     need_split(data, "test")
-    model, meta = cc.load_checkpoint(REFERENCE)
+    model, meta = checkpoints.load_checkpoint(REFERENCE)
     fig, axes = plt.subplots(2, 2, figsize=(5.6, 6.0))
     for k, (rel, what) in enumerate(((GRADCAM_LUNGS, "on the lungs"),
                                      (GRADCAM_MARKER, "on the corner marker"))):
@@ -310,10 +309,10 @@ def search(args):
     is sure of (P >= SURE), ranked by the share inside the lung box."""
     data = Path(args.data)
     need_split(data, "test")
-    model, meta = cc.load_checkpoint(REFERENCE)
-    paths, labels = cc.list_labelled(data / "test")
-    images, kept, _ = cc.decode_all(paths, meta["preprocessing"]["image_size"], None, "test")
-    p = cc.probabilities(cc.predict_logits(model, images, cc.intensity_of(meta)))
+    model, meta = checkpoints.load_checkpoint(REFERENCE)
+    paths, labels = dataset.list_labelled(data / "test")
+    images, kept, _ = dataset.decode_all(paths, meta["preprocessing"]["image_size"], None, "test")
+    p = network.probabilities(network.predict_logits(model, images, network.intensity_of(meta)))
     normal, sure = [], []
     for j, i in enumerate(kept):
         if labels[i] == 0 and p[j] >= 0.5:
@@ -346,19 +345,19 @@ def search(args):
 def fig_reliability(args, out: Path):
     data = Path(args.data)
     need_split(data, "test")
-    paths, labels = cc.list_labelled(data / "test")
-    images, kept, _ = cc.decode_all(paths, cc.IMAGE_SIZE, None, "test")
+    paths, labels = dataset.list_labelled(data / "test")
+    images, kept, _ = dataset.decode_all(paths, network.IMAGE_SIZE, None, "test")
     y = np.asarray(labels)[kept]
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6), sharey=True)
     for ax, (name, path) in zip(axes, (("reference, seed 1", REFERENCE),
                                        ("improved, seed 1 (shipped)", IMPROVED))):
-        model, meta = cc.load_checkpoint(path)
-        cal = cc.calibration_of(meta)
-        p = cc.probabilities(cc.predict_logits(model, images, cc.intensity_of(meta)),
+        model, meta = checkpoints.load_checkpoint(path)
+        cal = checkpoints.calibration_of(meta)
+        p = network.probabilities(network.predict_logits(model, images, network.intensity_of(meta)),
                              cal["temperature"])
-        pred, conf = cc.decide(p, cal["threshold"])
-        ece, bins = cc.expected_calibration_error(pred == y, conf)
-        width = 1 / cc.ECE_BINS
+        pred, conf = scoring.decide(p, cal["threshold"])
+        ece, bins = scoring.expected_calibration_error(pred == y, conf)
+        width = 1 / scoring.ECE_BINS
         for lo, _hi, acc, c, n in bins:
             ax.bar(lo, acc, width, align="edge", color="tab:blue", edgecolor="k", lw=0.5)
             ax.plot(lo + width / 2, c, "o", color="tab:orange", ms=4)
@@ -388,14 +387,14 @@ def find_evaluation(args) -> Path:
     IMPROVED (not one with --adapt: the report figure shows the model as shipped)."""
     if args.eval:
         return Path(args.eval)
-    shipped = cio.sha256_file(IMPROVED)
+    shipped = runtime.sha256_file(IMPROVED)
     for folder in sorted((ROOT / "outputs").glob("**/eval_*/"), key=lambda f: f.name,
                          reverse=True):
         m = json.loads((folder / "metrics.json").read_text())
         models = m["models"]
         if (m.get("protocol", "zero-shot").startswith("zero-shot") and len(models) == 1
                 and (ROOT / models[0]).exists()
-                and cio.sha256_file(ROOT / models[0]) == shipped):
+                and runtime.sha256_file(ROOT / models[0]) == shipped):
             return folder
     raise FileNotFoundError("no zero-shot outputs/**/eval_* of the shipped model (run python "
                             "visualize_results.py, or pass --eval)")

@@ -24,19 +24,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import cxr_common as cc  # noqa: E402
+from cxr import dataset, network, scoring  # noqa: E402
 
 
 def read(folder: Path) -> dict:
     rows = csv.DictReader(open(folder / "predictions.csv", newline="", encoding="utf-8"))
-    return {r["file"]: (cc.CLASS_NAMES.index(r["label"]), cc.CLASS_NAMES.index(r["prediction"]),
+    return {r["file"]: (network.CLASS_NAMES.index(r["label"]), network.CLASS_NAMES.index(r["prediction"]),
                         float(r["prob_pneumonia"])) for r in rows}
 
 
 def scores(y, pred, p) -> dict:
-    m = cc.binary_metrics(y, (pred + 0.5) / 2, 0.5)  # the stored decisions
-    m["auc"] = cc.binary_metrics(y, p, 0.5)["auc"]
-    m["ece"] = cc.expected_calibration_error(pred == y, np.where(pred == 1, p, 1 - p))[0]
+    m = scoring.binary_metrics(y, (pred + 0.5) / 2, 0.5)  # the stored decisions
+    m["auc"] = scoring.binary_metrics(y, p, 0.5)["auc"]
+    m["ece"] = scoring.expected_calibration_error(pred == y, np.where(pred == 1, p, 1 - p))[0]
     return {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "auc", "ece")}
 
 
@@ -53,10 +53,10 @@ def main():
     y = np.array([a[f][0] for f in files])
     pa, pb = (np.array([d[f][1] for f in files]) for d in (a, b))
     qa, qb = (np.array([d[f][2] for f in files]) for d in (a, b))
-    groups = [cc.patient_id(f) for f in files]
+    groups = [dataset.patient_id(f) for f in files]
     sa, sb = scores(y, pa, qa), scores(y, pb, qb)
     diffs = {k: [] for k in sa}
-    for idx in cc.resample_indices(len(y), args.resamples, 0, groups):
+    for idx in scoring.resample_indices(len(y), args.resamples, 0, groups):
         ra, rb = scores(y[idx], pa[idx], qa[idx]), scores(y[idx], pb[idx], qb[idx])
         for k in diffs:
             if np.isfinite(ra[k]) and np.isfinite(rb[k]):

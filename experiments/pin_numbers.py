@@ -34,7 +34,8 @@ TINY = ROOT / "tests" / "data" / "cxr64"
 MODELS = {"improved": ROOT / "models" / "mobilenet_cxr.pth",
           "reference": ROOT / "models" / "reference_seed1.pth"}
 VOLATILE = {"seconds", "wall_seconds", "hardware", "command", "resumed_with", "created",
-            "timestamp", "date", "run_dir", "out_dir", "model", "models", "path", "paths"}
+            "timestamp", "date", "run_dir", "out_dir", "model", "models", "path", "paths",
+            "data"}
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 

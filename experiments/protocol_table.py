@@ -45,21 +45,21 @@ def recalibrated(metrics: dict) -> str:
 def ceiling(folder: Path) -> dict:
     """The folder's figures at the highest threshold with sensitivity >= TARGET_SENSITIVITY
     on its own labels (scikit-learn's ROC curve over predictions.csv), and the row's name.
-    cxr_common (and with it torch, seconds at start-up) is imported only here, for
+    cxr (and with it torch, seconds at start-up) is imported only here, for
     --ceiling: the plain tables need nothing but metrics.json."""
     from sklearn.metrics import roc_curve
 
-    import cxr_common as cc
+    from cxr import calib, network, scoring
 
     with open(folder / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    y = np.array([cc.CLASS_NAMES.index(r["label"]) for r in rows])
+    y = np.array([network.CLASS_NAMES.index(r["label"]) for r in rows])
     p = np.array([float(r["prob_pneumonia"]) for r in rows])
     _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
-    t = float(thresholds[np.argmax(tpr >= cc.TARGET_SENSITIVITY)])
+    t = float(thresholds[np.argmax(tpr >= calib.TARGET_SENSITIVITY)])
     name = (f"ceiling, not a result: threshold read off these images' own labels "
-            f"(sensitivity >= {cc.TARGET_SENSITIVITY} on them)")
-    return {**cc.binary_metrics(y, p, t), "ece": float("nan"), "threshold": t, "name": name}
+            f"(sensitivity >= {calib.TARGET_SENSITIVITY} on them)")
+    return {**scoring.binary_metrics(y, p, t), "ece": float("nan"), "threshold": t, "name": name}
 
 
 def rows_of(folder: Path, with_ceiling: bool = False) -> list[str]:

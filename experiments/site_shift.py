@@ -33,9 +33,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import cxr_common as cc  # noqa: E402
-import cxr_io as cio  # noqa: E402
-import train_cxray as tc  # noqa: E402
+from cxr import checkpoints, dataset, imagefiles, network, runtime, scan, siteshift  # noqa: E402
 
 SAMPLES = ROOT.parent / "shared" / "data" / "samples"
 
@@ -88,15 +86,15 @@ def refused(images: np.ndarray) -> np.ndarray:
     out = []
     for im in images:
         try:
-            cio.check_structure(im)
+            imagefiles.check_structure(im)
             out.append(False)
-        except cio.ImageReadError:
+        except imagefiles.ImageReadError:
             out.append(True)
     return np.array(out)
 
 
 def features(model, meta, images):
-    return cc.predict_logits(model, images, cc.intensity_of(meta), features=True)[1].numpy()
+    return network.predict_logits(model, images, network.intensity_of(meta), features=True)[1].numpy()
 
 
 def share(flags) -> str:
@@ -104,28 +102,28 @@ def share(flags) -> str:
 
 
 def measure(path: Path, data: Path, kinds) -> dict:
-    model, meta = cc.load_checkpoint(path)
+    model, meta = checkpoints.load_checkpoint(path)
     stats = model.typicality
     if stats is None:
         raise SystemExit(f"error: {path} has no typicality statistics: run python "
                          f"train_cxray.py --typicality-for {path}")
     size = meta["preprocessing"]["image_size"]
     print(f"\n{path} ({meta['recipe']}, seed {meta['seed']}), cut {stats['cut']:.2f}")
-    splits, _, (tp, tl), _ = tc.checkpoint_splits(meta, data)
+    splits, _, (tp, tl), _ = dataset.checkpoint_splits(meta, data)
     x_val, y_val = splits["val"]
-    x_test, kept, _ = cc.decode_all(tp, size, ".cache", "test")
+    x_test, kept, _ = dataset.decode_all(tp, size, ".cache", "test")
     y_test = np.array(tl)[kept]
 
     def flags(images):
-        return cc.typicality_score(features(model, meta, images), stats) > stats["cut"]
+        return siteshift.typicality_score(features(model, meta, images), stats) > stats["cut"]
 
     out = {"validation": flags(x_val)}
     f_test = features(model, meta, x_test)
-    t_flag = cc.typicality_score(f_test, stats) > stats["cut"]
+    t_flag = siteshift.typicality_score(f_test, stats) > stats["cut"]
     out["test NORMAL"], out["test PNEUMONIA"] = t_flag[y_test == 0], t_flag[y_test == 1]
     for sub in ("fullres", "dicom"):
-        files = [f for f in cio.scan_folder(SAMPLES / sub)[0]] if (SAMPLES / sub).is_dir() else []
-        arrays = [a for a, _ in (cc.try_load_image_array(f, size) for f in files) if a is not None]
+        files = [f for f in scan.scan_folder(SAMPLES / sub)[0]] if (SAMPLES / sub).is_dir() else []
+        arrays = [a for a, _ in (dataset.try_load_image_array(f, size) for f in files) if a is not None]
         if arrays:
             out[f"samples/{sub}"] = flags(np.stack(arrays))
     print("  flagged by the model (typicality > cut):")
@@ -140,33 +138,33 @@ def measure(path: Path, data: Path, kinds) -> dict:
         print(f"    {kind:<22} {share(f)} | {share(f | r)}")
     print(f"    {'all':<22} {share(np.concatenate(flagged_all))} | "
           f"{share(np.concatenate(stopped_all))}")
-    z_test = cc.project(f_test, stats)
+    z_test = siteshift.project(f_test, stats)
     ref_z, ref_y = stats["reference_z"].numpy(), stats["reference_labels"].numpy()
     print("  domain classifier, validation vs test, on this model's features (AUC):")
-    print(f"    all {cc.domain_auc(ref_z, z_test):.3f}, NORMAL "
-          f"{cc.domain_auc(ref_z[ref_y == 0], z_test[y_test == 0]):.3f}, PNEUMONIA "
-          f"{cc.domain_auc(ref_z[ref_y == 1], z_test[y_test == 1]):.3f}")
+    print(f"    all {siteshift.domain_auc(ref_z, z_test):.3f}, NORMAL "
+          f"{siteshift.domain_auc(ref_z[ref_y == 0], z_test[y_test == 0]):.3f}, PNEUMONIA "
+          f"{siteshift.domain_auc(ref_z[ref_y == 1], z_test[y_test == 1]):.3f}")
     return out
 
 
 def imagenet_domain(data: Path, per_class: int, seed: int = 0):
     """The finding to reproduce: on frozen ImageNet features, is test told from train?"""
-    model, _ = cc.build_model(pretrained=True)
+    model, _ = network.build_model(pretrained=True)
     model.eval()
     meta = {"preprocessing": {"intensity": "none"}}
     rng = np.random.default_rng(seed)
-    tr_paths, tr_labels = cc.list_labelled(data / "train")
-    te_paths, te_labels = cc.list_labelled(data / "test")
+    tr_paths, tr_labels = dataset.list_labelled(data / "train")
+    te_paths, te_labels = dataset.list_labelled(data / "test")
     print(f"\nFrozen ImageNet MobileNetV2 features (1280-d), train vs test, {per_class} train "
           "images per class, 5-fold logistic regression:")
-    for k, name in enumerate(cc.CLASS_NAMES):
+    for k, name in enumerate(network.CLASS_NAMES):
         tr = [p for p, y in zip(tr_paths, tr_labels) if y == k]
         tr = [tr[i] for i in sorted(rng.permutation(len(tr))[:per_class])]
         te = [p for p, y in zip(te_paths, te_labels) if y == k]
-        x_tr = cc.decode_all(tr, cc.IMAGE_SIZE, ".cache", f"train {name}")[0]
-        x_te = cc.decode_all(te, cc.IMAGE_SIZE, ".cache", f"test {name}")[0]
+        x_tr = dataset.decode_all(tr, network.IMAGE_SIZE, ".cache", f"train {name}")[0]
+        x_te = dataset.decode_all(te, network.IMAGE_SIZE, ".cache", f"test {name}")[0]
         f_tr, f_te = features(model, meta, x_tr), features(model, meta, x_te)
-        print(f"  {name:<10} AUC {cc.domain_auc(f_tr, f_te):.3f}  ({len(x_tr)} train vs "
+        print(f"  {name:<10} AUC {siteshift.domain_auc(f_tr, f_te):.3f}  ({len(x_tr)} train vs "
               f"{len(x_te)} test)")
 
 
@@ -177,13 +175,13 @@ def main():
     p.add_argument("--data", type=Path, default=ROOT / "chest_xray")
     p.add_argument("--imagenet", action="store_true",
                    help="also the domain classifier on frozen ImageNet features")
-    p.add_argument("--per-class", type=cio.positive_int, default=600,
+    p.add_argument("--per-class", type=runtime.positive_int, default=600,
                    help="train images per class for --imagenet")
     args = p.parse_args()
-    cio.pick_device("cpu")
+    runtime.pick_device("cpu")
     models = args.model or [ROOT / "models" / "mobilenet_cxr.pth",
                             ROOT / "models" / "reference_seed1.pth"]
-    kinds = non_radiographs(cc.IMAGE_SIZE)
+    kinds = non_radiographs(network.IMAGE_SIZE)
     for path in models:
         measure(path, args.data, kinds)
     if args.imagenet:

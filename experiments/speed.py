@@ -32,10 +32,9 @@ from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import cxr_common as cc  # noqa: E402
-import cxr_io as cio  # noqa: E402
 import predict  # noqa: E402
 import train_cxray as tc  # noqa: E402
+from cxr import dataset, network, runtime  # noqa: E402
 
 
 def parse_args():
@@ -46,7 +45,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--rounds", type=int, default=3, help="interleaved repeats of each pair")
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="glibc's default malloc thresholds (as before cio.tune_cpu_allocator)")
+                   help="glibc's default malloc thresholds (as before runtime.tune_cpu_allocator)")
     p.add_argument("--skip-training", action="store_true", help="prediction figures only")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
@@ -68,7 +67,7 @@ def timed_steps(model, batches, optimizer, criterion, device, warmup, amp):
             t0, seen = time.perf_counter(), 0
         x = x.to(device, non_blocking=True)
         if x.dtype == torch.uint8:
-            x = cc.normalize_batch(x)
+            x = network.normalize_batch(x)
         x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -89,14 +88,14 @@ def limited(loader, n):
 
 
 def training(args, device, amp):
-    paths, labels = cc.list_labelled(Path(args.data) / "train")
+    paths, labels = dataset.list_labelled(Path(args.data) / "train")
     rng = np.random.default_rng(0)
     n = args.batch_size * (args.batches + args.warmup)
     idx = rng.choice(len(paths), size=min(len(paths), 4 * n), replace=False)
     sub = [paths[i] for i in idx]
-    arrays, kept, _ = cc.decode_all(sub, 224, ROOT / ".cache", "speed")
+    arrays, kept, _ = dataset.decode_all(sub, 224, ROOT / ".cache", "speed")
     y = np.array([labels[idx[i]] for i in kept])
-    model, _ = cc.build_model(pretrained=False)
+    model, _ = network.build_model(pretrained=False)
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     crit = torch.nn.CrossEntropyLoss()
@@ -117,7 +116,7 @@ def training(args, device, amp):
     seed_tf = transforms.Compose([
         transforms.Resize((224, 224)), transforms.RandomHorizontalFlip(),
         transforms.RandomRotation(10), transforms.ColorJitter(brightness=0.1),
-        transforms.ToTensor(), transforms.Normalize(cc.IMAGENET_MEAN, cc.IMAGENET_STD)])
+        transforms.ToTensor(), transforms.Normalize(network.IMAGENET_MEAN, network.IMAGENET_STD)])
     folder = datasets.ImageFolder(str(Path(args.data) / "train"), transform=seed_tf)
     seed_loader = DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=2)
     seed = timed_steps(model, limited(seed_loader, steps), opt, crit, device, args.warmup, amp)
@@ -129,7 +128,7 @@ def prediction(args, device):
     if not files:
         return None
     files = (files * 20)[:320]
-    model, _ = cc.build_model(pretrained=False)
+    model, _ = network.build_model(pretrained=False)
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     members = [(model, {"preprocessing": {"intensity": "none"}})]
     bs = args.batch_size
@@ -137,11 +136,11 @@ def prediction(args, device):
 
     def bare_rate():
         with torch.no_grad():
-            cc.ensemble_probability(members, ready, [1.0], bs)
+            network.ensemble_probability(members, ready, [1.0], bs)
             sync(device)
             t0 = time.perf_counter()
             for _ in range(len(files) // bs):
-                cc.ensemble_probability(members, ready, [1.0], bs)
+                network.ensemble_probability(members, ready, [1.0], bs)
             sync(device)
         return len(files) // bs * bs / (time.perf_counter() - t0)
 
@@ -153,7 +152,7 @@ def prediction(args, device):
             for b, items in enumerate(loader):
                 if b == 1:  # the first batch pays for the worker's start-up
                     t0, n = time.perf_counter(), 0
-                cc.ensemble_probability(members, np.stack([a for _, a, _ in items]), [1.0], bs)
+                network.ensemble_probability(members, np.stack([a for _, a, _ in items]), [1.0], bs)
                 n += len(items)
         sync(device)
         return n / (time.perf_counter() - t0)
@@ -164,7 +163,7 @@ def prediction(args, device):
         e2es.append(end_to_end_rate())
     t0 = time.perf_counter()
     for f in files[:32]:
-        cc.load_image_array(f, 224)
+        dataset.load_image_array(f, 224)
     draft = 32 / (time.perf_counter() - t0)
     from PIL import Image
     t0 = time.perf_counter()
@@ -189,9 +188,9 @@ def main():
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)  # allocator: below
     amp = device.type == "cuda"
-    tuned = False if args.no_tune_allocator else cio.tune_cpu_allocator()
+    tuned = False if args.no_tune_allocator else runtime.tune_cpu_allocator()
     print(f"Device: {tc.hardware(device)}, torch {torch.__version__}, batch {args.batch_size}, "
-          f"CPU allocator tuned (cio.tune_cpu_allocator): {tuned}")
+          f"CPU allocator tuned (runtime.tune_cpu_allocator): {tuned}")
     # Prediction first: a training step's large frees would raise glibc's thresholds by
     # themselves and hide what the allocator tuning does.
     pred = prediction(args, device)

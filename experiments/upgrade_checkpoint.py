@@ -22,8 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import cxr_common as cc  # noqa: E402
-import cxr_io as cio  # noqa: E402
+from cxr import calib, checkpoints, dataset, network, runtime, siteshift  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,7 +39,7 @@ def parse_args(argv=None):
                       help="re-fit the calibration with train_cxray.py's method, on the run's "
                            "own calibration split of --data")
     p.add_argument("--data", default="chest_xray", help="the dataset the checkpoint was trained on")
-    p.add_argument("--device", default="auto", type=cio.device_name, help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", type=runtime.device_name, help="auto, cpu or cuda")
     p.add_argument("--cache-dir", default=".cache",
                    help="where decoded uint8 arrays are kept ('' to disable)")
     return p.parse_args(argv)
@@ -48,43 +47,44 @@ def parse_args(argv=None):
 
 def add_typicality(path: Path, args) -> None:
     """The typicality statistics, from the train/validation split the run was trained with."""
-    with cio.exit_on(cc.CheckpointError):
-        model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
-    with cio.exit_on(cc.DataError):
-        splits, _, _, source = cc.checkpoint_splits(meta, args.data, cc.usable_cache(args.cache_dir))
-    print(f"{cio.display_name(path)}: validation rebuilt as {source}")
-    stats = cc.typicality_stats(model, *splits["train"], *splits["val"], cc.intensity_of(meta),
+    with runtime.exit_on(checkpoints.CheckpointError):
+        model, meta = checkpoints.load_checkpoint(path, runtime.pick_device(args.device))
+    with runtime.exit_on(dataset.DataError):
+        cache = dataset.usable_cache(args.cache_dir)
+        splits, _, _, source = dataset.checkpoint_splits(meta, args.data, cache)
+    print(f"{runtime.display_name(path)}: validation rebuilt as {source}")
+    stats = siteshift.typicality_stats(model, *splits["train"], *splits["val"], network.intensity_of(meta),
                                 meta["seed"])
-    cc.save_checkpoint(path, model.state_dict(), meta, stats)
-    print(f"Saved {cio.display_name(path)} with the typicality statistics")
+    checkpoints.save_checkpoint(path, model.state_dict(), meta, stats)
+    print(f"Saved {runtime.display_name(path)} with the typicality statistics")
 
 
 def refit_calibration(path: Path, args) -> None:
     """The calibration a run fits at its end, on the run's own calibration split. The old
     calibration, and the test figures measured with it, are kept under "recalibrated"."""
-    with cio.exit_on(cc.CheckpointError):
-        model, meta = cc.load_checkpoint(path, cio.pick_device(args.device))
+    with runtime.exit_on(checkpoints.CheckpointError):
+        model, meta = checkpoints.load_checkpoint(path, runtime.pick_device(args.device))
     if not meta.get("calib_fraction"):
-        raise SystemExit(f"error: {cio.display_name(path)} was trained without a calibration "
+        raise SystemExit(f"error: {runtime.display_name(path)} was trained without a calibration "
                          "split (reference recipe, or an older run): nothing to re-fit")
-    with cio.exit_on(cc.DataError):
-        splits, patients, _, _ = cc.checkpoint_splits(meta, args.data,
-                                                      cc.usable_cache(args.cache_dir))
-    calibration = cc.calibrate(model, *splits["cal"], patients["cal"], cc.intensity_of(meta),
+    with runtime.exit_on(dataset.DataError):
+        splits, patients, _, _ = dataset.checkpoint_splits(meta, args.data,
+                                                      dataset.usable_cache(args.cache_dir))
+    calibration = calib.calibrate(model, *splits["cal"], patients["cal"], network.intensity_of(meta),
                                meta["seed"])
     stale = {k: v for k, v in meta["metrics"].items() if k.startswith("test_")}
     meta["metrics"] = {k: v for k, v in meta["metrics"].items() if k not in stale}
-    meta["recalibrated"] = {"command": "python " + shlex.join(sys.argv), "when": cio.timestamp(),
+    meta["recalibrated"] = {"command": "python " + shlex.join(sys.argv), "when": runtime.timestamp(),
                             "previous_calibration": meta["calibration"],
                             "test_metrics_with_previous": stale}
     meta["calibration"] = calibration
-    cc.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
-    print(f"Saved {cio.display_name(path)} with the re-fitted calibration (the test figures "
+    checkpoints.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
+    print(f"Saved {runtime.display_name(path)} with the re-fitted calibration (the test figures "
           "measured with the old one are under meta['recalibrated'])")
 
 
 def main(argv=None) -> int:
-    cio.printable_console()
+    runtime.printable_console()
     args = parse_args(argv)
     if args.typicality_for:
         add_typicality(Path(args.typicality_for), args)

@@ -35,8 +35,7 @@ from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import cxr_common as cc  # noqa: E402
-import train_cxray as tc  # noqa: E402
+from cxr import calib, checkpoints, dataset, network, scoring  # noqa: E402
 
 
 def noise(x, rng):
@@ -89,10 +88,10 @@ def held_out_copies(images: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
 
 
 def scores(probs, y, thr) -> dict:
-    m = cc.binary_metrics(y, probs, thr)
-    pred, conf = cc.decide(probs, thr)
-    m["ece"], _ = cc.expected_calibration_error(pred == y, conf)
-    m["nll"] = cc.log_loss(y, probs)
+    m = scoring.binary_metrics(y, probs, thr)
+    pred, conf = scoring.decide(probs, thr)
+    m["ece"], _ = scoring.expected_calibration_error(pred == y, conf)
+    m["nll"] = scoring.log_loss(y, probs)
     return m
 
 
@@ -113,25 +112,25 @@ def kept_epoch_loss(run: Path, meta: dict) -> float:
 def check(run: Path) -> dict:
     with open(run / "val_split.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
-    model, meta = cc.load_checkpoint(run / "mobilenet_cxr.pth")
-    size, intensity = meta["preprocessing"]["image_size"], cc.intensity_of(meta)
-    x = np.stack([cc.load_image_array(r["file"], size) for r in rows])
-    y = np.array([cc.CLASS_NAMES.index(r["label"]) for r in rows])
-    cal = cc.calibration_of(meta)
+    model, meta = checkpoints.load_checkpoint(run / "mobilenet_cxr.pth")
+    size, intensity = meta["preprocessing"]["image_size"], network.intensity_of(meta)
+    x = np.stack([dataset.load_image_array(r["file"], size) for r in rows])
+    y = np.array([network.CLASS_NAMES.index(r["label"]) for r in rows])
+    cal = checkpoints.calibration_of(meta)
     name = meta["recipe"] + "".join(f" -{a}" for a in meta.get("ablate", [])) \
         + "".join(f" +{a}" for a in meta.get("add", []))
     print(f"{run.name} ({name}, seed {meta['seed']}, temperature {cal['temperature']:.3f}, "
           f"threshold {cal['threshold']:.4f})", flush=True)
 
     def probs(images):
-        return cc.probabilities(cc.predict_logits(model, images, intensity), cal["temperature"])
+        return network.probabilities(network.predict_logits(model, images, intensity), cal["temperature"])
 
     out = {"run": run.name, "name": name, "seed": meta["seed"],
            "kept_val_loss": kept_epoch_loss(run, meta)}
     print(f"  kept epoch {meta['metrics']['best_epoch']}: validation loss "
           f"{out['kept_val_loss']:.4f} (training's own, at T = 1)")
     out["validation"] = scores(probs(x), y, cal["threshold"])
-    xs, ys = tc.stressed_copies(x, y, tc.STRESS_COPIES, meta["seed"])
+    xs, ys = calib.stressed_copies(x, y, calib.STRESS_COPIES, meta["seed"])
     out["shifted"] = scores(probs(xs), ys, cal["threshold"])
     for key in ("validation", "shifted"):
         print(line(key, out[key]))

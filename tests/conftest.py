@@ -212,9 +212,9 @@ SHIPPED_REFERENCE = ROOT / "models" / "reference_seed1.pth"
 
 
 def tiny_test_files():
-    import cxr_io as cio
+    from cxr import scan
 
-    return cio.list_images(TINY / "test")
+    return scan.list_images(TINY / "test")
 
 
 def logits_of(checkpoint, files):
@@ -224,13 +224,13 @@ def logits_of(checkpoint, files):
     import numpy as np
     import torch
 
-    import cxr_common as cc
+    from cxr import checkpoints, dataset, network
 
-    model, meta = cc.load_checkpoint(checkpoint)
+    model, meta = checkpoints.load_checkpoint(checkpoint)
     size = meta["preprocessing"]["image_size"]
-    gray = torch.from_numpy(np.stack([cc.load_image_array(f, size) for f in files]))
+    gray = torch.from_numpy(np.stack([dataset.load_image_array(f, size) for f in files]))
     with torch.no_grad():
-        return model(cc.model_input(gray.unsqueeze(1), cc.intensity_of(meta))).double()
+        return model(network.model_input(gray.unsqueeze(1), network.intensity_of(meta))).double()
 
 
 def scaled_probability(logits, temperature):
@@ -268,13 +268,13 @@ def with_calibration(src, dst, temperature, threshold, band):
     typicality statistics or record of an earlier recalibration)."""
     import torch
 
-    import cxr_common as cc
+    from cxr import checkpoints
 
     payload = torch.load(src, weights_only=True)
     meta = {k: v for k, v in payload["meta"].items() if k != "recalibrated"}
     meta["calibration"] = {
         "temperature": temperature, "threshold": threshold, "uncertain_band": band}
-    cc.save_checkpoint(dst, payload["state_dict"], meta)
+    checkpoints.save_checkpoint(dst, payload["state_dict"], meta)
     return dst
 
 
@@ -283,7 +283,7 @@ class Calibrated:
     """A checkpoint and what predicting TINY/test with it must give, computed here."""
 
     path: Path
-    files: list  # TINY/test images, in cio.list_images order
+    files: list  # TINY/test images, in scan.list_images order
     prob: object  # expected P(PNEUMONIA) per file (numpy float64)
     threshold: float
     band: list

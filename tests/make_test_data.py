@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cxr_common import patient_id  # noqa: E402
+from cxr.dataset import patient_id  # noqa: E402
 
 SRC = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/chest_xray")
 DATA = Path(__file__).parent / "data"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-import cxr_common as cc
 import train_cxray
-from cxr_common import binary_metrics, bootstrap_ci, expected_calibration_error
-from cxr_common import decide as confidence_of_prediction
+from cxr import calib, scoring
+from cxr.scoring import binary_metrics, bootstrap_ci, expected_calibration_error
+from cxr.scoring import decide as confidence_of_prediction
 
 # --- expected calibration error --------------------------------------------------------
 
@@ -152,8 +152,8 @@ def test_fit_calibration_temperature_minimises_the_nll():
     temperature is the grid point (400 log-spaced in TEMPERATURE_RANGE) nearest the true
     2, and it is kept because it also lowers the NLL on rows it was not fitted on."""
     logits, y = calibration_data()
-    cal = cc.fit_calibration(logits, y)
-    grid = np.exp(np.linspace(*np.log(cc.TEMPERATURE_RANGE), 400))
+    cal = calib.fit_calibration(logits, y)
+    grid = np.exp(np.linspace(*np.log(calib.TEMPERATURE_RANGE), 400))
     assert cal["temperature"] == pytest.approx(grid[np.argmin(abs(np.log(grid / 2)))], rel=1e-9)
     assert abs(math.log(cal["temperature"] / 2)) < 0.0036  # within half a grid step
     assert cal["temperature_kept"]
@@ -176,7 +176,7 @@ def test_a_temperature_that_does_not_help_out_of_sample_is_not_kept():
             labels += [label] * 20
             groups += [g] * 20
     logits = torch.tensor([[0.0, m] for m in margins])
-    cal = cc.fit_calibration(logits, np.array(labels), np.array(groups))
+    cal = calib.fit_calibration(logits, np.array(labels), np.array(groups))
     assert abs(math.log(cal["temperature_fitted"])) > 0.2
     assert not cal["temperature_kept"] and cal["temperature"] == 1.0
     assert cal["nll_cross_fitted"]["fitted"] > cal["nll_cross_fitted"]["T1"]
@@ -191,12 +191,12 @@ def test_fit_calibration_threshold_and_band_follow_their_rules():
     lowest with specificity >= 0.995, i.e. every negative below it -> just above the
     highest negative, 0.95. The bootstrap medians land on the same levels."""
     logits, y = calibration_data()
-    cal = cc.fit_calibration(logits, y)
+    cal = calib.fit_calibration(logits, y)
     p = (logits / cal["temperature"]).softmax(1)[:, 1].numpy()
     level = {q: float(p[40 * i]) for i, q in enumerate(QS)}  # the fitted probability per group
     assert level[0.2] == pytest.approx(0.2, abs=0.005)
     for threshold, (lo, hi) in ((cal["threshold"], cal["uncertain_band"]), (
-            cc.cuts(p, y)[0], cc.cuts(p, y)[1:])):
+            calib.cuts(p, y)[0], calib.cuts(p, y)[1:])):
         assert threshold == pytest.approx(level[0.2], abs=1e-7)
         assert lo == pytest.approx(level[0.05], abs=1e-7)
         assert level[0.95] < hi <= level[0.95] + 1e-6
@@ -219,7 +219,7 @@ def test_fit_calibration_threshold_and_band_follow_their_rules():
     scores = np.r_[300 + np.arange(300), 100 + np.arange(200)] / 1000
     labels = np.r_[np.ones(300, int), np.zeros(200, int)]
     order = np.random.default_rng(0).permutation(500)
-    threshold, lo, hi = cc.cuts(scores[order], labels[order])
+    threshold, lo, hi = calib.cuts(scores[order], labels[order])
     assert threshold == pytest.approx(0.308, abs=1e-12)
     assert lo == pytest.approx(0.301, abs=1e-12)
     assert 0.298 < hi < 0.298 + 1e-9
@@ -238,9 +238,9 @@ def test_the_threshold_keeps_its_sensitivity_promise_on_new_films(n):
     scores = rng.random((trials, n + 1))  # the last column is the new film
     labels = np.r_[np.ones(n, int), np.zeros(5, int)]
     normals = np.full(5, -1.0)
-    missed = [scores[t, n] < cc.cuts(np.r_[scores[t, :n], normals], labels)[0]
+    missed = [scores[t, n] < calib.cuts(np.r_[scores[t, :n], normals], labels)[0]
               for t in range(trials)]
-    j, promised = cc.threshold_rank(n)
+    j, promised = calib.threshold_rank(n)
     assert 1 - promised == pytest.approx((j + 1) / (n + 1)) and promised >= 0.97
     assert np.mean(missed) == pytest.approx(1 - promised, abs=4 * np.sqrt(0.03 / trials))
 
@@ -250,13 +250,13 @@ def test_too_few_pneumonias_cannot_promise_the_target():
     lowest pneumonia score, and the promise says how far short it falls. The exact ranks
     also guard against a rule off by one in the safe direction, which gives away
     specificity for nothing."""
-    assert [cc.threshold_rank(n)[0] for n in (65, 66, 98, 99, 390)] == [0, 1, 1, 2, 10]
-    assert cc.threshold_rank(99)[1] == pytest.approx(0.97)
-    assert cc.threshold_rank(15) == (0, pytest.approx(1 - 1 / 16))
-    assert cc.threshold_rank(32)[1] < 0.97 <= cc.threshold_rank(33)[1]
+    assert [calib.threshold_rank(n)[0] for n in (65, 66, 98, 99, 390)] == [0, 1, 1, 2, 10]
+    assert calib.threshold_rank(99)[1] == pytest.approx(0.97)
+    assert calib.threshold_rank(15) == (0, pytest.approx(1 - 1 / 16))
+    assert calib.threshold_rank(32)[1] < 0.97 <= calib.threshold_rank(33)[1]
     p = np.r_[np.linspace(0.3, 0.9, 15), [0.1, 0.2]]
     y = np.r_[np.ones(15, int), [0, 0]]
-    assert cc.cuts(p, y)[0] == pytest.approx(0.3)
+    assert calib.cuts(p, y)[0] == pytest.approx(0.3)
 
 
 def test_a_separable_set_has_no_uncertain_band_and_a_bounded_temperature():
@@ -267,8 +267,8 @@ def test_a_separable_set_has_no_uncertain_band_and_a_bounded_temperature():
     cut the lowest, so the two differ (with 50 both are the lowest)."""
     y = np.array([0] * 50 + [1] * 100)
     margins = np.r_[np.linspace(-6, -1, 50), np.linspace(1, 6, 100)]
-    cal = cc.fit_calibration(torch.tensor([[0.0, m] for m in margins], dtype=torch.float32), y)
-    assert cal["temperature"] == pytest.approx(cc.TEMPERATURE_RANGE[0])
+    cal = calib.fit_calibration(torch.tensor([[0.0, m] for m in margins], dtype=torch.float32), y)
+    assert cal["temperature"] == pytest.approx(calib.TEMPERATURE_RANGE[0])
     lo, hi = cal["uncertain_band"]
     assert lo == hi == cal["threshold"] and 0 < cal["threshold"] < 1
 
@@ -344,6 +344,6 @@ def test_classwise_ece_and_log_loss_by_hand():
     0.2167). P(NORMAL) = [0.1, 0.1, 0.1, 0.8] against [0, 0, 1, 1]: the same 0.225.
     NLL = -(2 ln 0.9 + ln 0.1 + ln 0.8) / 4 (classes swapped: a different number)."""
     y, p = np.array([1, 1, 0, 0]), np.array([0.9, 0.9, 0.9, 0.2])
-    assert cc.classwise_ece(y, p) == pytest.approx(0.75 * (0.9 - 2 / 3) + 0.25 * 0.2)
+    assert scoring.classwise_ece(y, p) == pytest.approx(0.75 * (0.9 - 2 / 3) + 0.25 * 0.2)
     expected = -(2 * math.log(0.9) + math.log(0.1) + math.log(0.8)) / 4
-    assert cc.log_loss(y, p) == pytest.approx(expected)
+    assert scoring.log_loss(y, p) == pytest.approx(expected)

@@ -21,11 +21,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY, script_env
 
-import cxr_common as cc
-import cxr_io as cio
+from cxr import checkpoints, network, runtime
 
 REAL = ROOT / "models" / "reference_seed1.pth"  # real weights and typicality statistics
-IMAGES = [sorted((TINY / "test" / c).iterdir())[0] for c in cc.CLASS_NAMES]
+IMAGES = [sorted((TINY / "test" / c).iterdir())[0] for c in network.CLASS_NAMES]
 MEMORY_LIMIT = 6 * 2**30  # address space for a script: torch alone maps about 3.5 GB
 NAN = float("nan")
 HUGE = 2**31  # bytes of a checkpoint file (sparse: no disk used)
@@ -179,19 +178,19 @@ def test_the_shipped_checkpoints_load_unchanged():
     """The shipped checkpoints pass the checks, with the values they store."""
     for path in (REAL, ROOT / "models" / "mobilenet_cxr.pth"):
         payload = torch.load(path, weights_only=True)
-        model, meta = cc.load_checkpoint(path)
+        model, meta = checkpoints.load_checkpoint(path)
         assert meta == payload["meta"]
         assert model.typicality["cut"] == payload["typicality"]["cut"]
-        assert cc.calibration_of(meta)["temperature"] == (
+        assert checkpoints.calibration_of(meta)["temperature"] == (
             payload["meta"].get("calibration") or {}).get("temperature", 1.0)
 
 
-def refusal(path, load=cc.load_checkpoint, **kwargs) -> str:
-    with pytest.raises(cc.CheckpointError) as e:
+def refusal(path, load=checkpoints.load_checkpoint, **kwargs) -> str:
+    with pytest.raises(checkpoints.CheckpointError) as e:
         load(path, **kwargs)
     message = str(e.value)
     assert "\n" not in message
-    assert message.startswith(cio.display_name(path)), message
+    assert message.startswith(runtime.display_name(path)), message
     return message
 
 
@@ -215,8 +214,8 @@ def test_a_checkpoint_that_is_no_regular_file_or_too_big_is_refused(real, tmp_pa
     assert "not a regular file" in refusal(fifo)
     assert "more than the" in refusal(huge)
     assert "not a loadable checkpoint" in refusal(text)
-    with pytest.raises(cc.CheckpointError, match="model file not found"):
-        cc.load_checkpoint(tmp_path / "absent.pth")
+    with pytest.raises(checkpoints.CheckpointError, match="model file not found"):
+        checkpoints.load_checkpoint(tmp_path / "absent.pth")
 
 
 def zip_bomb(real, tmp_path):
@@ -241,7 +240,7 @@ def zip_bomb(real, tmp_path):
 def calibration_file(tmp_path, **fields):
     """A calibration file for the one-member ensemble [REAL]; a field given as ... is
     left out."""
-    content = {"members": [{"path": str(REAL), "sha256": cio.sha256_file(REAL)}],
+    content = {"members": [{"path": str(REAL), "sha256": runtime.sha256_file(REAL)}],
                "temperatures": [1.0], "ensemble_temperature": 1.5, "threshold": 0.4,
                "uncertain_band": [0.3, 0.6], **fields}
     path = tmp_path / "calibration.json"
@@ -250,7 +249,7 @@ def calibration_file(tmp_path, **fields):
 
 
 def test_a_valid_calibration_file_is_used(tmp_path):
-    _, cal, _ = cc.load_ensemble([REAL], calibration_file=calibration_file(tmp_path))
+    _, cal, _ = checkpoints.load_ensemble([REAL], calibration_file=calibration_file(tmp_path))
     assert cal["ensemble_temperature"] == 1.5 and cal["threshold"] == 0.4
     assert cal["uncertain_band"] == [0.3, 0.6] and cal["shared"] is True
 
@@ -289,7 +288,7 @@ def bad_calibration_file(tmp_path, make):
                          ids=[c[0] for c in BAD_CALIBRATION_FILES])
 def test_a_bad_calibration_file_is_refused_naming_the_field(tmp_path, make, words):
     path = bad_calibration_file(tmp_path, make)
-    assert words in refusal(path, lambda p: cc.load_ensemble([REAL], calibration_file=p))
+    assert words in refusal(path, lambda p: checkpoints.load_ensemble([REAL], calibration_file=p))
 
 
 # --- the scripts, as a user runs them -----------------------------------------------------
@@ -315,7 +314,7 @@ def refused_in_one_line(proc, path, *words):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr[-3000:]
     line = lines[0]
-    assert line.startswith(f"error: {cio.display_name(path)}"), line
+    assert line.startswith(f"error: {runtime.display_name(path)}"), line
     for w in words:
         assert w in line, line
 

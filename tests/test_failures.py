@@ -17,8 +17,7 @@ import torch
 from conftest import DATA, ROOT, TINY, logits_of, run_folder, run_script, scaled_probability, train_args
 from PIL import Image
 
-import cxr_common as cc
-import cxr_io as cio
+from cxr import checkpoints, dataset, imagefiles, network, scan
 
 XRAY = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
 
@@ -45,7 +44,7 @@ def recalibrated(model_path, tmp_path, name="recal.pth", **calibration):
     payload = torch.load(model_path, weights_only=True)
     meta = dict(payload["meta"], calibration=calibration)
     path = tmp_path / name
-    cc.save_checkpoint(path, payload["state_dict"], meta)
+    checkpoints.save_checkpoint(path, payload["state_dict"], meta)
     return path
 
 
@@ -91,10 +90,10 @@ def test_a_model_that_cannot_answer_is_refused(model_path, tmp_path):
     state = dict(payload["state_dict"])
     state["classifier.1.bias"] = torch.full_like(state["classifier.1.bias"], float("nan"))
     nan_model = tmp_path / "nan.pth"
-    cc.save_checkpoint(nan_model, state, payload["meta"])
+    checkpoints.save_checkpoint(nan_model, state, payload["meta"])
     state["classifier.1.bias"] = torch.tensor([0.0, float("inf")])
     inf_model = tmp_path / "inf.pth"
-    cc.save_checkpoint(inf_model, state, payload["meta"])
+    checkpoints.save_checkpoint(inf_model, state, payload["meta"])
     zero_t = recalibrated(model_path, tmp_path, "zero_t.pth", temperature=0.0, threshold=0.5)
     for bad, words, script, extra in (
             (nan_model, "NaN or infinity", "predict.py", ["--image", XRAY, "--out", tmp_path / "o"]),
@@ -104,8 +103,8 @@ def test_a_model_that_cannot_answer_is_refused(model_path, tmp_path):
         assert "nan%" not in proc.stdout
     for bad, words in ((nan_model, "NaN or infinity"), (inf_model, "NaN or infinity"),
                        (zero_t, "temperature 0")):
-        with pytest.raises(cc.CheckpointError, match=words):
-            cc.load_checkpoint(bad)
+        with pytest.raises(checkpoints.CheckpointError, match=words):
+            checkpoints.load_checkpoint(bad)
 
 
 def test_images_with_nothing_to_judge_are_refused(model_path, tmp_path):
@@ -137,15 +136,15 @@ def test_images_with_nothing_to_judge_are_refused(model_path, tmp_path):
                 "photo.jpeg": "colour picture"}
     for name, words in expected.items():
         assert rows[name]["prediction"] == "" and words in rows[name]["error"], rows[name]
-    assert rows["xray.jpeg"]["prediction"] in cc.CLASS_NAMES
+    assert rows["xray.jpeg"]["prediction"] in network.CLASS_NAMES
     assert "Predicted 1 image(s)" in proc.stdout and "Skipped 7 file(s)" in proc.stdout
 
 
 def test_no_dataset_image_is_refused_by_the_structure_checks():
     """The blank/noise/colour checks refuse none of the test data's real films."""
-    for f in cio.list_images(TINY) + cio.list_images(DATA / "fullres"):
+    for f in scan.list_images(TINY) + scan.list_images(DATA / "fullres"):
         for size in (64, 224):
-            array, reason = cc.try_load_image_array(f, size)
+            array, reason = dataset.try_load_image_array(f, size)
             assert array is not None, (f.name, size, reason)
 
 
@@ -189,7 +188,7 @@ def test_gradcam_explains_the_reported_class(model_path, tmp_path, monkeypatch):
     else above them all (reported NORMAL, argmax PNEUMONIA)."""
     import predict
 
-    films = cio.list_images(TINY / "test" / "NORMAL")
+    films = scan.list_images(TINY / "test" / "NORMAL")
     p = scaled_probability(logits_of(model_path, films), 1.0)
     threshold = p.min() / 2 if (p < 0.5).any() else (p.max() + 1) / 2
     low = recalibrated(model_path, tmp_path, threshold=float(threshold), temperature=1.0)
@@ -204,11 +203,11 @@ def test_gradcam_explains_the_reported_class(model_path, tmp_path, monkeypatch):
     predict.main(["--model", str(low), "--dir", str(TINY / "test" / "NORMAL"), "--gradcam",
                   "--quiet", "--workers", "0", "--out", str(tmp_path / "o")])
     rows = rows_of(tmp_path / "o")
-    model, meta = cc.load_checkpoint(low)
-    x = torch.from_numpy(np.stack([cc.load_image_array(r["file"], 64) for r in rows]))
+    model, meta = checkpoints.load_checkpoint(low)
+    x = torch.from_numpy(np.stack([dataset.load_image_array(r["file"], 64) for r in rows]))
     with torch.no_grad():
-        argmax = model(cc.model_input(x.unsqueeze(1))).argmax(1).tolist()
-    reported = [cc.CLASS_NAMES.index(r["prediction"]) for r in rows]
+        argmax = model(network.model_input(x.unsqueeze(1))).argmax(1).tolist()
+    reported = [network.CLASS_NAMES.index(r["prediction"]) for r in rows]
     assert argmax != reported  # the case that matters: argmax and report differ
     assert explained == reported
     assert len(list(run_folder(tmp_path / "o").glob("*_gradcam.png"))) == len(rows)
@@ -220,7 +219,7 @@ def test_gradcam_explains_the_reported_class(model_path, tmp_path, monkeypatch):
 def test_any_decoder_exception_skips_only_that_file(model_path, tmp_path, monkeypatch):
     """A decoder bug (here a RuntimeError from Pillow for one file) is one line naming
     the file, and the rest of the batch goes on: in predict.py and in visualize_results.py's
-    reading (cc.decode_all, which training reads through too)."""
+    reading (dataset.decode_all, which training reads through too)."""
     real_open = Image.open
 
     def flaky_open(fp, *args, **kwargs):
@@ -228,7 +227,7 @@ def test_any_decoder_exception_skips_only_that_file(model_path, tmp_path, monkey
             raise RuntimeError("decoder crashed")
         return real_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(cio.Image, "open", flaky_open)
+    monkeypatch.setattr(imagefiles.Image, "open", flaky_open)
     import predict
     import visualize_results
 
@@ -242,7 +241,7 @@ def test_any_decoder_exception_skips_only_that_file(model_path, tmp_path, monkey
         visualize_results.parse_args(["--split", str(TINY / "test")]), [model_path])
     paths, y, images, skipped = visualize_results.read_images(files, labels, others, 64)
     assert len(paths) + len(skipped) == 16 and len(skipped) == len(crashed)
-    array, reason = cc.try_load_image_array(sorted((TINY / "test" / "NORMAL").glob("IM-*"))[0])
+    array, reason = dataset.try_load_image_array(sorted((TINY / "test" / "NORMAL").glob("IM-*"))[0])
     assert array is None and "RuntimeError: decoder crashed" in reason
 
 
@@ -288,9 +287,9 @@ def test_dicom_header_is_checked_before_decoding(tmp_path):
         for k, v in tags.items():
             setattr(ds, k, v)
         ds.save_as(path)
-        with pytest.raises(cio.ImageReadError, match=words):
-            cio.read_image_gray(path)
-    assert cio.read_image_gray(dicom_with(tmp_path, "fine.dcm")).size == (64, 64)
+        with pytest.raises(imagefiles.ImageReadError, match=words):
+            imagefiles.read_image_gray(path)
+    assert imagefiles.read_image_gray(dicom_with(tmp_path, "fine.dcm")).size == (64, 64)
 
 
 def test_dir_reads_dicoms_without_extension_gif_webp_and_lists_the_rest(model_path, tmp_path):
@@ -304,7 +303,7 @@ def test_dir_reads_dicoms_without_extension_gif_webp_and_lists_the_rest(model_pa
                       "--out", tmp_path / "o")
     rows = {Path(r["file"]).name: r for r in rows_of(tmp_path / "o")}
     for name in ("1.2.840.99", "film.gif", "film.webp"):
-        assert rows[name]["prediction"] in cc.CLASS_NAMES, name
+        assert rows[name]["prediction"] in network.CLASS_NAMES, name
     assert "not an image or DICOM file (extension .txt)" in rows["notes.txt"]["error"]
     assert "Predicted 3 image(s)" in proc.stdout and "Skipped 1 file(s)" in proc.stdout
 

@@ -6,18 +6,18 @@ import pytest
 import torch
 from conftest import TINY
 
-import cxr_common as cc
+from cxr import checkpoints, dataset, network
 from gradcam import GradCAM, overlay
 
 
 def xray(size=64):
     f = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
-    g = cc.load_image_array(f, size)
-    return g, cc.normalize_batch(torch.from_numpy(g)[None, None])
+    g = dataset.load_image_array(f, size)
+    return g, network.normalize_batch(torch.from_numpy(g)[None, None])
 
 
 def test_gradcam_is_finite_in_range_and_depends_on_the_model(model_path):
-    model, _ = cc.load_checkpoint(model_path)
+    model, _ = checkpoints.load_checkpoint(model_path)
     gray, x = xray()
     heat, cls, probs = GradCAM(model)(x)
     assert heat.shape == (64, 64) and heat.dtype == np.float32
@@ -27,7 +27,7 @@ def test_gradcam_is_finite_in_range_and_depends_on_the_model(model_path):
     other, _, _ = GradCAM(model)(x, class_idx=1 - cls)
     assert np.abs(other - heat).mean() > 0.05  # the chosen class matters
     torch.manual_seed(0)
-    random_model, _ = cc.build_model(pretrained=False)
+    random_model, _ = network.build_model(pretrained=False)
     rand, _, _ = GradCAM(random_model.eval())(x, class_idx=cls)
     assert np.isfinite(rand).all()
     assert np.abs(rand - heat).mean() > 0.05  # the weights matter (sanity check)

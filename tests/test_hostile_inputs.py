@@ -16,8 +16,7 @@ import pytest
 from conftest import ROOT, TINY, needs_pydicom, run_script, script_env
 from PIL import Image
 
-import cxr_common as cc
-import cxr_io as cio
+from cxr import dataset, imagefiles, network, scan
 
 GOOD = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
 OTHER = sorted((TINY / "test" / "NORMAL").iterdir())[0]
@@ -106,14 +105,14 @@ def dicom_claiming(path, ds, pixel_bytes: int, deflated: bool):
 # would hit the limit (and be refused with MemoryError) instead of the machine.
 BOUNDED_READER = """
 import resource, sys
-import cxr_io as cio
+from cxr import imagefiles
 used = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
 cap = used + (768 << 20)
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 for path in sys.argv[1:]:
     try:
-        print(f"{path}: read {cio.read_image_gray(path).size}")
-    except cio.ImageReadError as e:
+        print(f"{path}: read {imagefiles.read_image_gray(path).size}")
+    except imagefiles.ImageReadError as e:
         print(f"{path}: refused: {e}")
 """
 
@@ -147,10 +146,10 @@ def test_dicom_bombs_are_refused_in_bounded_memory(tmp_path):
     out = read_bounded(bomb, hidden, plain, real)
     assert out[str(bomb)].startswith("refused: image too large (30000 x 30000 px"), out
     assert out[str(hidden)].startswith("refused: deflated DICOM data set inflates to more "
-                                       f"than {cio.MAX_DICOM_BYTES // 1_000_000} MB"), out
+                                       f"than {imagefiles.MAX_DICOM_BYTES // 1_000_000} MB"), out
     assert out[str(plain)].startswith("refused: DICOM file larger than"), out
     assert out[str(real)] == "read (64, 64)", out
-    assert np.array_equal(np.asarray(cio.read_image_gray(real)), arr)
+    assert np.array_equal(np.asarray(imagefiles.read_image_gray(real)), arr)
 
 
 @needs_pydicom
@@ -159,8 +158,8 @@ def test_dicom_header_bounds_the_pixel_bytes(tmp_path):
     refused before pydicom reads the pixels."""
     ds = dicom_dataset(5000, 5000, bits=64)  # 25 MP, 200 MB of pixel data
     path = dicom_claiming(tmp_path / "wide.dcm", ds, 1 << 20, deflated=False)
-    with pytest.raises(cio.ImageReadError, match=r"image too large .* x 64 bits, limit 120 MB"):
-        cio.read_image_gray(path)
+    with pytest.raises(imagefiles.ImageReadError, match=r"image too large .* x 64 bits, limit 120 MB"):
+        imagefiles.read_image_gray(path)
 
 
 # --- FIFOs, sockets, devices --------------------------------------------------------
@@ -182,14 +181,14 @@ def special_entries(folder: Path) -> dict:
 # Scans a folder and reads every image found, printing one line per entry.
 SCAN_AND_READ = """
 import sys
-import cxr_io as cio
-images, others = cio.scan_folder(sys.argv[1])
+from cxr import imagefiles, scan
+images, others = scan.scan_folder(sys.argv[1])
 for p, reason in others:
     print(f"{p.name}: listed: {reason}")
 for p in images:
     try:
-        print(f"{p.name}: read {cio.read_image_gray(p).size}")
-    except cio.ImageReadError as e:
+        print(f"{p.name}: read {imagefiles.read_image_gray(p).size}")
+    except imagefiles.ImageReadError as e:
         print(f"{p.name}: refused: {e}")
 """
 
@@ -222,7 +221,7 @@ def test_a_file_turned_fifo_after_the_listing_is_refused_not_opened(tmp_path, mo
     os.mkfifo(fifo)
     regular = os.stat(GOOD)
     real_stat = os.stat
-    monkeypatch.setattr(cio.os, "stat", lambda p, *a, **k: regular if str(p) == str(fifo)
+    monkeypatch.setattr(imagefiles.os, "stat", lambda p, *a, **k: regular if str(p) == str(fifo)
                         else real_stat(p, *a, **k))
     # a regression would block in open(): from 10 s on, a writer comes and goes every
     # second, so that it fails (late, with another message) instead of hanging
@@ -231,8 +230,8 @@ def test_a_file_turned_fifo_after_the_listing_is_refused_not_opened(tmp_path, mo
                                  "    time.sleep(1)", fifo])
     start = time.monotonic()
     try:
-        with pytest.raises(cio.ImageReadError, match="named pipe"):
-            cio.read_image_gray(fifo)
+        with pytest.raises(imagefiles.ImageReadError, match="named pipe"):
+            imagefiles.read_image_gray(fifo)
         assert time.monotonic() - start < 10, "the open waited for a writer"
     finally:
         watchdog.kill()
@@ -268,8 +267,8 @@ def test_linked_folders_are_followed_once_and_loops_listed(tmp_path, monkeypatch
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    paths, labels, others = cc.scan_labelled(split)
-    got = {p.name: cc.CLASS_NAMES[y] for p, y in zip(paths, labels)}
+    paths, labels, others = dataset.scan_labelled(split)
+    got = {p.name: network.CLASS_NAMES[y] for p, y in zip(paths, labels)}
     assert got == {"n1.jpeg": "NORMAL", "n2.jpeg": "NORMAL", "p1.jpeg": "PNEUMONIA"}
     why = {p.name: reason for p, reason in others}
     assert set(why) == {"again", "cross", "locked", "up"}, why
@@ -316,8 +315,8 @@ def test_decode_cache_survives_broken_and_looping_links(tmp_path):
     (tmp_path / "broken.jpeg").symlink_to(tmp_path / "nowhere.jpeg")
     (tmp_path / "loop_a.jpeg").symlink_to(tmp_path / "loop_b.jpeg")
     (tmp_path / "loop_b.jpeg").symlink_to(tmp_path / "loop_a.jpeg")
-    paths = cio.list_images(tmp_path)
-    images, kept, bad = cc.decode_all(paths, 64, cache_dir=tmp_path / "cache")
+    paths = scan.list_images(tmp_path)
+    images, kept, bad = dataset.decode_all(paths, 64, cache_dir=tmp_path / "cache")
     assert [paths[i].name for i in kept] == ["good.jpeg"]
     assert {p.name: r.split(" (")[0] for p, r in bad} == {
         "broken.jpeg": "cannot access file", "loop_a.jpeg": "cannot access file",
@@ -334,7 +333,7 @@ def test_dicom_frames_without_a_frame_count_give_the_first(tmp_path):
     first, second = grey_of(GOOD), grey_of(OTHER)
     path = save_dicom(tmp_path / "frames.dcm", dicom_dataset(64, 64),
                       first.tobytes() + second.tobytes() * 2)
-    assert np.array_equal(np.asarray(cio.read_image_gray(path)), first)
+    assert np.array_equal(np.asarray(imagefiles.read_image_gray(path)), first)
 
 
 @needs_pydicom
@@ -354,10 +353,10 @@ def test_dicom_palette_is_applied_then_judged_as_colour(tmp_path):
         return save_dicom(path, ds, arr.tobytes())
 
     inverted = palette(tmp_path / "grey.dcm", *[ramp[::-1]] * 3)
-    assert np.abs(np.asarray(cio.read_image_gray(inverted)).astype(int) - (255 - arr)).max() <= 1
+    assert np.abs(np.asarray(imagefiles.read_image_gray(inverted)).astype(int) - (255 - arr)).max() <= 1
     coloured = palette(tmp_path / "colour.dcm", ramp, ramp[::-1], np.zeros(256))
-    with pytest.raises(cio.ImageReadError, match="a colour picture"):
-        cio.read_image_gray(coloured)
+    with pytest.raises(imagefiles.ImageReadError, match="a colour picture"):
+        imagefiles.read_image_gray(coloured)
 
 
 @needs_pydicom
@@ -368,12 +367,12 @@ def test_dicom_rgb_is_judged_as_colour(tmp_path):
     grey = np.repeat(arr[..., None], 3, axis=2)
     path = save_dicom(tmp_path / "grey_rgb.dcm", dicom_dataset(64, 64, photometric="RGB",
                                                                 samples=3), grey.tobytes())
-    assert np.abs(np.asarray(cio.read_image_gray(path)).astype(int) - arr).max() <= 1
+    assert np.abs(np.asarray(imagefiles.read_image_gray(path)).astype(int) - arr).max() <= 1
     colour = np.stack([arr, 255 - arr, np.zeros_like(arr)], axis=2)
     path = save_dicom(tmp_path / "colour_rgb.dcm", dicom_dataset(64, 64, photometric="RGB",
                                                                   samples=3), colour.tobytes())
-    with pytest.raises(cio.ImageReadError, match="a colour picture"):
-        cio.read_image_gray(path)
+    with pytest.raises(imagefiles.ImageReadError, match="a colour picture"):
+        imagefiles.read_image_gray(path)
 
 
 @needs_pydicom
@@ -384,8 +383,8 @@ def test_dicom_with_few_bits_uses_the_full_grey_range(tmp_path):
     bits = (arr > 128).astype(np.uint8)
     packed = np.packbits(bits.ravel(), bitorder="little").tobytes()
     one = save_dicom(tmp_path / "one_bit.dcm", dicom_dataset(64, 64, bits=1), packed)
-    assert np.array_equal(np.asarray(cio.read_image_gray(one)), bits * 255)
-    cc.load_image_array(one, 64)  # a radiograph's structure, not a blank image
+    assert np.array_equal(np.asarray(imagefiles.read_image_gray(one)), bits * 255)
+    dataset.load_image_array(one, 64)  # a radiograph's structure, not a blank image
     ds = dicom_dataset(64, 64, bits=8, BitsStored=4, HighBit=3)
     four = save_dicom(tmp_path / "four_bit.dcm", ds, (arr // 16).tobytes())
-    assert np.array_equal(np.asarray(cio.read_image_gray(four)), (arr // 16) * 17)
+    assert np.array_equal(np.asarray(imagefiles.read_image_gray(four)), (arr // 16) * 17)

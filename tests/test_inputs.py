@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import cxr_common as cc
-import cxr_io as cio
+from cxr import dataset, imagefiles
 
 GOOD = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
 
@@ -97,9 +96,9 @@ def test_unreadable_file(tmp_path, monkeypatch):
         def deny(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(cio.Image, "open", deny)
-    with pytest.raises(cio.ImageReadError, match="permission denied"):
-        cio.read_image_gray(f)
+        monkeypatch.setattr(imagefiles.Image, "open", deny)
+    with pytest.raises(imagefiles.ImageReadError, match="permission denied"):
+        imagefiles.read_image_gray(f)
 
 
 def test_nothing_readable_exits_nonzero(model_path, tmp_path):
@@ -113,9 +112,9 @@ def test_nothing_readable_exits_nonzero(model_path, tmp_path):
 def test_unusual_modes_match_the_8bit_original(tmp_path):
     """16-bit, RGBA, CMYK and palette versions of one X-ray preprocess (almost) alike."""
     names = make_valid_unusual(tmp_path)
-    ref = cc.load_image_array(GOOD, 64).astype(int)
+    ref = dataset.load_image_array(GOOD, 64).astype(int)
     for name in names:
-        arr = cc.load_image_array(tmp_path / name, 64).astype(int)
+        arr = dataset.load_image_array(tmp_path / name, 64).astype(int)
         assert arr.shape == (64, 64)
         tol = 12 if name in ("cmyk.jpeg", "palette.png") else 1
         assert np.abs(arr - ref).mean() < tol, name
@@ -124,7 +123,7 @@ def test_unusual_modes_match_the_8bit_original(tmp_path):
 def test_fullres_draft_decoding_preserves_the_result():
     """JPEG draft mode (reduced DCT decoding) barely changes the 224 px model input."""
     for f in (DATA / "fullres").iterdir():
-        fast = cc.load_image_array(f, 224).astype(float)
+        fast = dataset.load_image_array(f, 224).astype(float)
         img = Image.open(f).convert("L").resize((224, 224), Image.Resampling.BILINEAR)
         slow = np.asarray(img, dtype=float)
         assert np.abs(fast - slow).mean() < 1.5, f.name
@@ -138,8 +137,8 @@ FAKE_MONO1 = DATA / "dicom" / "Fake_MONOHR1.dcm"
 
 @needs_pydicom
 def test_monochrome1_is_the_exact_negative_of_its_twin():
-    twin = np.asarray(cio.read_image_gray(SIIM)).astype(int)
-    mono1 = np.asarray(cio.read_image_gray(FAKE_MONO1)).astype(int)
+    twin = np.asarray(imagefiles.read_image_gray(SIIM)).astype(int)
+    mono1 = np.asarray(imagefiles.read_image_gray(FAKE_MONO1)).astype(int)
     assert twin.shape == (1024, 1024) and twin.std() > 20
     assert (mono1 == 255 - twin).all()
 
@@ -179,7 +178,7 @@ def test_16bit_dicom_with_rescale_and_window(tmp_path):
     path = grey_dicom(tmp_path / "x16.dcm", ExplicitVRLittleEndian, arr.tobytes(), *arr.shape,
                       bits=16, stored=12, RescaleSlope=1, RescaleIntercept=-1024,
                       WindowCenter=1024, WindowWidth=4096)
-    out = np.asarray(cio.read_image_gray(path)).astype(int)
+    out = np.asarray(imagefiles.read_image_gray(path)).astype(int)
     ref = np.asarray(Image.open(GOOD).convert("L")).astype(int)
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
 
@@ -198,7 +197,7 @@ def test_dicom_rescale_then_window_gives_known_grey_levels(tmp_path):
     path = grey_dicom(tmp_path / "ramp.dcm", ExplicitVRLittleEndian, stored.tobytes(), 64, 64,
                       bits=16, stored=12, RescaleSlope=2, RescaleIntercept=-1024,
                       WindowCenter=1500, WindowWidth=2001)
-    out = np.asarray(cio.read_image_gray(path)).astype(int)
+    out = np.asarray(imagefiles.read_image_gray(path)).astype(int)
 
     x = 2.0 * stored - 1024  # modality LUT: x = slope * stored + intercept
     c, w = 1500 - 0.5, 2001 - 1  # LINEAR: c - 0.5, w - 1
@@ -232,9 +231,9 @@ def test_dicom_without_pydicom_says_how_to_fix(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['pydicom'] = None; import cxr_io as cio\n"
-            f"try:\n    cio.read_image_gray({str(SIIM)!r})\n"
-            "except cio.ImageReadError as e:\n    print(e)")
+    code = ("import sys; sys.modules['pydicom'] = None; from cxr import imagefiles\n"
+            f"try:\n    imagefiles.read_image_gray({str(SIIM)!r})\n"
+            "except imagefiles.ImageReadError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=DATA.parent.parent).stdout
     assert "pip install pydicom" in out
@@ -256,7 +255,7 @@ def test_jpeg_compressed_dicom_decodes_with_the_installed_handler(tmp_path):
     ref.save(buf, "JPEG", quality=95)
     path = compressed_dicom(tmp_path / "jpeg.dcm", JPEGBaseline8Bit, buf.getvalue(),
                             ref.height, ref.width)
-    out = np.asarray(cio.read_image_gray(path)).astype(float)
+    out = np.asarray(imagefiles.read_image_gray(path)).astype(float)
     assert np.abs(out - np.asarray(ref, dtype=float)).mean() < 2.0
 
 
@@ -286,11 +285,11 @@ JPEG_BYTES = GOOD.read_bytes()
 
 def check_decoder(path):
     try:
-        img = cio.read_image_gray(path)
-    except cio.ImageReadError as e:
+        img = imagefiles.read_image_gray(path)
+    except imagefiles.ImageReadError as e:
         assert str(e) and "\n" not in str(e)
         return
-    assert img.mode == "L" and min(img.size) >= cio.MIN_SIDE
+    assert img.mode == "L" and min(img.size) >= imagefiles.MIN_SIDE
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

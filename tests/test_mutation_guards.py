@@ -15,11 +15,10 @@ import torch
 from conftest import DATA, TINY, run_folder, run_script
 from torch import nn
 
-import cxr_common as cc
-import cxr_io as cio
 import predict
 import train_cxray as tc
 import visualize_results as vr
+from cxr import calib, checkpoints, dataset, network, runtime, scan, scoring, siteshift
 
 PATIENTS64 = DATA / "patients64"
 TEST64 = PATIENTS64 / "test"
@@ -27,14 +26,14 @@ TEST64 = PATIENTS64 / "test"
 
 def several_films(paths) -> set:
     """The patients with more than one of these files."""
-    ids = [cc.patient_id(p) for p in paths]
+    ids = [dataset.patient_id(p) for p in paths]
     return {g for g in ids if ids.count(g) > 1}
 
 
 def labelled_images(folder, size=64):
     """(paths, labels, images) of a class folder, in the order the scripts read it."""
-    paths, labels = cc.list_labelled(folder)
-    return paths, np.array(labels), np.stack([cc.load_image_array(p, size) for p in paths])
+    paths, labels = dataset.list_labelled(folder)
+    return paths, np.array(labels), np.stack([dataset.load_image_array(p, size) for p in paths])
 
 
 # --- calibration: the empty band ----------------------------------------------------------
@@ -47,11 +46,11 @@ def test_a_separable_set_with_many_pneumonias_has_an_empty_band():
     instead of none. (With 50 pneumonias both are the lowest score.)"""
     y = np.array([0] * 100 + [1] * 100)
     margins = np.r_[np.linspace(-6, -1, 100), np.linspace(1, 6, 100)]
-    cal = cc.fit_calibration(torch.tensor(np.c_[np.zeros(200), margins], dtype=torch.float32), y)
-    assert cc.threshold_rank(100)[0] == 2
-    p = cc.probabilities(torch.tensor(np.c_[np.zeros(200), margins], dtype=torch.float32),
+    cal = calib.fit_calibration(torch.tensor(np.c_[np.zeros(200), margins], dtype=torch.float32), y)
+    assert calib.threshold_rank(100)[0] == 2
+    p = network.probabilities(torch.tensor(np.c_[np.zeros(200), margins], dtype=torch.float32),
                          cal["temperature"])
-    t, low, high = cc.cuts(p, y)
+    t, low, high = calib.cuts(p, y)
     assert high < low < t  # the cuts cross, and the low one lies below the threshold
     lo, hi = cal["uncertain_band"]
     assert lo == hi == cal["threshold"]
@@ -68,13 +67,13 @@ def test_the_calibration_split_shares_no_patient_with_train_or_validation(seed, 
     args = tc.parse_args(["--data", str(PATIENTS64), "--recipe", "improved", "--seed", str(seed),
                           "--val-fraction", fractions[0]])
     args.calib_fraction = float(fractions[1])  # an older run's, rebuilt from its checkpoint
-    splits, _ = cc.split_files(args, tc.recipe_for("improved"))
+    splits, _ = dataset.split_files(args, tc.recipe_for("improved"))
     assert set(splits) == {"train", "val", "cal"}
     files = {k: ps for k, (ps, _) in splits.items()}
-    patients = {k: {cc.patient_id(p) for p in ps} for k, ps in files.items()}
+    patients = {k: {dataset.patient_id(p) for p in ps} for k, ps in files.items()}
     for a, b in (("cal", "train"), ("cal", "val"), ("train", "val")):
         assert not patients[a] & patients[b], (a, b, patients[a] & patients[b])
-    everything = cc.list_labelled(PATIENTS64 / "train")[0]
+    everything = dataset.list_labelled(PATIENTS64 / "train")[0]
     assert sorted(sum(files.values(), [])) == sorted(everything)  # each file exactly once
     for k, (_, labels) in splits.items():
         assert set(labels) == {0, 1}, k
@@ -98,22 +97,22 @@ def test_calibration_groups_are_the_patients_of_the_calibration_split(model_path
     args.calib_fraction = 0.3  # a larger calibration split: more patients with several films
     recipe = tc.recipe_for("improved")
     arrays, patients = tc.load_splits(args, recipe, None, rank=1)[:2]
-    cal_files = cc.split_files(args, recipe)[0]["cal"][0]
-    assert patients["cal"] == [cc.patient_id(p) for p in cal_files]
+    cal_files = dataset.split_files(args, recipe)[0]["cal"][0]
+    assert patients["cal"] == [dataset.patient_id(p) for p in cal_files]
     assert len(several_films(cal_files)) >= 2
-    seen, real = {}, cc.fit_calibration
+    seen, real = {}, calib.fit_calibration
 
     def spy(logits, labels, groups=None, seed=0):
         seen["groups"] = groups
         return real(logits, labels, groups, seed)
 
-    monkeypatch.setattr(cc, "fit_calibration", spy)
-    model, _ = cc.load_checkpoint(model_path)
-    cc.calibrate(model, *arrays["cal"], patients["cal"], recipe["intensity"], seed=0)
+    monkeypatch.setattr(calib, "fit_calibration", spy)
+    model, _ = checkpoints.load_checkpoint(model_path)
+    calib.calibrate(model, *arrays["cal"], patients["cal"], recipe["intensity"], seed=0)
     groups = np.asarray(seen["groups"])
-    assert groups.tolist() == patients["cal"] * cc.STRESS_COPIES
+    assert groups.tolist() == patients["cal"] * calib.STRESS_COPIES
     # each resample draws a patient's rows (all films, all copies) together
-    for idx in cc.resample_indices(len(groups), 20, 0, groups):
+    for idx in scoring.resample_indices(len(groups), 20, 0, groups):
         for g in set(groups[idx]):
             counts = np.bincount(idx[groups[idx] == g], minlength=len(groups))[groups == g]
             assert len(set(counts.tolist())) == 1, g
@@ -148,7 +147,7 @@ def test_typicality_is_the_mahalanobis_distance_under_the_shrunk_precision(dims)
     f, y = gaussian_features(rng, 300, cov, shift)
     fv, yv = gaussian_features(rng, 100, cov, shift)
     new = rng.multivariate_normal(np.zeros(d), 4 * cov, size=50)
-    stats = cc.fit_typicality(f, y, fv, yv, dims=dims)
+    stats = siteshift.fit_typicality(f, y, fv, yv, dims=dims)
 
     k = min(dims, d)
     mean = f.mean(0)
@@ -164,7 +163,7 @@ def test_typicality_is_the_mahalanobis_distance_under_the_shrunk_precision(dims)
 
     expected = by_hand(new, np.linalg.inv(shrunk))
     assert not np.allclose(by_hand(new, shrunk), expected, rtol=0.1)  # the two differ
-    assert cc.typicality_score(new, stats) == pytest.approx(expected, rel=1e-3)
+    assert siteshift.typicality_score(new, stats) == pytest.approx(expected, rel=1e-3)
     assert stats["cut"] == pytest.approx(np.quantile(by_hand(fv, np.linalg.inv(shrunk)), 0.99),
                                          rel=1e-3)
 
@@ -175,16 +174,16 @@ def test_typicality_is_the_mahalanobis_distance_under_the_shrunk_precision(dims)
 def adapted_and_trained(model_path, images, batch_size):
     """In-process: (P(PNEUMONIA) of the AdaBN-adapted model, typicality / cut of the
     trained model, the same ratio on the adapted model's features)."""
-    members, cal, _ = cc.load_ensemble([model_path])
+    members, cal, _ = checkpoints.load_ensemble([model_path])
     (model, meta), = members
-    adapted = cc.adapt_batchnorm(model, images, cc.intensity_of(meta), batch_size)
-    logits, adapted_feats = cc.predict_logits(adapted, images, cc.intensity_of(meta),
+    adapted = siteshift.adapt_batchnorm(model, images, network.intensity_of(meta), batch_size)
+    logits, adapted_feats = network.predict_logits(adapted, images, network.intensity_of(meta),
                                               batch_size, features=True)
-    _, feats = cc.predict_logits(model, images, cc.intensity_of(meta), batch_size, features=True)
+    _, feats = network.predict_logits(model, images, network.intensity_of(meta), batch_size, features=True)
     stats = model.typicality
-    ratio = cc.typicality_score(feats.numpy(), stats) / stats["cut"]
-    adapted_ratio = cc.typicality_score(adapted_feats.numpy(), stats) / stats["cut"]
-    return cc.probabilities(logits, cal["temperatures"][0]), ratio, adapted_ratio, feats
+    ratio = siteshift.typicality_score(feats.numpy(), stats) / stats["cut"]
+    adapted_ratio = siteshift.typicality_score(adapted_feats.numpy(), stats) / stats["cut"]
+    return network.probabilities(logits, cal["temperatures"][0]), ratio, adapted_ratio, feats
 
 
 @pytest.fixture(scope="module")
@@ -204,11 +203,12 @@ def test_predict_adapt_scores_with_the_adapted_model_and_flags_with_the_trained_
     the model as trained"). Every row's probability must be the adapted model's, and its
     typicality the trained model's, computed here."""
     rows = list(csv.DictReader(open(adapt_run / "predictions.csv")))
-    files = cio.scan_folder(TEST64)[0]
+    files = scan.scan_folder(TEST64)[0]
     assert [r["resolved_path"] for r in rows] == [predict.resolved(f) for f in files]
-    images = np.stack([cc.load_image_array(f, 64) for f in files])
+    images = np.stack([dataset.load_image_array(f, 64) for f in files])
     prob, ratio, adapted_ratio, _ = adapted_and_trained(model_path, images, 64)
-    unadapted = cc.probabilities(cc.predict_logits(cc.load_checkpoint(model_path)[0], images), 1.0)
+    trained = checkpoints.load_checkpoint(model_path)[0]
+    unadapted = network.probabilities(network.predict_logits(trained, images), 1.0)
     # the premises: adaptation moves both the probabilities and the typicality
     assert (np.abs(prob - unadapted) > 0.01).mean() > 0.5
     assert (np.abs(ratio - adapted_ratio) > 0.01).mean() > 0.5
@@ -222,13 +222,13 @@ def test_visualize_adapt_scores_with_the_adapted_model_and_flags_with_the_traine
     """The same two bugs in visualize_results.py --adapt: predictions.csv holds the
     adapted model's probabilities, and the site-shift report (flag and domain classifier)
     is given the trained model's features."""
-    seen, real = [], cc.outside_distribution
+    seen, real = [], siteshift.outside_distribution
 
     def spy(members, feats):
         seen.append([f.clone() for f in feats])
         return real(members, feats)
 
-    monkeypatch.setattr(cc, "outside_distribution", spy)
+    monkeypatch.setattr(siteshift, "outside_distribution", spy)
     assert vr.main(["--model", str(model_path), "--split", str(TEST64), "--out", str(tmp_path),
                     "--bootstrap", "20", "--gallery", "0", "--adapt"]) == 0
     paths, _, images = labelled_images(TEST64)
@@ -236,7 +236,7 @@ def test_visualize_adapt_scores_with_the_adapted_model_and_flags_with_the_traine
     (given,) = seen
     assert torch.allclose(given[0], feats, atol=1e-5), "the flag got other features than the trained model's"
     rows = list(csv.DictReader(open(run_folder(tmp_path) / "predictions.csv")))
-    assert [r["file"] for r in rows] == [cio.display_name(p) for p in paths]
+    assert [r["file"] for r in rows] == [runtime.display_name(p) for p in paths]
     assert [float(r["prob_pneumonia"]) for r in rows] == pytest.approx(prob.tolist(), abs=2e-6)
 
 
@@ -252,9 +252,9 @@ def patient_evaluation(model_path, tmp_path_factory):
                "--bootstrap", 100, "--recalibrate", 10, "--draws", 2, "--gallery", 0)
     metrics = json.loads((run_folder(out) / "metrics.json").read_text())
     paths, y, images = labelled_images(TEST64)
-    members, cal, _ = cc.load_ensemble([model_path])
-    p = cc.mean_probability(cc.member_logits(members, images), cal["temperatures"])
-    groups = np.array([cc.patient_id(q) for q in paths])
+    members, cal, _ = checkpoints.load_ensemble([model_path])
+    p = network.mean_probability(network.member_logits(members, images), cal["temperatures"])
+    groups = np.array([dataset.patient_id(q) for q in paths])
     assert len(several_films(paths)) >= 8
     return metrics, y, p, groups, cal
 
@@ -282,8 +282,8 @@ def test_recalibrate_partitions_the_folder_by_patient(patient_evaluation):
 def test_the_evaluation_bootstrap_resamples_patients(patient_evaluation):
     metrics, y, p, groups, cal = patient_evaluation
     assert metrics["bootstrap"] == "by patient"
-    expected = cc.bootstrap_ci(y, p, cal["threshold"], 100, groups=groups)
-    assert expected != cc.bootstrap_ci(y, p, cal["threshold"], 100)
+    expected = scoring.bootstrap_ci(y, p, cal["threshold"], 100, groups=groups)
+    assert expected != scoring.bootstrap_ci(y, p, cal["threshold"], 100)
     for k, interval in expected.items():
         assert metrics["ci95_at_threshold"][k] == pytest.approx(interval, abs=1e-9), k
 
@@ -296,7 +296,7 @@ def test_bootstrap_interval_is_the_2_5_and_97_5_percentiles_at_fine_resolution()
     n = 400
     y = np.array([0, 1] * (n // 2))
     p = np.where(np.arange(n) % 5 != 0, y * 0.8 + 0.1, 0.9 - y * 0.8)  # 80% right
-    ci = cc.bootstrap_ci(y, p, 0.5, 200, seed=3)
+    ci = scoring.bootstrap_ci(y, p, 0.5, 200, seed=3)
     rng = np.random.default_rng(3)
     acc = [np.mean((p[i] >= 0.5) == y[i]) for i in (rng.integers(0, n, n) for _ in range(200))]
     assert ci["accuracy"] == pytest.approx([np.percentile(acc, 2.5), np.percentile(acc, 97.5)])
@@ -312,7 +312,7 @@ def test_patient_bootstrap_draws_whole_patients_by_hand():
     groups = np.repeat(np.arange(100), rng.integers(1, 5, 100))
     y = (groups % 2).astype(int)
     p = np.clip(y * 0.3 + rng.uniform(0.2, 0.6, len(y)), 0, 1)
-    ci = cc.bootstrap_ci(y, p, 0.5, 100, seed=5, groups=groups)
+    ci = scoring.bootstrap_ci(y, p, 0.5, 100, seed=5, groups=groups)
     draw = np.random.default_rng(5)
     acc = []
     for _ in range(100):

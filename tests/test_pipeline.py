@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DATA, ROOT, TINY, run_folder, run_script, train_args
 
-import cxr_common as cc
+from cxr import checkpoints, dataset, network
 
 
 def test_download_imports_local_copy_and_reports(tmp_path):
@@ -68,18 +68,18 @@ def test_checkpoint_round_trip_is_the_best_epoch(trained_run, model_path):
     injected validation scores.)"""
     payload = torch.load(model_path, weights_only=True)
     meta = payload["meta"]
-    assert payload["format"] == cc.CHECKPOINT_FORMAT
+    assert payload["format"] == checkpoints.CHECKPOINT_FORMAT
     assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert meta["recipe"] == "reference" and meta["seed"] == 0
     assert meta["preprocessing"]["image_size"] == 64
     assert meta["weights"].startswith(("offline", "torchvision"))
     # re-evaluate on the saved validation split: must give the stored val F1
-    model, _ = cc.load_checkpoint(model_path)
+    model, _ = checkpoints.load_checkpoint(model_path)
     rows = list(csv.DictReader(open(trained_run[0] / "val_split.csv")))
     val = [r for r in rows if r["split"] == "val"]
-    x = np.stack([cc.load_image_array(r["file"], 64) for r in val])
-    y = np.array([cc.CLASS_NAMES.index(r["label"]) for r in val])
-    probs = cc.ensemble_probability([(model, meta)], x, [1.0])
+    x = np.stack([dataset.load_image_array(r["file"], 64) for r in val])
+    y = np.array([network.CLASS_NAMES.index(r["label"]) for r in val])
+    probs = network.ensemble_probability([(model, meta)], x, [1.0])
     from sklearn.metrics import f1_score
 
     assert abs(f1_score(y, probs >= 0.5) - meta["metrics"]["val_f1"]) < 1e-9
@@ -98,7 +98,7 @@ def test_predict_single_image_with_gradcam_and_json(model_path, tmp_path):
     out = run_folder(tmp_path / "out")
     assert (out / "person20_bacteria_69_gradcam.png").stat().st_size > 10_000
     (row,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert row["prediction"] in cc.CLASS_NAMES
+    assert row["prediction"] in network.CLASS_NAMES
     assert abs(row["prob_normal"] + row["prob_pneumonia"] - 1) < 1e-5
 
 
@@ -191,7 +191,7 @@ def test_ablation_run_changes_one_part_and_never_reads_test(ablation_run):
     assert "Test split not read" in proc.stdout and "Test Accuracy" not in proc.stdout
     assert run_dir.name.endswith("improved-no-equalize_seed42")
     meta = torch.load(run_dir / "mobilenet_cxr.pth", weights_only=True)["meta"]
-    assert meta["ablate"] == ["equalize"] and cc.intensity_of(meta) == "none"
+    assert meta["ablate"] == ["equalize"] and network.intensity_of(meta) == "none"
     assert meta["recipe_details"]["loss"].startswith("CrossEntropyLoss(class-balanced")
     assert not any(k.startswith("test_") for k in meta["metrics"])
     # its warm-up + cosine schedule steps once per batch: after its one epoch the warm-up

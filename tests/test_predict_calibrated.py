@@ -6,7 +6,7 @@ logits * T with logits / T. The `calibrated` fixture (conftest) is the shipped m
 weights with temperature 2.5, a threshold far from 0.5 that falls between two test
 images' probabilities (both within 0.02 of it) and an uncertain band around it; the
 `ensemble` fixture adds the shipped reference model, differently trained and calibrated.
-Expected values: softmax(logits / T)[:, 1] of cc.model_input(cc.load_image_array(f)).
+Expected values: softmax(logits / T)[:, 1] of network.model_input(dataset.load_image_array(f)).
 """
 
 import csv
@@ -27,7 +27,7 @@ from conftest import (
 )
 from PIL import Image
 
-import cxr_common as cc
+from cxr import checkpoints, dataset, network, scoring
 from gradcam import GradCAM, overlay
 
 TOL = 1e-4  # the CSVs hold 6 decimals; in-process and script forward passes agree to ~1e-6
@@ -90,7 +90,7 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
     pred = (p >= t).astype(int)
     for i, f in enumerate(calibrated.files):
         row = rows[f.name]
-        assert row["label"] == cc.CLASS_NAMES[y[i]]
+        assert row["label"] == network.CLASS_NAMES[y[i]]
         assert abs(float(row["confidence"]) - (p[i] if pred[i] else 1 - p[i])) < TOL
         assert int(row["correct"]) == int(pred[i] == y[i])
     metrics = json.loads((out / "metrics.json").read_text())
@@ -105,8 +105,8 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
     # the bootstrap intervals at the stored threshold (20 resamples; these test films are
     # one per patient, so by patient and by image agree here); the decisions have a
     # margin from the threshold, so the intervals do not hinge on float rounding
-    groups = np.array([cc.patient_id(f) for f in calibrated.files])
-    ci = cc.bootstrap_ci(y, p, t, 20, groups=groups)
+    groups = np.array([dataset.patient_id(f) for f in calibrated.files])
+    ci = scoring.bootstrap_ci(y, p, t, 20, groups=groups)
     for k in ("accuracy", "sensitivity", "specificity"):
         assert metrics["ci95_at_threshold"][k] == pytest.approx(ci[k], abs=1e-9), k
     answered = ~((p >= calibrated.band[0]) & (p < calibrated.band[1]))
@@ -167,9 +167,9 @@ def overlay_panel(png, size):
 
 
 def expected_overlay(checkpoint, image, class_idx):
-    model, meta = cc.load_checkpoint(checkpoint)
-    gray = cc.load_image_array(image, meta["preprocessing"]["image_size"])
-    x = cc.model_input(torch.from_numpy(gray)[None, None], cc.intensity_of(meta))
+    model, meta = checkpoints.load_checkpoint(checkpoint)
+    gray = dataset.load_image_array(image, meta["preprocessing"]["image_size"])
+    x = network.model_input(torch.from_numpy(gray)[None, None], network.intensity_of(meta))
     heat, _, _ = GradCAM(model)(x, class_idx=class_idx)
     assert heat.std() > 0.05  # a map with structure, or the comparison proves little
     return overlay(gray, heat).astype(int), gray
@@ -211,6 +211,6 @@ def test_gradcam_figure_explains_the_thresholded_prediction(calibrated, gradcam_
     reported = calibrated.expected(disagree.name)[0]
     assert rows[disagree.name]["prediction"] == reported
     exp, gray = expected_overlay(calibrated.path, disagree,
-                                 class_idx=cc.CLASS_NAMES.index(reported))
+                                 class_idx=network.CLASS_NAMES.index(reported))
     panel = overlay_panel(out / f"{disagree.stem}_gradcam.png", gray.shape[0])
     assert np.abs(panel - exp).mean() < 2.0, np.abs(panel - exp).mean()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA, ROOT, TINY, run_folder, run_script, script_env
 
-import cxr_io as cio
+from cxr import runtime
 
 MODEL = ROOT / "models" / "reference_seed1.pth"
 FILM = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
@@ -80,19 +80,19 @@ def test_names_cannot_act_on_the_console(tmp_path):
     assert f"{folder}/bad\\x1b[31m.jpeg: not an image" in proc.stdout  # the skip list
     rows = csv_rows(run_folder(tmp_path / "o"))
     assert sorted(r["file"] for r in rows) == sorted(
-        cio.display_name(folder / n) for n in [*SPOOFS, "bad\x1b[31m.jpeg"])
+        runtime.display_name(folder / n) for n in [*SPOOFS, "bad\x1b[31m.jpeg"])
 
 
 def test_display_name_escapes_every_hidden_character_and_keeps_names_apart():
     raw = os.fsdecode(b"n\xff.jpeg")  # not UTF-8
-    assert cio.display_name(raw) == "n\\xff.jpeg"
+    assert runtime.display_name(raw) == "n\\xff.jpeg"
     for ch in RAW_CONTROLS + ["\n", "\t", "\x00", "\u200b", "\ufeff"]:
-        shown = cio.display_name(f"a{ch}b")
+        shown = runtime.display_name(f"a{ch}b")
         assert ch not in shown and shown.isprintable(), repr(shown)
-    assert cio.display_name("é ü 日本.png") == "é ü 日本.png"
+    assert runtime.display_name("é ü 日本.png") == "é ü 日本.png"
     # a name spelling an escape is not shown like the character it spells
-    assert cio.display_name("a\\x1b") != cio.display_name("a\x1b")
-    assert cio.display_name("a\\nb") != cio.display_name("a\nb")
+    assert runtime.display_name("a\\x1b") != runtime.display_name("a\x1b")
+    assert runtime.display_name("a\\nb") != runtime.display_name("a\nb")
 
 
 # --- names that would act on a spreadsheet ---------------------------------------------
@@ -269,7 +269,7 @@ def test_the_other_scripts_print_names_escaped(script, args, tmp_path):
     args = [a.format(bad=bad, tmp=tmp_path) for a in args]
     proc = run_script(script, *args, check=False)
     line = one_line_error(proc)
-    assert cio.display_name(bad) in line, line
+    assert runtime.display_name(bad) in line, line
     for ch in RAW_CONTROLS:
         assert ch not in proc.stdout + proc.stderr, f"{ch!r} reached the console"
 

@@ -10,7 +10,7 @@ import torch
 from conftest import CAL_TEMPERATURE, ROOT, TINY, run_folder, run_script, tiny_test_files
 from PIL import Image
 
-import cxr_common as cc
+from cxr import calib, checkpoints, dataset, network, runtime, siteshift
 
 SHIPPED = ROOT / "models" / "mobilenet_cxr.pth"
 
@@ -60,11 +60,11 @@ def test_typicality_for_rebuilds_the_statistics_the_run_stored(trained_run, tmp_
     payload = torch.load(original, weights_only=True)
     stored = payload["typicality"]
     bare = tmp_path / "bare.pth"
-    cc.save_checkpoint(bare, payload["state_dict"], payload["meta"])
-    assert cc.load_checkpoint(bare)[0].typicality is None
+    checkpoints.save_checkpoint(bare, payload["state_dict"], payload["meta"])
+    assert checkpoints.load_checkpoint(bare)[0].typicality is None
     run_script("experiments/upgrade_checkpoint.py", "--typicality-for", bare, "--data", TINY,
                "--cache-dir", "")
-    rebuilt = cc.load_checkpoint(bare)[0].typicality
+    rebuilt = checkpoints.load_checkpoint(bare)[0].typicality
     assert rebuilt["cut"] == pytest.approx(stored["cut"], rel=1e-4)
     assert torch.allclose(rebuilt["class_means"], stored["class_means"], atol=1e-3)
     # every tensor loads with weights_only=True (no pickled objects)
@@ -84,7 +84,7 @@ def test_calibrate_for_refits_the_calibration_the_run_stored(ablation_run, model
     meta["calibration"] = dict(stored, temperature=3.0, threshold=0.01)
     meta["metrics"]["test_acc"] = 0.5  # a test figure measured with the old calibration
     copy = tmp_path / "old.pth"
-    cc.save_checkpoint(copy, payload["state_dict"], meta, payload.get("typicality"))
+    checkpoints.save_checkpoint(copy, payload["state_dict"], meta, payload.get("typicality"))
     run_script("experiments/upgrade_checkpoint.py", "--calibrate-for", copy, "--data", TINY,
                "--cache-dir", "")
     refit = torch.load(copy, weights_only=True)
@@ -107,17 +107,17 @@ def test_calibrate_for_refits_the_calibration_the_run_stored(ablation_run, model
 
 
 def test_adabn_changes_only_batchnorm_statistics_to_those_of_the_images(model_path):
-    model, meta = cc.load_checkpoint(model_path)
+    model, meta = checkpoints.load_checkpoint(model_path)
     size = meta["preprocessing"]["image_size"]
-    x = np.stack([cc.load_image_array(f, size) for f in tiny_test_files()])
-    adapted = cc.adapt_batchnorm(model, x, cc.intensity_of(meta), batch_size=5)
+    x = np.stack([dataset.load_image_array(f, size) for f in tiny_test_files()])
+    adapted = siteshift.adapt_batchnorm(model, x, network.intensity_of(meta), batch_size=5)
     before, after = model.state_dict(), adapted.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("running_" in k or "num_batches" in k for k in changed)
     # the first BatchNorm's running mean is the mean of its input over all the images
     seen = []
     hook = model.features[0][0].register_forward_hook(lambda m, i, o: seen.append(o))
-    cc.predict_logits(model, x, cc.intensity_of(meta))
+    network.predict_logits(model, x, network.intensity_of(meta))
     hook.remove()
     mean = torch.cat(seen).mean((0, 2, 3))
     assert torch.allclose(after["features.0.1.running_mean"], mean, atol=1e-4)
@@ -158,8 +158,8 @@ def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
     # a fit on 4 images holds 1-3 pneumonias: no rank can promise sensitivity 0.97
     assert row["sensitivity_promised"] in (0.5, pytest.approx(2 / 3), 0.75)
     assert "K = 4: too few pneumonia films per fit" in proc.stdout
-    _, meta = cc.load_checkpoint(site)
-    cal = cc.calibration_of(meta)
+    _, meta = checkpoints.load_checkpoint(site)
+    cal = checkpoints.calibration_of(meta)
     assert "labelled images of" in meta["calibration"]["fitted_on"]
     assert meta["recalibrated_from"]["threshold"] == pytest.approx(calibrated.threshold)
     # the site's temperature acts on top of the stored one (it was fitted on probabilities
@@ -252,10 +252,10 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
     assert "means of its members' own" not in proc.stdout
     # and the probabilities are the shared calibration's: the mean, its logit / T
     rows = list(csv.DictReader(open(run_folder(tmp_path / "b") / "predictions.csv")))
-    members = [cc.load_checkpoint(p) for p in paths]
+    members = [checkpoints.load_checkpoint(p) for p in paths]
     size = members[0][1]["preprocessing"]["image_size"]
-    x = np.stack([cc.load_image_array(r["resolved_path"], size) for r in rows])
-    expect = cc.mean_probability(cc.member_logits(members, x), cal["temperatures"],
+    x = np.stack([dataset.load_image_array(r["resolved_path"], size) for r in rows])
+    expect = network.mean_probability(network.member_logits(members, x), cal["temperatures"],
                                  cal["ensemble_temperature"])
     assert np.allclose([float(r["prob_pneumonia"]) for r in rows], expect, atol=2e-6)
     proc = run_script("predict.py", "--model", paths[1], "--model", paths[0], "--calibration",
@@ -264,9 +264,7 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
 
 
 def cc_sha(path):
-    import cxr_io as cio
-
-    return cio.sha256_file(path)
+    return runtime.sha256_file(path)
 
 
 def x_file():
@@ -303,19 +301,19 @@ def test_calibration_resamples_whole_patients_with_their_shifted_copies(model_pa
     all their shifted copies are drawn (and cross-fitted) together."""
     import train_cxray as tc
 
-    model, meta = cc.load_checkpoint(model_path)
+    model, meta = checkpoints.load_checkpoint(model_path)
     files = tiny_test_files()
-    x = np.stack([cc.load_image_array(f, 64) for f in files])
+    x = np.stack([dataset.load_image_array(f, 64) for f in files])
     y = np.array([int("PNEUMONIA" in str(f)) for f in files])
     patients = [f"patient{i // 2}" for i in range(len(files))]  # two images per patient
     seen = {}
-    real = cc.fit_calibration
+    real = calib.fit_calibration
 
     def spy(logits, labels, groups=None, seed=0):
         seen["groups"], seen["labels"] = groups, labels
         return real(logits, labels, groups, seed)
 
-    monkeypatch.setattr(cc, "fit_calibration", spy)
-    cc.calibrate(model, x, y, patients, tc.recipe_for("improved")["intensity"], seed=0)
+    monkeypatch.setattr(calib, "fit_calibration", spy)
+    calib.calibrate(model, x, y, patients, tc.recipe_for("improved")["intensity"], seed=0)
     groups = np.asarray(seen["groups"])
-    assert list(groups) == patients * cc.STRESS_COPIES
+    assert list(groups) == patients * calib.STRESS_COPIES

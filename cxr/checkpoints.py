@@ -1,0 +1,304 @@
+"""Checkpoints: a state_dict plus plain metadata, loaded with weights_only=True, every
+field checked at load time (CheckpointError names the field); ensembles of them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr import imagefiles, network, runtime
+
+CHECKPOINT_FORMAT = "cxr-mobilenetv2/1"
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "mobilenet_cxr.pth"  # shipped
+
+class CheckpointError(Exception):
+    pass
+
+def save_checkpoint(path, state_dict: dict, meta: dict, typicality: dict | None = None) -> None:
+    """A state_dict plus plain metadata (and the typicality statistics: tensors and
+    numbers), written atomically."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+        "meta": json.loads(json.dumps(meta)),  # plain types only
+    }
+    if typicality is not None:
+        payload["typicality"] = typicality
+    runtime.write_atomic(path, lambda f: torch.save(payload, f))
+
+def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
+    """Build the model from a checkpoint; returns (model in eval mode, metadata). The
+    typicality statistics, where the checkpoint has them, are model.typicality (else
+    None). Everything in the file is checked first (check_checkpoint): a file that is not
+    one, or whose model could not give a valid probability, is refused (CheckpointError,
+    one line naming the file and the field)."""
+    path = Path(path)
+    name = runtime.display_name(path)
+    if not path.exists():
+        raise CheckpointError(f"model file not found: {name}")
+    model, _ = network.build_model(pretrained=False)
+    try:
+        with imagefiles.open_regular(path, MAX_CHECKPOINT_BYTES, CheckpointError) as f:
+            _check_archive(f)
+            try:
+                payload = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # torch.load's errors on a damaged or foreign file
+                raise CheckpointError(f"not a loadable checkpoint ({type(e).__name__})") from None
+        check_checkpoint(payload, model)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    model.load_state_dict(payload["state_dict"])
+    model.typicality = payload.get("typicality")
+    return model.to(device).eval(), payload["meta"]
+
+def base_meta(image_size: int, intensity: str = "none") -> dict:
+    return {
+        "class_names": network.CLASS_NAMES,
+        "architecture": "torchvision.models.mobilenet_v2, classifier[1]=Linear(1280, 2)",
+        "preprocessing": {
+            "color": "greyscale 8-bit, replicated to 3 channels",
+            "resize": f"{image_size}x{image_size} bilinear (aspect ratio not kept)",
+            "image_size": image_size,
+            "intensity": intensity,
+            "mean": network.IMAGENET_MEAN,
+            "std": network.IMAGENET_STD,
+        },
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+# What a checkpoint may hold. Everything read from one is checked here, at load time,
+# so that no later step trusts a size, a cut or a type from the file.
+IMAGE_SIZE_RANGE = (32, 1024)  # MobileNetV2 needs 32 px; 1024 px costs ~0.3 GB per image
+
+MAX_CHECKPOINT_BYTES = 256 * 2**20  # the shipped checkpoints have 10 MB
+
+MAX_CALIBRATION_BYTES = 2**20  # an ensemble's calibration file has 2 kB
+
+def check_checkpoint(payload, model: nn.Module) -> None:
+    """Raises CheckpointError naming the first field of a loaded checkpoint that is
+    missing, of the wrong type or out of bounds: its metadata, its weights (which must
+    be exactly the model's tensors, finite) and its typicality statistics."""
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"not a {CHECKPOINT_FORMAT} checkpoint")
+    meta = payload.get("meta", _MISSING)
+    _require(isinstance(meta, dict), "meta", meta, "a dictionary")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError, RecursionError):
+        raise CheckpointError("meta holds something other than plain data (numbers, strings, "
+                              "lists and dictionaries)") from None
+    _require(meta.get("class_names") == network.CLASS_NAMES, "meta.class_names",
+             meta.get("class_names", _MISSING), repr(network.CLASS_NAMES))
+    pre = meta.get("preprocessing", _MISSING)
+    _require(isinstance(pre, dict), "meta.preprocessing", pre, "a dictionary")
+    size, (lo, hi) = pre.get("image_size", _MISSING), IMAGE_SIZE_RANGE
+    _require(_is_int(size) and lo <= size <= hi, "meta.preprocessing.image_size", size,
+             f"an integer from {lo} to {hi}")
+    _require(pre.get("intensity", "none") in network.INTENSITIES, "meta.preprocessing.intensity",
+             pre.get("intensity"), f"one of {', '.join(network.INTENSITIES)}")
+    if meta.get("calibration") is not None:
+        _check_calibration(meta["calibration"], "meta.calibration.")
+    for key, ok, rule in (  # read back by experiments/ (upgrade_checkpoint.py, ...)
+            ("seed", _is_int, "an integer"),
+            ("recipe", lambda v: isinstance(v, str), "a recipe's name"),
+            ("recipe_fields", lambda v: v is None or isinstance(v, dict), "a dictionary"),
+            ("metrics", lambda v: isinstance(v, dict), "a dictionary"),
+            ("val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number within (0, 1)"),
+            ("calib_fraction", lambda v: v is None or _is_number(v) and 0 <= v < 1,
+             "a number within [0, 1)")):
+        if key in meta:
+            _require(ok(meta[key]), f"meta.{key}", meta[key], rule)
+    _check_state_dict(payload.get("state_dict", _MISSING), model.state_dict())
+    if payload.get("typicality") is not None:
+        _check_typicality(payload["typicality"], model.last_channel)
+
+def _check_calibration(cal, where: str, temperature: str = "temperature") -> dict:
+    """A stored calibration's {"temperature", "threshold", "uncertain_band"} as floats
+    (absent ones: 1, 0.5 and an empty band, which is argmax); raises CheckpointError
+    naming the field (where + key) that is not a valid one."""
+    _require(isinstance(cal, dict), where.rstrip("."), cal, "a dictionary")
+    t = cal.get(temperature, 1.0)
+    _require(_is_number(t) and t > 0, where + temperature, t, "a finite number > 0")
+    thr = cal.get("threshold", 0.5)
+    _require(_is_number(thr) and 0 <= thr <= 1, where + "threshold", thr,
+             "a number within [0, 1]")
+    band = cal.get("uncertain_band", [thr, thr])
+    _require(isinstance(band, (list, tuple)) and len(band) == 2 and all(map(_is_number, band))
+             and 0 <= band[0] <= band[1] <= 1 + 1e-9, where + "uncertain_band", band,
+             "[low, high] with 0 <= low <= high <= 1")
+    return {"temperature": float(t), "threshold": float(thr),
+            "uncertain_band": [float(b) for b in band]}
+
+def _check_state_dict(state, expected: dict) -> None:
+    """The weights must be exactly the model's tensors (names, shapes, types), finite."""
+    _require(isinstance(state, dict), "state_dict", state, "a dictionary of tensors")
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        raise CheckpointError(f"weights do not fit MobileNetV2 ({len(missing)} missing, "
+                              f"{len(extra)} unexpected, first: {_shown((missing or extra)[0])})")
+    for k, ref in expected.items():
+        _require(_is_dense(state[k]) and state[k].shape == ref.shape and state[k].dtype == ref.dtype,
+                 f"state_dict[{k!r}]", state[k], f"a {ref.dtype} tensor of shape {tuple(ref.shape)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{len(bad)} weight tensor(s) hold NaN or infinity "
+                              f"(first: {bad[0]}): refusing a model that cannot answer")
+
+def _check_typicality(stats, features: int) -> None:
+    """The typicality statistics (fit_typicality): finite tensors whose shapes fit the
+    model's features and each other, a finite cut > 0 and a level within (0, 1)."""
+    _require(isinstance(stats, dict), "typicality", stats, "a dictionary")
+
+    def tensor(key, shape, integer=False):
+        v = stats.get(key, _MISSING)
+        kind = "an integer" if integer else "a floating-point"
+        _require(_is_dense(v) and v.dim() == len(shape) and (integer != v.is_floating_point())
+                 and not v.is_complex() and v.dtype != torch.bool
+                 and all(n is None or n == m for n, m in zip(shape, v.shape)),
+                 f"typicality.{key}", v, f"{kind} tensor of shape "
+                 + str(tuple("n" if n is None else n for n in shape)).replace("'", ""))
+        _require(integer or bool(torch.isfinite(v).all()), f"typicality.{key}", v, "finite")
+        return v
+
+    k = tensor("components", (None, features)).shape[0]
+    _require(k >= 1, "typicality.components", stats["components"], "at least one component")
+    tensor("pca_mean", (features,))
+    tensor("class_means", (len(network.CLASS_NAMES), k))
+    tensor("precision", (k, k))
+    tensor("train_scores", (None,))
+    tensor("val_scores", (None,))
+    n = tensor("reference_z", (None, k)).shape[0]
+    labels = tensor("reference_labels", (n,), integer=True)
+    _require(bool(((labels >= 0) & (labels < len(network.CLASS_NAMES))).all()),
+             "typicality.reference_labels", labels, f"class indices 0 to {len(network.CLASS_NAMES) - 1}")
+    cut, level = stats.get("cut", _MISSING), stats.get("level", _MISSING)
+    _require(_is_number(cut) and cut > 0, "typicality.cut", cut, "a finite number > 0")
+    _require(_is_number(level) and 0 < level < 1, "typicality.level", level,
+             "a number within (0, 1)")
+
+_MISSING = object()  # a field the file does not have
+
+def _require(ok: bool, field: str, value, rule: str) -> None:
+    """Raises CheckpointError "<field> <value> (must be <rule>)" unless ok."""
+    if not ok:
+        raise CheckpointError(f"{field} {_shown(value)} (must be {rule})")
+
+def _shown(value) -> str:
+    """A field's value in a message: short, and never a tensor's contents."""
+    if value is _MISSING:
+        return "missing"
+    if torch.is_tensor(value):
+        return f"is a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = f"{value:g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+def _is_number(value) -> bool:
+    """A finite int or float (a bool is not a number here)."""
+    if not (_is_int(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
+
+def _is_dense(value) -> bool:
+    """A plain tensor whose elements are all stored in the file (an expanded tensor of
+    a huge shape over a few stored numbers would cost its full size to compute with)."""
+    return (torch.is_tensor(value) and value.layout == torch.strided
+            and value.numel() * value.element_size() <= value.untyped_storage().nbytes())
+
+def _check_archive(f) -> None:
+    """A checkpoint is torch.save's zip archive, whose entries unpack to at most
+    MAX_CHECKPOINT_BYTES (torch.load would inflate a compressed entry of any size)."""
+    try:
+        with zipfile.ZipFile(f) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+    except Exception as e:  # zipfile's errors on a damaged or foreign file
+        raise CheckpointError(f"not a loadable checkpoint (not a torch.save archive: "
+                              f"{type(e).__name__})") from None
+    if unpacked > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"unpacks to {unpacked:,} bytes, more than the "
+                              f"{MAX_CHECKPOINT_BYTES:,} allowed")
+    f.seek(0)
+
+def calibration_of(meta: dict) -> dict:
+    """A checkpoint's stored calibration: {"temperature", "threshold", "uncertain_band"}.
+
+    A checkpoint without one (the reference recipe) predicts with argmax: temperature 1,
+    threshold 0.5 on P(PNEUMONIA), an empty uncertain band."""
+    return _check_calibration(meta.get("calibration") or {}, "meta.calibration.")
+
+def load_ensemble(paths, device="cpu", calibration_file=None) -> tuple[list, dict, int]:
+    """One or more checkpoints (none: the shipped DEFAULT_MODEL): (members [(model,
+    meta)], calibration, image size).
+
+    The calibration holds each member's temperature ("temperatures") and either the one
+    fitted for this ensemble on a shared labelled set (calibration_file, written by
+    visualize_results.py --save-calibrated; "ensemble_temperature" too) or, without
+    it, the mean of the members' thresholds and bands: each was fitted on its own
+    member's split, so that mean is an approximation ("shared": False). Raises
+    CheckpointError for a bad model or calibration file."""
+    paths = paths or [DEFAULT_MODEL]
+    members = [load_checkpoint(p, device) for p in paths]
+    cals = [calibration_of(meta) for _, meta in members]
+    sizes = {m["preprocessing"]["image_size"] for _, m in members}
+    if len(sizes) != 1:
+        raise CheckpointError(f"ensemble members use different image sizes {sorted(sizes)}")
+    calibration = {
+        "temperatures": [c["temperature"] for c in cals],
+        "threshold": float(np.mean([c["threshold"] for c in cals])),
+        "uncertain_band": [float(np.mean([c["uncertain_band"][i] for c in cals]))
+                           for i in (0, 1)],
+    }
+    if len(members) > 1:
+        calibration["shared"] = False
+    if calibration_file is not None:
+        calibration = _ensemble_calibration(calibration_file, paths, calibration)
+    return members, calibration, sizes.pop()
+
+def _ensemble_calibration(path, model_paths, members_calibration) -> dict:
+    """The calibration file (visualize_results.py --save-calibrated) for these members,
+    checked field by field; CheckpointError naming the file and the field otherwise."""
+    name = runtime.display_name(path)
+    try:
+        with imagefiles.open_regular(path, MAX_CALIBRATION_BYTES, CheckpointError) as f:
+            saved = json.loads(f.read(MAX_CALIBRATION_BYTES + 1).decode("utf-8"))
+        _require(isinstance(saved, dict), "content", saved, "a JSON object")
+        for key in ("members", "temperatures", "ensemble_temperature", "threshold",
+                    "uncertain_band"):
+            _require(key in saved, key, _MISSING, "given")
+        members, temperatures = saved["members"], saved["temperatures"]
+        _require(isinstance(members, list) and all(
+            isinstance(m, dict) and isinstance(m.get("sha256"), str) for m in members),
+            "members", members, 'a list of {"path": ..., "sha256": ...}')
+        _require(isinstance(temperatures, list) and len(temperatures) == len(members) and all(
+            _is_number(t) and t > 0 for t in temperatures), "temperatures", temperatures,
+            "a finite number > 0 per member")
+        cal = _check_calibration(saved, "", temperature="ensemble_temperature")
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8 or nesting errors
+        raise CheckpointError(f"{name}: not an ensemble calibration file ({type(e).__name__})") \
+            from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    if [m["sha256"] for m in members] != [runtime.sha256_file(p) for p in model_paths]:
+        raise CheckpointError(f"{name} was fitted for other model files (or another order); "
+                              "give the --model files it names")
+    if [float(t) for t in temperatures] != members_calibration["temperatures"]:
+        raise CheckpointError(f"{name}: the members' stored temperatures differ from the file's")
+    return {"temperatures": [float(t) for t in temperatures],
+            "ensemble_temperature": cal["temperature"], "threshold": cal["threshold"],
+            "uncertain_band": cal["uncertain_band"], "shared": True}
