@@ -103,27 +103,77 @@ def outside_distribution(members, feats: list[torch.Tensor]):
                     for (model, _), f in zip(members, feats)], axis=0)
     return ratio > 1, ratio
 
-@torch.no_grad()
-def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
-                    batch_size: int = 64) -> nn.Module:
-    """AdaBN: a copy of the model whose BatchNorm statistics are re-estimated on these
-    unlabeled images in one pass (each batch's statistics weighted by its size, so the
-    running mean is the mean over all the images); no weight changes."""
-    import copy
+ADAPT_PASSES = 3  # passes over the images; each measures every layer's input anew
+MIN_ADAPT_IMAGES = 100  # fewer images give unstable statistics: a warning
+ONE_SIDED_SHARE = 0.9  # more than this share called one class: a warning
 
+
+def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
+                    batch_size: int = 64, passes: int = ADAPT_PASSES) -> nn.Module:
+    """AdaBN: a copy of the model whose BatchNorm statistics are the mean and variance of
+    each BatchNorm layer's input over all these unlabeled images; no weight changes.
+
+    Each pass runs every image through the model in evaluation mode and sets each layer's
+    statistics to the moments of its input over all the images (sums in float64). A
+    layer's input depends on the layers before it, so the passes are repeated, each from
+    the statistics of the last. No statistic is taken per batch, and the images are read
+    in an order set by their content: the result does not depend on the order of the
+    files (bit for bit) nor, beyond float rounding, on the batch size."""
+    import copy
+    import hashlib
+
+    keys = [hashlib.sha256(np.ascontiguousarray(a).tobytes()).digest() for a in images_u8]
+    images_u8 = images_u8[np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=int)]
     adapted = copy.deepcopy(model).eval()
     device = next(adapted.parameters()).device
     norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.train()
-    for s in range(0, len(images_u8), batch_size):
-        x = torch.as_tensor(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
-        for m in norms:  # the new batch's share of all images seen so far
-            m.momentum = len(x) / (s + len(x))
-        adapted(network.model_input(x, intensity).contiguous(memory_format=torch.channels_last))
+    sums = {}
+
+    def accumulate(module, inputs):
+        x = inputs[0].detach().double()
+        s = sums[module]
+        s[0] = s[0] + x.sum((0, 2, 3))
+        s[1] = s[1] + (x * x).sum((0, 2, 3))
+        s[2] += x.numel() // x.shape[1]
+
+    hooks = [m.register_forward_pre_hook(accumulate) for m in norms]
+    try:
+        with torch.no_grad():
+            for _ in range(passes):
+                sums.update({m: [0.0, 0.0, 0] for m in norms})
+                for s in range(0, len(images_u8), batch_size):
+                    x = torch.as_tensor(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
+                    adapted(network.model_input(x, intensity)
+                            .contiguous(memory_format=torch.channels_last))
+                for m in norms:
+                    total, squares, n = sums[m]
+                    mean = total / n
+                    var = (squares / n - mean * mean).clamp_min(0) * n / max(n - 1, 1)
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+    finally:
+        for h in hooks:
+            h.remove()
     adapted.typicality = getattr(model, "typicality", None)
-    return adapted.eval()
+    return adapted
+
+
+def adaptation_warning(n_images: int, predicted_positive) -> str | None:
+    """Why AdaBN statistics from these images may mislead, in one line, or None. The
+    statistics carry the mix of the images: a small set, or one the model itself calls
+    almost all one class, moves them towards that set (six healthy films adapted alone
+    were called PNEUMONIA)."""
+    share = float(np.mean(predicted_positive)) if n_images else 0.0
+    if n_images < MIN_ADAPT_IMAGES:
+        return (f"only {n_images} image(s) to adapt to (at least {MIN_ADAPT_IMAGES} give stable "
+                "statistics): adapt on a larger set of this site's films")
+    if max(share, 1 - share) > ONE_SIDED_SHARE:
+        name = network.CLASS_NAMES[int(share > 0.5)]
+        return (f"the model calls {max(share, 1 - share):.0%} of these images {name} before "
+                "adapting: statistics of a one-sided set shift the answers towards it; "
+                "adapt on a mixed set of this site's films")
+    return None
+
 
 TYPICALITY_SAMPLE = 2000  # training images whose features fit the typicality Gaussians
 

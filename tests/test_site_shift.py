@@ -317,3 +317,33 @@ def test_calibration_resamples_whole_patients_with_their_shifted_copies(model_pa
     calib.calibrate(model, x, y, patients, tc.recipe_for("improved")["intensity"], seed=0)
     groups = np.asarray(seen["groups"])
     assert list(groups) == patients * calib.STRESS_COPIES
+
+
+def test_adabn_does_not_depend_on_the_order_or_batching_of_the_images():
+    """AdaBN statistics are moments over all the images: the same images in another
+    order give the same probabilities, and in other batches the same to 1e-5. Statistics
+    taken per batch did not: with files read NORMAL first, each batch was nearly one
+    class."""
+    model, meta = checkpoints.load_checkpoint(SHIPPED)
+    size, intensity = meta["preprocessing"]["image_size"], network.intensity_of(meta)
+    x = np.stack([dataset.load_image_array(f, size) for f in tiny_test_files()])  # NORMAL first
+    order = np.random.default_rng(0).permutation(len(x))
+    probs = []
+    for idx, batch in ((np.arange(len(x)), 5), (order, 5), (order, 16)):
+        adapted = siteshift.adapt_batchnorm(model, x[idx], intensity, batch_size=batch)
+        p = np.empty(len(x))
+        p[idx] = network.probabilities(network.predict_logits(adapted, x[idx], intensity))
+        probs.append(p)
+    assert np.abs(probs[0] - probs[1]).max() < 1e-6
+    assert np.abs(probs[0] - probs[2]).max() < 1e-5
+    # the premise: adaptation changes the answers (else the comparison proves little)
+    p0 = network.probabilities(network.predict_logits(model, x, intensity))
+    assert np.abs(probs[0] - p0).max() > 0.01
+
+
+def test_adabn_warns_for_a_small_or_one_sided_set():
+    assert "only 6 image(s)" in siteshift.adaptation_warning(6, [0, 0, 0, 0, 1, 1])
+    one_sided = siteshift.adaptation_warning(200, np.r_[np.ones(190), np.zeros(10)])
+    assert "95% of these images PNEUMONIA" in one_sided
+    assert "NORMAL" in siteshift.adaptation_warning(200, np.r_[np.zeros(185), np.ones(15)])
+    assert siteshift.adaptation_warning(200, np.r_[np.ones(120), np.zeros(80)]) is None
