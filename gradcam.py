@@ -10,15 +10,22 @@ warning sign, not an explanation.
     cam = GradCAM(model)                  # hooks model.features[-1]
     heat, cls, probs = cam(x)             # x: (1, 3, H, W) normalised tensor
     rgb = overlay(gray_u8, heat)          # uint8 (H, W, 3)
+    save_figure(figure_path(folder, image_path), gray_u8, heat, "PNEUMONIA", 0.9, name)
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib import colormaps
 from torch import nn
 from torch.nn import functional as F
+
+from cxr import network
+
+MAX_STEM_BYTES = 200  # of a figure's file name, leaving room for _gradcam_NN.png in 255
 
 
 class GradCAM:
@@ -73,3 +80,41 @@ def overlay(gray_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.4,
     base = np.repeat(gray_u8[..., None].astype(np.float32) / 255.0, 3, axis=2)
     out = (1 - alpha) * base + alpha * colored
     return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def save_figure(path_out, gray, heat, prediction, confidence, name, explained=""):
+    """A PNG of the film beside its Grad-CAM overlay, titled with the class explained and
+    its confidence (and `explained`, e.g. which ensemble member's map it is), captioned
+    with the film's name and the disclaimer. Raises OSError when it cannot be written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
+    axes[0].imshow(gray, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title(f"X-ray ({gray.shape[1]} px, as decoded)")
+    axes[1].imshow(overlay(gray, heat))
+    axes[1].set_title(f"Grad-CAM for {prediction} ({confidence * 100:.1f}%)"
+                      + (f"\n{explained}" if explained else ""), fontsize=10, parse_math=False)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(f"{name}\n{network.DISCLAIMER}", fontsize=8, parse_math=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    try:
+        fig.savefig(path_out, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def figure_path(folder: Path, image) -> Path:
+    """A new file folder/<image name>_gradcam.png: unprintable characters of the name
+    become _, a long name is cut to fit the file-name limit, and _2, _3, ... is added
+    when two inputs come to the same name."""
+    stem = "".join(c if c.isprintable() else "_" for c in Path(image).stem)
+    stem = stem.encode("utf-8")[:MAX_STEM_BYTES].decode("utf-8", "ignore")
+    path, n = Path(folder) / f"{stem}_gradcam.png", 1
+    while path.exists():
+        n += 1
+        path = Path(folder) / f"{stem}_gradcam_{n}.png"
+    return path

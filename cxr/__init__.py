@@ -10,6 +10,8 @@ module. Each module imports only those above it in this list:
     calib        temperature, sensitivity threshold and uncertain band
     checkpoints  a state_dict plus plain metadata, every field checked at load; ensembles
     siteshift    typicality (the out-of-distribution flag), shift check, AdaBN
+    intake       the files given to predict: each once, decoded in workers, errors as values
+    predtable    the prediction tables: predict's rows, run manifest, --resume; evaluation rows
 
 Functions raise exceptions; only the scripts turn them into one-line messages.
 """

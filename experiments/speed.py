@@ -32,7 +32,7 @@ from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import predict  # noqa: E402
+from cxr import intake  # noqa: E402, I001
 import train_cxray as tc  # noqa: E402
 from cxr import dataset, network, runtime  # noqa: E402
 
@@ -145,8 +145,8 @@ def prediction(args, device):
         return len(files) // bs * bs / (time.perf_counter() - t0)
 
     def end_to_end_rate():  # predict.py's loader and inference, minus the printing
-        loader = DataLoader(predict.FileImages(files, 224), batch_size=bs, num_workers=1,
-                            collate_fn=predict.collate)
+        loader = DataLoader(intake.FileImages(files, 224), batch_size=bs, num_workers=1,
+                            collate_fn=intake.collate)
         n = 0
         with torch.no_grad():
             for b, items in enumerate(loader):

@@ -15,10 +15,9 @@ import torch
 from conftest import DATA, TINY, run_folder, run_script
 from torch import nn
 
-import predict
 import train_cxray as tc
 import visualize_results as vr
-from cxr import calib, checkpoints, dataset, network, runtime, scan, scoring, siteshift
+from cxr import calib, checkpoints, dataset, intake, network, predtable, runtime, scan, scoring, siteshift
 
 PATIENTS64 = DATA / "patients64"
 TEST64 = PATIENTS64 / "test"
@@ -204,7 +203,7 @@ def test_predict_adapt_scores_with_the_adapted_model_and_flags_with_the_trained_
     typicality the trained model's, computed here."""
     rows = list(csv.DictReader(open(adapt_run / "predictions.csv")))
     files = scan.scan_folder(TEST64)[0]
-    assert [r["resolved_path"] for r in rows] == [predict.resolved(f) for f in files]
+    assert [r["resolved_path"] for r in rows] == [intake.resolved(f) for f in files]
     images = np.stack([dataset.load_image_array(f, 64) for f in files])
     prob, ratio, adapted_ratio, _ = adapted_and_trained(model_path, images, 64)
     trained = checkpoints.load_checkpoint(model_path)[0]
@@ -384,24 +383,24 @@ def test_resume_drops_a_record_cut_by_any_number_of_bytes(model_path, adapt_run,
     shutil.copytree(adapt_run, out)
     csv_path, jsonl_path = out / "predictions.csv", out / "predictions.jsonl"
     csv_bytes, jsonl_bytes = csv_path.read_bytes(), jsonl_path.read_bytes()
-    whole = predict.complete_csv_rows(csv_path)
-    whole_json = predict.complete_jsonl_rows(jsonl_path)
+    whole = predtable.complete_csv_rows(csv_path)
+    whole_json = predtable.complete_jsonl_rows(jsonl_path)
     assert len(whole) == len(whole_json) == 40 and whole[-1]["typicality"]
     last = len(csv_bytes) - csv_bytes[:-2].rfind(b"\r\n") - 2  # the last record, with \r\n
     for cut in range(1, last + 1):
         csv_path.write_bytes(csv_bytes[:-cut])
-        assert predict.complete_csv_rows(csv_path) == whole[:-1], cut
+        assert predtable.complete_csv_rows(csv_path) == whole[:-1], cut
     last_line = len(jsonl_bytes) - jsonl_bytes[:-1].rfind(b"\n") - 1
     for cut in range(2, last_line + 1):  # cutting only the "\n" leaves a whole record
         jsonl_path.write_bytes(jsonl_bytes[:-cut])
-        assert predict.complete_jsonl_rows(jsonl_path) == whole_json[:-1], cut
+        assert predtable.complete_jsonl_rows(jsonl_path) == whole_json[:-1], cut
 
     csv_path.write_bytes(csv_bytes[:-3])
     jsonl_path.write_bytes(jsonl_bytes)
     proc = run_script("predict.py", "--model", model_path, "--dir", TEST64, "--adapt", "--quiet",
                       "--json", "--batch-size", 64, "--resume", out)
     assert "Resuming: 39 of 40 files already done" in proc.stdout
-    after = {r["resolved_path"]: r for r in predict.complete_csv_rows(csv_path)}
+    after = {r["resolved_path"]: r for r in predtable.complete_csv_rows(csv_path)}
     assert sorted(after) == sorted(r["resolved_path"] for r in whole)
     for r in whole:  # the redone row again whole (scored in another batch: last digits free)
         a = after[r["resolved_path"]]

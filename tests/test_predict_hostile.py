@@ -338,3 +338,61 @@ def test_a_damaged_manifest_is_one_line_on_resume(finished_run, tmp_path, damage
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert "run.json" in line, line
+
+
+@pytest.mark.parametrize("recorded", ["manifest", "header only"])
+def test_resume_refuses_a_folder_with_other_columns(finished_run, tmp_path, recorded):
+    """Bug: --resume on a folder whose rows have other columns (written by a predict.py
+    with another column list) reading none of its rows as complete, and silently redoing
+    them all under a header they do not match. The run.json lists the columns (or, in a
+    manifest from before it listed them, the CSV header stands for them); other columns
+    are refused in one line, and the folder is left as it was."""
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["columns"] == list(csv_rows(run_dir)[0])  # what this predict.py writes
+    older = [c for c in manifest["columns"] if c != "typicality"]
+    with open(run_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=older, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(csv_rows(finished_run))
+    if recorded == "manifest":
+        manifest["columns"] = older
+    else:
+        del manifest["columns"]
+    (run_dir / "run.json").write_text(json.dumps(manifest))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    proc = predict("--image", FILM, "--resume", run_dir, check=False)
+    line = one_line_error(proc, "--resume", "columns", "without typicality")
+    assert runtime.display_name(run_dir) in line, line
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_resume_accepts_a_manifest_listing_no_columns_over_the_same_header(finished_run, tmp_path):
+    """A run.json from before the columns were listed, over a CSV with this predict.py's
+    header: resumed as before (the file done, nothing redone)."""
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
+    manifest = json.loads((run_dir / "run.json").read_text())
+    del manifest["columns"]
+    (run_dir / "run.json").write_text(json.dumps(manifest))
+    before = (run_dir / "predictions.csv").read_bytes()
+    proc = predict("--image", FILM, "--resume", run_dir)
+    assert "Resuming: 1 of 1 files already done" in proc.stdout
+    assert (run_dir / "predictions.csv").read_bytes() == before
+
+
+def test_the_evaluation_table_is_documented_and_formula_free(tmp_path):
+    """predtable.write_evaluation_table (visualize_results.py's predictions.csv): its
+    documented columns in order, one row per image with class names, 6 decimals, correct
+    and uncertain as 0/1, and no file name that a spreadsheet would run as a formula."""
+    from cxr import predtable
+
+    names = ["=cmd.jpeg", "a\nb.jpeg", "ok.png"]
+    path = tmp_path / "predictions.csv"
+    predtable.write_evaluation_table(path, names, [0, 1, 1], [0.1, 0.45, 0.9],
+                                     [0, 1, 0], [0.9, 0.45, 0.1], [False, True, False])
+    with open(path, newline="", encoding="utf-8") as f:
+        records = list(csv.reader(f))
+    assert records[0] == predtable.EVALUATION_COLUMNS
+    assert records[1:] == [["'=cmd.jpeg", "NORMAL", "NORMAL", "0.100000", "0.900000", "1", "0"],
+                           ["a\\nb.jpeg", "PNEUMONIA", "PNEUMONIA", "0.450000", "0.450000", "1", "1"],
+                           ["ok.png", "PNEUMONIA", "NORMAL", "0.900000", "0.100000", "0", "0"]]
