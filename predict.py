@@ -11,12 +11,10 @@ optional package pydicom). Each file goes through the same preprocessing as trai
 (cxr.dataset.load_image_array). Unreadable files are reported in one line and skipped;
 the rest of the batch goes on.
 
-Results are appended to <out>/predictions.csv (and predictions.jsonl with --json) as
-they are computed, so a killed run loses nothing and --resume redoes nothing but the
-files that failed. One run at a time may use a results folder. File names are printed
-and stored escaped (cxr.runtime.display_name); CSV cells cannot act as spreadsheet formulas.
-The table, its columns and what --resume checks are cxr/predtable.py's; main reads as
-the steps. This is decision support, not a diagnosis.
+Results are appended to <out>/predictions.csv (and .jsonl with --json) as they are
+computed, so a killed run loses nothing and --resume redoes only the files that failed
+(the table, its columns and the checks on --resume: cxr/predtable.py). Names are printed
+escaped; CSV cells cannot act as formulas. This is decision support, not a diagnosis.
 """
 
 from __future__ import annotations
@@ -37,10 +35,9 @@ MANY_OUTSIDE = 0.10  # above this share of a batch flagged, one warning line
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Predict NORMAL / PNEUMONIA for chest X-rays (decision support only).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description="Predict NORMAL / PNEUMONIA for chest X-rays "
+                                "(decision support only).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--dir", action="append", default=[], help="a folder, searched recursively")
     p.add_argument("--model", action="append", default=[],
@@ -57,8 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=runtime.positive_int, default=32)
     p.add_argument("--workers", type=runtime.nonnegative_int, default=1,
                    help="decoding worker processes (0: decode in the main process)")
-    p.add_argument("--device", default="auto", type=runtime.device_name,
-                   help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", type=runtime.device_name, help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="one line per image, not the block")
     p.add_argument("--adapt", action="store_true",
                    help="label-free adaptation (transductive): re-estimate the BatchNorm "
@@ -105,8 +101,7 @@ def print_line(row):
 
 
 def print_header(model_paths, members, cal, model_id):
-    names = ("ensemble of " + str(len(members)) if len(members) > 1
-             else runtime.display_name(model_paths[0]))
+    names = f"ensemble of {len(members)}" if len(members) > 1 else runtime.display_name(model_paths[0])
     print(f"Model: {names} (id {model_id}) | temperature "
           f"{', '.join(f'{t:.4f}' for t in cal['temperatures'])}"
           f" | threshold P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band "
@@ -119,8 +114,9 @@ def print_notes(members, cal):
               "fitted on a different split; fit one on a shared labelled set with "
               "visualize_results.py --recalibrate K --save-calibrated FILE.json")
     if any(getattr(m, "typicality", None) is None for m, _ in members):
-        print("note: this model has no typicality statistics, so images unlike its training "
-              "data are not flagged (add them: python train_cxray.py --typicality-for MODEL)")
+        print("note: this model has no typicality statistics, so images unlike its training data "
+              "are not flagged (add them: python experiments/upgrade_checkpoint.py --typicality-for"
+              " MODEL --data DATA)")
     print(network.DISCLAIMER)
 
 
@@ -178,14 +174,18 @@ def open_output(args, manifest, retry: set[str]) -> tuple[Path, set[str], bool]:
     return out_dir, done, json_lines
 
 
-def adapted_members(members, files, size, batch_size):
-    """--adapt: each member with BatchNorm statistics re-estimated on all readable inputs."""
+def adapted_members(members, cal, files, size, batch_size):
+    """--adapt: each member with BatchNorm statistics re-estimated on all readable inputs
+    (a warning when they are too few or, by the model's own answers, one-sided)."""
     arrays = [a for a, _ in (dataset.try_load_image_array(f, size) for f in files) if a is not None]
     if not arrays:
         return members
     x = np.stack(arrays)
     print(f"--adapt: BatchNorm statistics re-estimated on {len(x)} unlabeled image(s) "
           "(transductive; the flag uses the model as trained)")
+    p = network.ensemble_probability(members, x, cal["temperatures"], batch_size)
+    if warning := siteshift.adaptation_warning(len(x), p >= cal["threshold"]):
+        print(f"warning: --adapt: {warning}", file=sys.stderr)
     return [(siteshift.adapt_batchnorm(m, x, network.intensity_of(meta), batch_size), meta)
             for m, meta in members]
 
@@ -254,7 +254,7 @@ def main(argv=None):
     print_notes(members, cal)
     scorers = members
     if args.adapt:  # transductive: every image given, also those done before a --resume
-        scorers = adapted_members(members, files, size, args.batch_size)
+        scorers = adapted_members(members, cal, files, size, args.batch_size)
 
     # 3. score in batches; each batch's rows reach the disk before anything about them is printed
     writer = predtable.ResultWriter(out_dir, json_lines)

@@ -220,6 +220,7 @@ def test_predict_adapt_is_recorded_and_resume_must_match(model_path, tmp_path):
     proc = run_script("predict.py", "--model", model_path, "--dir", TINY / "test", "--out",
                       tmp_path, "--adapt", "--quiet")
     assert "--adapt: BatchNorm statistics re-estimated on 16 unlabeled image(s)" in proc.stdout
+    assert "warning: --adapt: only 16 image(s) to adapt to" in proc.stderr
     out = run_folder(tmp_path)
     assert json.loads((out / "run.json").read_text())["adapt"] is True
     proc = run_script("predict.py", "--model", model_path, "--dir", TINY / "test",
