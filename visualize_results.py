@@ -26,7 +26,6 @@ import html
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -44,7 +43,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
-from cxr import calib, checkpoints, dataset, network, runtime, scoring, siteshift  # noqa: E402
+from cxr import assess, calib, checkpoints, dataset, network, runtime, scoring, siteprotocol, siteshift  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
 
@@ -100,31 +99,9 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------
 
 
-def write_problem(path: Path, folder: bool) -> str | None:
-    """Why path cannot be written as a folder (folder=True) or a regular file, None if
-    it can: an existing path must be of that kind, and the nearest existing folder on the
-    way must let this process create a file in it (tried, not guessed from permissions)."""
-    if os.path.lexists(path):
-        if folder and not os.path.isdir(path):
-            return "exists and is not a folder"
-        if not folder and not os.path.isfile(path):
-            return ("is a folder" if os.path.isdir(path) else "exists and is not a regular file")
-    where = path if folder else path.parent
-    while not os.path.lexists(where):
-        where = where.parent
-    if not os.path.isdir(where):
-        return f"{runtime.display_name(where)} is not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as e:
-        return f"cannot write in {runtime.display_name(where)} ({e.strerror or e})"
-    return None
-
-
 def output_problem(args) -> str | None:
     """Why an output of this run cannot be written (None if all can)."""
-    problem = write_problem(Path(args.out), folder=True)
+    problem = runtime.write_problem(Path(args.out), folder=True)
     if problem:
         return f"--out {runtime.display_name(args.out)}: {problem}"
     data = dataset.labelled_data_folder(Path(args.out).resolve())
@@ -133,44 +110,9 @@ def output_problem(args) -> str | None:
                 f"{runtime.display_name(data)}, and its later scans would read the report's PNGs "
                 f"as films; give an --out outside it")
     if args.save_calibrated:
-        problem = write_problem(Path(args.save_calibrated), folder=False)
+        problem = runtime.write_problem(Path(args.save_calibrated), folder=False)
         if problem:
             return f"--save-calibrated {runtime.display_name(args.save_calibrated)}: {problem}"
-    return None
-
-
-def overwrites_an_input(save, inputs) -> str | None:
-    """The input (model, calibration file or image) that the file save is, under any
-    spelling, link or hard link; None if it is none of them."""
-    try:
-        st = os.stat(save)
-    except OSError:
-        return None  # a new file
-    for q in inputs:
-        try:
-            sq = os.stat(q)
-        except OSError:
-            continue
-        if (sq.st_dev, sq.st_ino) == (st.st_dev, st.st_ino):
-            return runtime.display_name(q)
-    return None
-
-
-def recalibration_problem(ks, y, groups) -> str | None:
-    """Why --recalibrate cannot cross-fit with one of the K on these images (None if it
-    can with all): n images make n // K groups of whole patients, which must be 2 or
-    more, each with both classes, so no more than the patients of either class."""
-    y, groups = np.asarray(y), np.asarray(groups)
-    patients = [len(np.unique(groups[y == c])) for c in (0, 1)]
-    n = len(y)
-    lo, hi = n // (min(patients) + 1) + 1, n // 2
-    for k in ks:
-        if not lo <= k <= hi:
-            fits = (f"K from {lo} to {hi} works here" if lo <= hi else
-                    "no K works here: it needs at least 2 patients of each class")
-            return (f"--recalibrate {k}: {n} images of {patients[0]} NORMAL and {patients[1]} "
-                    f"PNEUMONIA patients make {n // k} group(s) of {k}; cross-fitting needs 2 "
-                    f"or more, each with both classes: {fits}")
     return None
 
 
@@ -251,14 +193,6 @@ def json_safe(obj):
 
 def fmt(value, spec=".4f", undefined="not defined with one class"):
     return format(value, spec) if np.isfinite(value) else undefined
-
-
-def coverage_curve(correct, conf):
-    """Accuracy when only the most confident fraction of images is answered."""
-    order = np.argsort(-conf, kind="stable")
-    hits = np.cumsum(correct[order])
-    n = np.arange(1, len(conf) + 1)
-    return n / len(conf), hits / n
 
 
 # ---------------------------------------------------------------------------------
@@ -404,36 +338,6 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 # ---------------------------------------------------------------------------------
 
 
-def shift_report(members, feats, y, pred) -> dict | None:
-    """Typicality flags, their error rates, and a domain classifier (validation images
-    vs these) on the first member's features; None without typicality statistics."""
-    flags = siteshift.outside_distribution(members, feats)
-    if flags is None:
-        return None
-    flag, _ = flags
-    stats = members[0][0].typicality
-    z = siteshift.project(feats[0].numpy(), stats)
-    ref_z, ref_y = stats["reference_z"].numpy(), stats["reference_labels"].numpy()
-    auc = siteshift.domain_auc(ref_z, z)
-    by_class = {n: siteshift.domain_auc(ref_z[ref_y == k], z[y == k])
-                for k, n in enumerate(network.CLASS_NAMES) if (y == k).sum() >= 5}
-    worst = max(by_class, key=by_class.get) if by_class else None
-    verdict = siteshift.shift_verdict(auc)
-    if worst is not None and siteshift.shift_verdict(by_class[worst]) != verdict:
-        verdict += f"; but for {worst} images alone: {siteshift.shift_verdict(by_class[worst])}"
-    wrong = pred != y
-    return {
-        "flagged_share": float(flag.mean()),
-        "flagged_by_class": {n: float(flag[y == k].mean()) if (y == k).any() else float("nan")
-                             for k, n in enumerate(network.CLASS_NAMES)},
-        "error_rate_flagged": float(wrong[flag].mean()) if flag.any() else float("nan"),
-        "error_rate_unflagged": float(wrong[~flag].mean()) if (~flag).any() else float("nan"),
-        "domain_auc": auc, "verdict": verdict, "domain_auc_by_class": by_class,
-        "validation_flagged_share": 1 - stats["level"],
-        "scores": siteshift.typicality_score(feats[0].numpy(), stats), "flag": flag,
-    }
-
-
 def shift_text(s) -> str:
     by_class = ", ".join(f"{k} {fmt(v, '.1%')}" for k, v in s["flagged_by_class"].items())
     aucs = ", ".join(f"{k} {v:.3f}" for k, v in s["domain_auc_by_class"].items())
@@ -463,71 +367,6 @@ def plot_typicality(stats, scores, path):
     savefig(fig, path)
 
 
-def site_patients(y, groups) -> np.ndarray:
-    """Patient ids for the site protocols, told apart by class as well: files named alike
-    in NORMAL/ and PNEUMONIA/ (001.png in both) are two patients, as site_partitions
-    places them."""
-    return np.array([f"{network.CLASS_NAMES[c]}/{g}" for c, g in zip(y, groups)])
-
-
-def site_partitions(groups, y, k: int, rng) -> list[np.ndarray]:
-    """Images split into groups of about k, whole patients each, both classes in each
-    (patients are assigned class by class to the group with the fewest of that class):
-    there must be no more groups than patients of either class (recalibration_problem)."""
-    parts = max(1, len(y) // k)
-    out = [[] for _ in range(parts)]
-    for c in (0, 1):
-        patients = np.unique(groups[y == c])
-        counts = np.zeros(parts)
-        for g in rng.permutation(patients):
-            rows = np.flatnonzero((groups == g) & (y == c))
-            j = int(np.argmin(counts))
-            out[j] += rows.tolist()
-            counts[j] += len(rows)
-    return [np.array(sorted(o)) for o in out]
-
-
-def recalibrated_scores(y, logit, fit_rows, score_rows, groups, seed):
-    """Fit the calibration on fit_rows; (calibration, P(PNEUMONIA) of score_rows)."""
-    two = torch.tensor(np.c_[np.zeros(len(logit)), logit], dtype=torch.float32)
-    cal = calib.fit_calibration(two[fit_rows], y[fit_rows], groups[fit_rows], seed)
-    return cal, network.probabilities(two[score_rows], cal["temperature"])
-
-
-def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
-    """Cross-fitted local recalibration: per draw, the images are split into groups of
-    about K (whole patients); each group is scored by the calibration fitted on the next
-    group, so no image is scored by a calibration that saw it. Mean and spread over
-    draws of the metrics at the fitted threshold."""
-    logit, groups = network.logit(p), site_patients(y, groups)
-    rows = []
-    for k in ks:
-        rng, runs, promised = np.random.default_rng(seed), [], []
-        for _ in range(draws):
-            parts = site_partitions(groups, y, k, rng)
-            q, thr, band = np.zeros(len(y)), np.zeros(len(y)), np.zeros((len(y), 2))
-            for j, part in enumerate(parts):
-                cal, q[part] = recalibrated_scores(y, logit, parts[(j + 1) % len(parts)], part,
-                                                   groups, seed)
-                thr[part], band[part] = cal["threshold"], cal["uncertain_band"]
-                promised.append(cal["sensitivity_promised"])
-            pred = (q >= thr).astype(int)
-            conf = np.where(pred == 1, q, 1 - q)
-            referred = (q >= band[:, 0]) & (q < band[:, 1])
-            m = scoring.binary_metrics(y, (pred + 0.5) / 2, 0.5)  # decisions at each row's threshold
-            m["auc"] = scoring.binary_metrics(y, q, 0.5)["auc"]
-            m["ece"] = scoring.expected_calibration_error(pred == y, conf)[0]
-            m["nll"] = scoring.log_loss(y, q)
-            for c, name in enumerate(network.CLASS_NAMES):
-                m[f"referred_{name}"] = float(referred[y == c].mean())
-            runs.append(m)
-        keys = runs[0].keys()
-        rows.append({"K": k, "draws": len(runs), "sensitivity_promised": min(promised),
-                     "mean": {key: float(np.mean([r[key] for r in runs])) for key in keys},
-                     "sd": {key: float(np.std([r[key] for r in runs])) for key in keys}})
-    return rows
-
-
 def recalibration_text(rows, source, adapted: bool = False) -> str:
     after = " after AdaBN (BatchNorm statistics of these images)" if adapted else ""
     lines = [f"Local recalibration on {source}{after} (cross-fitted: each image scored by a "
@@ -549,75 +388,9 @@ def recalibration_text(rows, source, adapted: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_site_model(path, members, model_paths, cal_in, y, p, groups, k, source, adapted,
-                    seed=0):
-    """--save-calibrated: a calibration fitted on K images of this site (one patient-
-    grouped draw): for one model, a copy of it with that calibration; for an ensemble,
-    a JSON file for predict.py --calibration (the ensemble's calibration on one shared
-    set, instead of the mean of the members' own)."""
-    groups = site_patients(y, groups)
-    fit_rows = site_partitions(groups, y, k, np.random.default_rng(seed))[0]
-    cal, _ = recalibrated_scores(y, network.logit(p), fit_rows, fit_rows, groups, seed)
-    cal["fitted_on"] = f"{len(fit_rows)} labelled images of {source} (visualize_results.py)"
-    if len(members) > 1:
-        saved = {"members": [{"path": str(q), "sha256": runtime.sha256_file(q)} for q in model_paths],
-                 "temperatures": cal_in["temperatures"],
-                 "ensemble_temperature": cal["temperature"] * cal_in.get("ensemble_temperature", 1),
-                 "threshold": cal["threshold"], "uncertain_band": cal["uncertain_band"],
-                 "fitted_on": cal["fitted_on"], "details": cal}
-        text = json.dumps(saved, indent=2)
-        runtime.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-        print(f"Saved {runtime.display_name(path)}: the ensemble's calibration, fitted on {len(fit_rows)} "
-              f"images of {source} (use: predict.py --model ... --calibration {runtime.display_name(path)})")
-        return
-    model, meta = members[0]
-    cal["temperature"] *= checkpoints.calibration_of(meta)["temperature"]  # on top of the stored one
-    meta = dict(meta, calibration=cal, recalibrated_from=meta.get("calibration"),
-                adapted_on=source if adapted else None)
-    checkpoints.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
-    print(f"Saved {runtime.display_name(path)}: calibration fitted on {len(fit_rows)} images of {source}"
-          + (" with BatchNorm statistics adapted to it" if adapted else ""))
-
-
 # ---------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------
-
-
-def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
-    """Every number of the report, from labels y and probabilities p (and p_at_t1, the
-    same members' probabilities at temperature 1, to see what the temperature does)."""
-    thr = cal["threshold"]
-    lo, hi = cal["uncertain_band"]
-    pred, conf = scoring.decide(p, thr)
-    correct = pred == y
-    answered = ~((p >= lo) & (p < hi))
-    pred_half, conf_half = scoring.decide(p, 0.5)
-    conf_t1 = np.where(pred == 1, p_at_t1, 1 - p_at_t1)  # the same decisions, stated at T = 1
-    return {
-        "n": int(len(y)), "counts": np.bincount(y, minlength=2).tolist(),
-        "pred": pred, "conf": conf, "correct": correct, "answered": answered,
-        "at_0.5": scoring.binary_metrics(y, p, 0.5), "at_threshold": scoring.binary_metrics(y, p, thr),
-        "ci95_at_0.5": scoring.bootstrap_ci(y, p, 0.5, n_boot, groups=groups),
-        "ci95_at_threshold": scoring.bootstrap_ci(y, p, thr, n_boot, groups=groups),
-        "bootstrap": "by patient" if groups is not None else "by image",
-        "ece_at_0.5": scoring.expected_calibration_error(pred_half == y, conf_half)[0],
-        "ece": scoring.expected_calibration_error(correct, conf)[0],
-        "calibration_check": {
-            "ece_variant": f"top-label, {scoring.ECE_BINS} equal-width bins, correct = the decision "
-                           "at the stored threshold",
-            "ece": scoring.expected_calibration_error(correct, conf)[0],
-            "ece_at_T1": scoring.expected_calibration_error(correct, conf_t1)[0],
-            "classwise_ece": scoring.classwise_ece(y, p),
-            "classwise_ece_at_T1": scoring.classwise_ece(y, p_at_t1),
-            "nll": scoring.log_loss(y, p), "nll_at_T1": scoring.log_loss(y, p_at_t1)},
-        "confusion": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
-        **scoring.error_analysis(y, pred, conf),
-        "coverage": float(answered.mean()),
-        "referral_rate": {name: float((~answered)[y == k].mean()) if (y == k).any()
-                          else float("nan") for k, name in enumerate(network.CLASS_NAMES)},
-        "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
-    }
 
 
 def analysis_text(m, cal, source, names) -> str:
@@ -676,7 +449,7 @@ def draw_figures(y, p, m, cal, out_dir) -> list[str]:
     plot_confidence(m["conf"], m["correct"], out_dir / "prediction_confidence.png")
     ece, rel_rows = scoring.expected_calibration_error(m["correct"], m["conf"])
     plot_reliability(rel_rows, ece, out_dir / "reliability_diagram.png")
-    cov, acc = coverage_curve(m["correct"], m["conf"])
+    cov, acc = assess.coverage_curve(m["correct"], m["conf"])
     lo, hi = cal["uncertain_band"]
     plot_coverage(cov, acc, (m["coverage"], m["accuracy_answered"]) if hi > lo else None,
                   out_dir / "accuracy_coverage.png")
@@ -705,10 +478,10 @@ def main(argv=None):
         raise SystemExit(f"error: {problem}")
     files, labels, others, source = labelled_files(args, model_paths)
     inputs = [*model_paths, *([args.calibration] if args.calibration else []), *files]
-    if args.save_calibrated and (same := overwrites_an_input(args.save_calibrated, inputs)):
+    if args.save_calibrated and (same := runtime.overwrites_an_input(args.save_calibrated, inputs)):
         raise SystemExit(f"error: --save-calibrated {runtime.display_name(args.save_calibrated)} is "
                          f"{same}, an input of this run: name a new file")
-    if args.recalibrate and (problem := recalibration_problem(
+    if args.recalibrate and (problem := siteprotocol.recalibration_problem(
             args.recalibrate, labels, [dataset.patient_id(q) for q in files])):
         raise SystemExit(f"error: {problem}")
     device = runtime.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
@@ -739,7 +512,7 @@ def main(argv=None):
     groups = np.array([dataset.patient_id(q) for q in paths])
     if not len(y):
         raise SystemExit("error: no image got a valid prediction")
-    if args.recalibrate and (problem := recalibration_problem(args.recalibrate, y, groups)):
+    if args.recalibrate and (problem := siteprotocol.recalibration_problem(args.recalibrate, y, groups)):
         raise SystemExit(f"error: {problem} (after the {len(skipped)} skipped file(s))")
     if len(set(y.tolist())) < 2:
         present = network.CLASS_NAMES[int(y[0])]
@@ -751,9 +524,9 @@ def main(argv=None):
     # 2. the numbers, printed as the published run printed them
     names = ", ".join(str(m) for m in model_paths)
     print("Bootstrap intervals ...", flush=True)
-    m = evaluate(y, p, cal, args.bootstrap, p_t1, groups)
+    m = assess.evaluate(y, p, cal, args.bootstrap, p_t1, groups)
     analysis = analysis_text(m, cal, source, names)
-    shift = shift_report(members, feats, y, m["pred"])
+    shift = siteprotocol.shift_report(members, feats, y, m["pred"])
     if shift is not None:
         analysis += "\n" + shift_text(shift)
     else:
@@ -762,7 +535,7 @@ def main(argv=None):
     recal = []
     if args.recalibrate:
         print("Local recalibration (cross-fitted) ...", flush=True)
-        recal = recalibrate(y, p, groups, args.recalibrate, args.draws)
+        recal = siteprotocol.recalibrate(y, p, groups, args.recalibrate, args.draws)
         analysis += "\n" + recalibration_text(recal, source, args.adapt)
     print(analysis)
     table = metric_table(m, cal["threshold"])
@@ -800,8 +573,8 @@ def main(argv=None):
             print(f"  {name}: {reason}")
     print(f"Saved figures, predictions.csv, metrics.json and report.html to {runtime.display_name(out_dir)}/")
     if args.save_calibrated:  # after the report: a failure here loses no evaluation
-        save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p, groups,
-                        args.recalibrate[0], source, args.adapt)
+        print(siteprotocol.save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p,
+                                           groups, args.recalibrate[0], source, args.adapt))
     print(network.DISCLAIMER)
     return 0
 

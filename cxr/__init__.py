@@ -1,15 +1,20 @@
 """What must never differ between training, prediction and evaluation, one concern per
 module. Each module imports only those above it in this list:
 
-    runtime      argument types, the device, output folders, atomic writes, safe names
+    runtime      argument types, the device, output folders and whether they can be
+                 written, atomic writes, safe names
     imagefiles   a path -> an 8-bit grey image (every format, DICOM, the refusals)
     scan         the image files of a folder, and what was skipped
     dataset      labelled folders, patient ids, patient-grouped splits, decoded arrays
     network      class names, preprocessing, MobileNetV2, the one inference path
     scoring      the one metrics module: decisions, accuracy / AUC, ECE, bootstrap
+    assess       every number of an evaluation on labelled images (metrics at both
+                 thresholds with intervals, calibration check, errors, coverage)
     calib        temperature, sensitivity threshold and uncertain band
     checkpoints  a state_dict plus plain metadata, every field checked at load; ensembles
     siteshift    typicality (the out-of-distribution flag), shift check, AdaBN
+    siteprotocol a labelled folder's shift report; cross-fitted local recalibration
+                 and the model calibrated on K images of the site
 
 Functions raise exceptions; only the scripts turn them into one-line messages.
 """
