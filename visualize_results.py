@@ -24,9 +24,7 @@ import argparse
 import csv
 import html
 import json
-import os
 import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -43,7 +41,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
-from cxr import assess, calib, checkpoints, dataset, network, runtime, scoring, siteprotocol, siteshift  # noqa: E402
+from cxr import assess, calib, checkpoints, dataset, evalfiles, network, runtime, scoring, siteprotocol  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
 
@@ -95,76 +93,27 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------
-# What can go wrong is checked before any work: the outputs and the K of --recalibrate.
+# The images and their predictions; what can go wrong is checked before any work.
 # ---------------------------------------------------------------------------------
 
 
-def output_problem(args) -> str | None:
-    """Why an output of this run cannot be written (None if all can)."""
-    problem = runtime.write_problem(Path(args.out), folder=True)
+def checked_inputs(args, model_paths):
+    """The labelled images (files, labels, files not read, where they came from), once the
+    outputs can be written, --save-calibrated names no input and every K of --recalibrate
+    can be cross-fitted on them."""
+    problem = evalfiles.output_problem(args.out, args.save_calibrated)
     if problem:
-        return f"--out {runtime.display_name(args.out)}: {problem}"
-    data = dataset.labelled_data_folder(Path(args.out).resolve())
-    if data is not None:
-        return (f"--out {runtime.display_name(args.out)} is inside the labelled data set folder "
-                f"{runtime.display_name(data)}, and its later scans would read the report's PNGs "
-                f"as films; give an --out outside it")
-    if args.save_calibrated:
-        problem = runtime.write_problem(Path(args.save_calibrated), folder=False)
-        if problem:
-            return f"--save-calibrated {runtime.display_name(args.save_calibrated)}: {problem}"
-    return None
-
-
-# ---------------------------------------------------------------------------------
-# Predictions for every image of the folder.
-# ---------------------------------------------------------------------------------
-
-
-def labelled_files(args, model_paths) -> tuple[list[Path], list[int], list, str]:
-    """The images to evaluate, their labels, the files not read, and where they came from."""
-    if args.split == "val":
-        if len(model_paths) != 1:
-            raise SystemExit("error: --split val needs one model (each run has its own split)")
-        split_csv = Path(model_paths[0]).parent / "val_split.csv"
-        if not split_csv.is_file():
-            raise SystemExit(f"error: --split val: no {runtime.display_name(split_csv)} beside the model")
-        try:
-            with open(split_csv, newline="", encoding="utf-8", errors="surrogateescape") as f:
-                rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
-            names = [r["file"] for r in rows]
-            labels = [network.CLASS_NAMES.index(r["label"]) for r in rows]
-        except (KeyError, ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
-            raise SystemExit(f"error: {runtime.display_name(split_csv)}: not a split file written by "
-                             f"train_cxray.py ({type(e).__name__}: {e})") from None
-        if not rows:
-            raise SystemExit(f"error: {runtime.display_name(split_csv)} lists no validation image")
-        return (listed_files(split_csv, names), labels, [],
-                f"validation split of {runtime.display_name(split_csv.parent)}")
-    folder = Path(args.data) / args.split if args.split in ("test", "train") else Path(args.split)
-    if not folder.is_dir():
-        raise SystemExit(f"error: {runtime.display_name(folder)} is not a folder"
-                         + (" (--data names the dataset root, with train/ and test/)"
-                            if args.split in ("test", "train") else ""))
-    paths, labels, others = dataset.scan_labelled(folder)
-    if not paths:
-        shown = runtime.display_name(folder)
-        raise SystemExit(f"error: no images in {shown}/NORMAL or {shown}/PNEUMONIA "
-                         "(class folders may be in any letter case)")
-    return paths, labels, others, runtime.display_name(folder)
-
-
-def listed_files(split_csv: Path, names: list[str]) -> list[Path]:
-    """The files a run's split file lists, as paths from here. train_cxray.py writes them
-    absolute; older runs wrote them as training was given them, often relative to the
-    folder training ran in: those are read from the current folder, or else from the
-    folder above the run that holds the most of them."""
-    bases = [Path.cwd(), *split_csv.resolve().parent.parents]
-    base = max(bases, key=lambda b: sum(os.path.exists(b / n) for n in names))  # first of equals
-    if not any(os.path.exists(base / n) for n in names):
-        raise SystemExit(f"error: none of the files in {runtime.display_name(split_csv)} is found from "
-                         "here or from a folder above the run: run this where training ran")
-    return [base / n for n in names]
+        raise SystemExit(f"error: {problem}")
+    with runtime.exit_on(dataset.DataError):
+        files, labels, others, source = evalfiles.labelled_files(args.split, args.data, model_paths)
+    inputs = [*model_paths, *([args.calibration] if args.calibration else []), *files]
+    if args.save_calibrated and (same := runtime.overwrites_an_input(args.save_calibrated, inputs)):
+        raise SystemExit(f"error: --save-calibrated {runtime.display_name(args.save_calibrated)} is "
+                         f"{same}, an input of this run: name a new file")
+    if args.recalibrate and (problem := siteprotocol.recalibration_problem(
+            args.recalibrate, labels, [dataset.patient_id(q) for q in files])):
+        raise SystemExit(f"error: {problem}")
+    return files, labels, others, source
 
 
 def read_images(paths, labels, others, size: int):
@@ -176,19 +125,6 @@ def read_images(paths, labels, others, size: int):
     if not kept:
         raise SystemExit("error: no readable image to evaluate")
     return [paths[i] for i in kept], np.array([labels[i] for i in kept]), images, skipped
-
-
-def json_safe(obj):
-    """Plain JSON types; a measure that is not defined (NaN) becomes null."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def fmt(value, spec=".4f", undefined="not defined with one class"):
@@ -238,9 +174,8 @@ def plot_confidence(conf, correct, path):
     ax.hist(conf[~correct], bins=bins, alpha=0.7, label=f"incorrect ({(~correct).sum()})",
             color="tab:red")
     ax.axvline(scoring.CONFIDENT, ls="--", color="k", lw=1, label=f"confidence {scoring.CONFIDENT}")
-    ax.set_xlabel("confidence of the predicted class")
-    ax.set_ylabel("images")
-    ax.set_title("Prediction confidence: correct vs incorrect")
+    ax.set(xlabel="confidence of the predicted class", ylabel="images",
+           title="Prediction confidence: correct vs incorrect")
     ax.legend()
     savefig(fig, path)
 
@@ -253,11 +188,8 @@ def plot_reliability(rows, ece, path):
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.plot([r[3] for r in rows], [r[2] for r in rows], "o", color="tab:red",
             label="mean confidence")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE = {ece:.4f}, {scoring.ECE_BINS} bins)")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"Reliability diagram (ECE = {ece:.4f}, {scoring.ECE_BINS} bins)")
     ax.legend(loc="upper left")
     savefig(fig, path)
 
@@ -268,9 +200,8 @@ def plot_coverage(cov, acc, band_point, path):
     if band_point is not None:
         ax.plot(*band_point, "o", color="tab:red", ms=8,
                 label=f"stored uncertain band: coverage {band_point[0]:.1%}")
-    ax.set_xlabel("coverage (share of images answered)")
-    ax.set_ylabel("accuracy on the answered images")
-    ax.set_title("Selective prediction: accuracy vs coverage")
+    ax.set(xlabel="coverage (share of images answered)", ylabel="accuracy on the answered images",
+           title="Selective prediction: accuracy vs coverage")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     savefig(fig, path)
@@ -333,12 +264,14 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 
 
 # ---------------------------------------------------------------------------------
-# Site shift: is this folder like the training data? (no labels needed), and the two
-# declared site protocols: label-free adaptation (--adapt) and local recalibration.
+# Site shift (is this folder like the training data?) and local recalibration.
 # ---------------------------------------------------------------------------------
 
 
 def shift_text(s) -> str:
+    if s is None:
+        return ("Site shift: not measured (the model has no typicality statistics; add "
+                "them with python train_cxray.py --typicality-for MODEL)\n")
     by_class = ", ".join(f"{k} {fmt(v, '.1%')}" for k, v in s["flagged_by_class"].items())
     aucs = ", ".join(f"{k} {v:.3f}" for k, v in s["domain_auc_by_class"].items())
     return (f"Site shift (no labels used except to split by class):\n"
@@ -360,9 +293,8 @@ def plot_typicality(stats, scores, path):
                                 (np.minimum(scores, top), "this folder", "tab:red")):
         ax.hist(data, bins=bins, density=True, histtype="step", lw=2, label=label, color=colour)
     ax.axvline(stats["cut"], ls="--", color="k", lw=1, label="cut (1% of validation above)")
-    ax.set_xlabel("typicality score (Mahalanobis distance in feature space)")
-    ax.set_ylabel("density")
-    ax.set_title("Is this folder like the training data?")
+    ax.set(xlabel="typicality score (Mahalanobis distance in feature space)", ylabel="density",
+           title="Is this folder like the training data?")
     ax.legend()
     savefig(fig, path)
 
@@ -473,17 +405,7 @@ def main(argv=None):
     runtime.printable_console()
     args = parse_args(argv)
     model_paths = args.model or [checkpoints.DEFAULT_MODEL]
-    problem = output_problem(args)
-    if problem:
-        raise SystemExit(f"error: {problem}")
-    files, labels, others, source = labelled_files(args, model_paths)
-    inputs = [*model_paths, *([args.calibration] if args.calibration else []), *files]
-    if args.save_calibrated and (same := runtime.overwrites_an_input(args.save_calibrated, inputs)):
-        raise SystemExit(f"error: --save-calibrated {runtime.display_name(args.save_calibrated)} is "
-                         f"{same}, an input of this run: name a new file")
-    if args.recalibrate and (problem := siteprotocol.recalibration_problem(
-            args.recalibrate, labels, [dataset.patient_id(q) for q in files])):
-        raise SystemExit(f"error: {problem}")
+    files, labels, others, source = checked_inputs(args, model_paths)
     device = runtime.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with runtime.exit_on(checkpoints.CheckpointError):
         members, cal, size = checkpoints.load_ensemble(args.model, device, args.calibration)
@@ -494,8 +416,7 @@ def main(argv=None):
                                      features=True)
     scorers = members
     if args.adapt:  # label-free, transductive: BatchNorm statistics of these images
-        scorers = [(siteshift.adapt_batchnorm(model, images, network.intensity_of(meta), args.batch_size),
-                    meta) for model, meta in members]
+        scorers = siteprotocol.adapt_members(members, images, args.batch_size)
         logits = network.member_logits(scorers, images, args.batch_size, desc="adapted")
         print(f"--adapt: BatchNorm statistics re-estimated on these {len(images)} images "
               "(label-free adaptation, transductive)")
@@ -527,11 +448,7 @@ def main(argv=None):
     m = assess.evaluate(y, p, cal, args.bootstrap, p_t1, groups)
     analysis = analysis_text(m, cal, source, names)
     shift = siteprotocol.shift_report(members, feats, y, m["pred"])
-    if shift is not None:
-        analysis += "\n" + shift_text(shift)
-    else:
-        analysis += ("\nSite shift: not measured (the model has no typicality statistics; add "
-                     "them with python train_cxray.py --typicality-for MODEL)\n")
+    analysis += "\n" + shift_text(shift)
     recal = []
     if args.recalibrate:
         print("Local recalibration (cross-fitted) ...", flush=True)
@@ -555,7 +472,7 @@ def main(argv=None):
                else "zero-shot (nothing fitted on these images)",
                "site_shift": {k: v for k, v in (shift or {}).items() if k not in ("scores", "flag")},
                "recalibration": recal}
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(assess.json_safe(metrics), indent=2))
     items = gallery(scorers, paths, images, y, p, m["pred"], m["conf"], out_dir, args.gallery,
                     device)
     notes = [f"Data: {source} ({len(y)} images)", f"Model(s): {names}",

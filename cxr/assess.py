@@ -1,6 +1,7 @@
 """Every number of an evaluation on labelled images, from labels and probabilities:
 metrics at the stored threshold and at 0.5 with bootstrap intervals, the calibration
-check, error analysis, the uncertain band's coverage and referrals per class.
+check, error analysis, the uncertain band's coverage and referrals per class; and
+those numbers as plain JSON.
 """
 
 from __future__ import annotations
@@ -53,3 +54,15 @@ def coverage_curve(correct, conf):
     hits = np.cumsum(correct[order])
     n = np.arange(1, len(conf) + 1)
     return n / len(conf), hits / n
+
+def json_safe(obj):
+    """Plain JSON types; a measure that is not defined (NaN) becomes null."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -18,7 +18,7 @@ from cxr import imagefiles, network, runtime
 
 CHECKPOINT_FORMAT = "cxr-mobilenetv2/1"
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "mobilenet_cxr.pth"  # shipped
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mobilenet_cxr.pth"  # shipped
 
 class CheckpointError(Exception):
     pass

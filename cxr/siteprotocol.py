@@ -1,7 +1,8 @@
 """The site protocols of an evaluation, which use the images being evaluated (their
-numbers are named beside the zero-shot ones): the shift report of a labelled folder,
-and local recalibration, cross-fitted on patient-grouped partitions of the folder, with
-the calibrated copy of the model (or an ensemble's calibration file) for predict.py.
+numbers are named beside the zero-shot ones): label-free adaptation of the members to
+these images, the shift report of a labelled folder, and local recalibration, cross-
+fitted on patient-grouped partitions of the folder, with the calibrated copy of the
+model (or an ensemble's calibration file) for predict.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import torch
 
 from cxr import calib, checkpoints, network, runtime, scoring, siteshift
 
+
+def adapt_members(members, images, batch_size: int = 64) -> list:
+    """--adapt (label-free, transductive): each member with its BatchNorm statistics
+    re-estimated on these unlabeled images (AdaBN); no weight changes."""
+    return [(siteshift.adapt_batchnorm(model, images, network.intensity_of(meta), batch_size), meta)
+            for model, meta in members]
 
 def shift_report(members, feats, y, pred) -> dict | None:
     """Typicality flags, their error rates, and a domain classifier (validation images
