@@ -270,8 +270,8 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 
 def shift_text(s) -> str:
     if s is None:
-        return ("Site shift: not measured (the model has no typicality statistics; add "
-                "them with python train_cxray.py --typicality-for MODEL)\n")
+        return ("Site shift: not measured (the model has no typicality statistics; add them "
+                "with python experiments/upgrade_checkpoint.py --typicality-for MODEL)\n")
     by_class = ", ".join(f"{k} {fmt(v, '.1%')}" for k, v in s["flagged_by_class"].items())
     aucs = ", ".join(f"{k} {v:.3f}" for k, v in s["domain_auc_by_class"].items())
     return (f"Site shift (no labels used except to split by class):\n"
