@@ -7,14 +7,17 @@ module. Each module imports only those above it in this list:
     scan         the image files of a folder, and what was skipped
     dataset      labelled folders, patient ids, patient-grouped splits, decoded arrays
     network      class names, preprocessing, MobileNetV2, the one inference path
+    evalfiles    the labelled images an evaluation reads (a folder, or a run's
+                 val_split.csv read back) and whether its outputs can be written
     scoring      the one metrics module: decisions, accuracy / AUC, ECE, bootstrap
     assess       every number of an evaluation on labelled images (metrics at both
                  thresholds with intervals, calibration check, errors, coverage)
     calib        temperature, sensitivity threshold and uncertain band
     checkpoints  a state_dict plus plain metadata, every field checked at load; ensembles
     siteshift    typicality (the out-of-distribution flag), shift check, AdaBN
-    siteprotocol a labelled folder's shift report; cross-fitted local recalibration
-                 and the model calibrated on K images of the site
+    siteprotocol the site protocols: AdaBN of the members, a labelled folder's shift
+                 report, cross-fitted local recalibration, the model calibrated on K
+                 images of the site
 
 Functions raise exceptions; only the scripts turn them into one-line messages.
 """
