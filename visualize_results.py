@@ -24,10 +24,7 @@ import argparse
 import csv
 import html
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 import matplotlib
 
@@ -44,7 +41,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
-from cxr import calib, checkpoints, dataset, network, runtime, scoring, siteshift  # noqa: E402
+from cxr import assess, calib, checkpoints, dataset, evalfiles, network, runtime, scoring, siteprotocol  # noqa: E402
 from gradcam import GradCAM, overlay  # noqa: E402
 
 
@@ -96,133 +93,27 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------
-# What can go wrong is checked before any work: the outputs and the K of --recalibrate.
+# The images and their predictions; what can go wrong is checked before any work.
 # ---------------------------------------------------------------------------------
 
 
-def write_problem(path: Path, folder: bool) -> str | None:
-    """Why path cannot be written as a folder (folder=True) or a regular file, None if
-    it can: an existing path must be of that kind, and the nearest existing folder on the
-    way must let this process create a file in it (tried, not guessed from permissions)."""
-    if os.path.lexists(path):
-        if folder and not os.path.isdir(path):
-            return "exists and is not a folder"
-        if not folder and not os.path.isfile(path):
-            return ("is a folder" if os.path.isdir(path) else "exists and is not a regular file")
-    where = path if folder else path.parent
-    while not os.path.lexists(where):
-        where = where.parent
-    if not os.path.isdir(where):
-        return f"{runtime.display_name(where)} is not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as e:
-        return f"cannot write in {runtime.display_name(where)} ({e.strerror or e})"
-    return None
-
-
-def output_problem(args) -> str | None:
-    """Why an output of this run cannot be written (None if all can)."""
-    problem = write_problem(Path(args.out), folder=True)
+def checked_inputs(args, model_paths):
+    """The labelled images (files, labels, files not read, where they came from), once the
+    outputs can be written, --save-calibrated names no input and every K of --recalibrate
+    can be cross-fitted on them."""
+    problem = evalfiles.output_problem(args.out, args.save_calibrated)
     if problem:
-        return f"--out {runtime.display_name(args.out)}: {problem}"
-    data = dataset.labelled_data_folder(Path(args.out).resolve())
-    if data is not None:
-        return (f"--out {runtime.display_name(args.out)} is inside the labelled data set folder "
-                f"{runtime.display_name(data)}, and its later scans would read the report's PNGs "
-                f"as films; give an --out outside it")
-    if args.save_calibrated:
-        problem = write_problem(Path(args.save_calibrated), folder=False)
-        if problem:
-            return f"--save-calibrated {runtime.display_name(args.save_calibrated)}: {problem}"
-    return None
-
-
-def overwrites_an_input(save, inputs) -> str | None:
-    """The input (model, calibration file or image) that the file save is, under any
-    spelling, link or hard link; None if it is none of them."""
-    try:
-        st = os.stat(save)
-    except OSError:
-        return None  # a new file
-    for q in inputs:
-        try:
-            sq = os.stat(q)
-        except OSError:
-            continue
-        if (sq.st_dev, sq.st_ino) == (st.st_dev, st.st_ino):
-            return runtime.display_name(q)
-    return None
-
-
-def recalibration_problem(ks, y, groups) -> str | None:
-    """Why --recalibrate cannot cross-fit with one of the K on these images (None if it
-    can with all): n images make n // K groups of whole patients, which must be 2 or
-    more, each with both classes, so no more than the patients of either class."""
-    y, groups = np.asarray(y), np.asarray(groups)
-    patients = [len(np.unique(groups[y == c])) for c in (0, 1)]
-    n = len(y)
-    lo, hi = n // (min(patients) + 1) + 1, n // 2
-    for k in ks:
-        if not lo <= k <= hi:
-            fits = (f"K from {lo} to {hi} works here" if lo <= hi else
-                    "no K works here: it needs at least 2 patients of each class")
-            return (f"--recalibrate {k}: {n} images of {patients[0]} NORMAL and {patients[1]} "
-                    f"PNEUMONIA patients make {n // k} group(s) of {k}; cross-fitting needs 2 "
-                    f"or more, each with both classes: {fits}")
-    return None
-
-
-# ---------------------------------------------------------------------------------
-# Predictions for every image of the folder.
-# ---------------------------------------------------------------------------------
-
-
-def labelled_files(args, model_paths) -> tuple[list[Path], list[int], list, str]:
-    """The images to evaluate, their labels, the files not read, and where they came from."""
-    if args.split == "val":
-        if len(model_paths) != 1:
-            raise SystemExit("error: --split val needs one model (each run has its own split)")
-        split_csv = Path(model_paths[0]).parent / "val_split.csv"
-        if not split_csv.is_file():
-            raise SystemExit(f"error: --split val: no {runtime.display_name(split_csv)} beside the model")
-        try:
-            with open(split_csv, newline="", encoding="utf-8", errors="surrogateescape") as f:
-                rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
-            names = [r["file"] for r in rows]
-            labels = [network.CLASS_NAMES.index(r["label"]) for r in rows]
-        except (KeyError, ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
-            raise SystemExit(f"error: {runtime.display_name(split_csv)}: not a split file written by "
-                             f"train_cxray.py ({type(e).__name__}: {e})") from None
-        if not rows:
-            raise SystemExit(f"error: {runtime.display_name(split_csv)} lists no validation image")
-        return (listed_files(split_csv, names), labels, [],
-                f"validation split of {runtime.display_name(split_csv.parent)}")
-    folder = Path(args.data) / args.split if args.split in ("test", "train") else Path(args.split)
-    if not folder.is_dir():
-        raise SystemExit(f"error: {runtime.display_name(folder)} is not a folder"
-                         + (" (--data names the dataset root, with train/ and test/)"
-                            if args.split in ("test", "train") else ""))
-    paths, labels, others = dataset.scan_labelled(folder)
-    if not paths:
-        shown = runtime.display_name(folder)
-        raise SystemExit(f"error: no images in {shown}/NORMAL or {shown}/PNEUMONIA "
-                         "(class folders may be in any letter case)")
-    return paths, labels, others, runtime.display_name(folder)
-
-
-def listed_files(split_csv: Path, names: list[str]) -> list[Path]:
-    """The files a run's split file lists, as paths from here. train_cxray.py writes them
-    absolute; older runs wrote them as training was given them, often relative to the
-    folder training ran in: those are read from the current folder, or else from the
-    folder above the run that holds the most of them."""
-    bases = [Path.cwd(), *split_csv.resolve().parent.parents]
-    base = max(bases, key=lambda b: sum(os.path.exists(b / n) for n in names))  # first of equals
-    if not any(os.path.exists(base / n) for n in names):
-        raise SystemExit(f"error: none of the files in {runtime.display_name(split_csv)} is found from "
-                         "here or from a folder above the run: run this where training ran")
-    return [base / n for n in names]
+        raise SystemExit(f"error: {problem}")
+    with runtime.exit_on(dataset.DataError):
+        files, labels, others, source = evalfiles.labelled_files(args.split, args.data, model_paths)
+    inputs = [*model_paths, *([args.calibration] if args.calibration else []), *files]
+    if args.save_calibrated and (same := runtime.overwrites_an_input(args.save_calibrated, inputs)):
+        raise SystemExit(f"error: --save-calibrated {runtime.display_name(args.save_calibrated)} is "
+                         f"{same}, an input of this run: name a new file")
+    if args.recalibrate and (problem := siteprotocol.recalibration_problem(
+            args.recalibrate, labels, [dataset.patient_id(q) for q in files])):
+        raise SystemExit(f"error: {problem}")
+    return files, labels, others, source
 
 
 def read_images(paths, labels, others, size: int):
@@ -236,29 +127,8 @@ def read_images(paths, labels, others, size: int):
     return [paths[i] for i in kept], np.array([labels[i] for i in kept]), images, skipped
 
 
-def json_safe(obj):
-    """Plain JSON types; a measure that is not defined (NaN) becomes null."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def fmt(value, spec=".4f", undefined="not defined with one class"):
     return format(value, spec) if np.isfinite(value) else undefined
-
-
-def coverage_curve(correct, conf):
-    """Accuracy when only the most confident fraction of images is answered."""
-    order = np.argsort(-conf, kind="stable")
-    hits = np.cumsum(correct[order])
-    n = np.arange(1, len(conf) + 1)
-    return n / len(conf), hits / n
 
 
 # ---------------------------------------------------------------------------------
@@ -304,9 +174,8 @@ def plot_confidence(conf, correct, path):
     ax.hist(conf[~correct], bins=bins, alpha=0.7, label=f"incorrect ({(~correct).sum()})",
             color="tab:red")
     ax.axvline(scoring.CONFIDENT, ls="--", color="k", lw=1, label=f"confidence {scoring.CONFIDENT}")
-    ax.set_xlabel("confidence of the predicted class")
-    ax.set_ylabel("images")
-    ax.set_title("Prediction confidence: correct vs incorrect")
+    ax.set(xlabel="confidence of the predicted class", ylabel="images",
+           title="Prediction confidence: correct vs incorrect")
     ax.legend()
     savefig(fig, path)
 
@@ -319,11 +188,8 @@ def plot_reliability(rows, ece, path):
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.plot([r[3] for r in rows], [r[2] for r in rows], "o", color="tab:red",
             label="mean confidence")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE = {ece:.4f}, {scoring.ECE_BINS} bins)")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"Reliability diagram (ECE = {ece:.4f}, {scoring.ECE_BINS} bins)")
     ax.legend(loc="upper left")
     savefig(fig, path)
 
@@ -334,9 +200,8 @@ def plot_coverage(cov, acc, band_point, path):
     if band_point is not None:
         ax.plot(*band_point, "o", color="tab:red", ms=8,
                 label=f"stored uncertain band: coverage {band_point[0]:.1%}")
-    ax.set_xlabel("coverage (share of images answered)")
-    ax.set_ylabel("accuracy on the answered images")
-    ax.set_title("Selective prediction: accuracy vs coverage")
+    ax.set(xlabel="coverage (share of images answered)", ylabel="accuracy on the answered images",
+           title="Selective prediction: accuracy vs coverage")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     savefig(fig, path)
@@ -399,42 +264,14 @@ figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
 
 
 # ---------------------------------------------------------------------------------
-# Site shift: is this folder like the training data? (no labels needed), and the two
-# declared site protocols: label-free adaptation (--adapt) and local recalibration.
+# Site shift (is this folder like the training data?) and local recalibration.
 # ---------------------------------------------------------------------------------
 
 
-def shift_report(members, feats, y, pred) -> dict | None:
-    """Typicality flags, their error rates, and a domain classifier (validation images
-    vs these) on the first member's features; None without typicality statistics."""
-    flags = siteshift.outside_distribution(members, feats)
-    if flags is None:
-        return None
-    flag, _ = flags
-    stats = members[0][0].typicality
-    z = siteshift.project(feats[0].numpy(), stats)
-    ref_z, ref_y = stats["reference_z"].numpy(), stats["reference_labels"].numpy()
-    auc = siteshift.domain_auc(ref_z, z)
-    by_class = {n: siteshift.domain_auc(ref_z[ref_y == k], z[y == k])
-                for k, n in enumerate(network.CLASS_NAMES) if (y == k).sum() >= 5}
-    worst = max(by_class, key=by_class.get) if by_class else None
-    verdict = siteshift.shift_verdict(auc)
-    if worst is not None and siteshift.shift_verdict(by_class[worst]) != verdict:
-        verdict += f"; but for {worst} images alone: {siteshift.shift_verdict(by_class[worst])}"
-    wrong = pred != y
-    return {
-        "flagged_share": float(flag.mean()),
-        "flagged_by_class": {n: float(flag[y == k].mean()) if (y == k).any() else float("nan")
-                             for k, n in enumerate(network.CLASS_NAMES)},
-        "error_rate_flagged": float(wrong[flag].mean()) if flag.any() else float("nan"),
-        "error_rate_unflagged": float(wrong[~flag].mean()) if (~flag).any() else float("nan"),
-        "domain_auc": auc, "verdict": verdict, "domain_auc_by_class": by_class,
-        "validation_flagged_share": 1 - stats["level"],
-        "scores": siteshift.typicality_score(feats[0].numpy(), stats), "flag": flag,
-    }
-
-
 def shift_text(s) -> str:
+    if s is None:
+        return ("Site shift: not measured (the model has no typicality statistics; add them "
+                "with python experiments/upgrade_checkpoint.py --typicality-for MODEL)\n")
     by_class = ", ".join(f"{k} {fmt(v, '.1%')}" for k, v in s["flagged_by_class"].items())
     aucs = ", ".join(f"{k} {v:.3f}" for k, v in s["domain_auc_by_class"].items())
     return (f"Site shift (no labels used except to split by class):\n"
@@ -456,76 +293,10 @@ def plot_typicality(stats, scores, path):
                                 (np.minimum(scores, top), "this folder", "tab:red")):
         ax.hist(data, bins=bins, density=True, histtype="step", lw=2, label=label, color=colour)
     ax.axvline(stats["cut"], ls="--", color="k", lw=1, label="cut (1% of validation above)")
-    ax.set_xlabel("typicality score (Mahalanobis distance in feature space)")
-    ax.set_ylabel("density")
-    ax.set_title("Is this folder like the training data?")
+    ax.set(xlabel="typicality score (Mahalanobis distance in feature space)", ylabel="density",
+           title="Is this folder like the training data?")
     ax.legend()
     savefig(fig, path)
-
-
-def site_patients(y, groups) -> np.ndarray:
-    """Patient ids for the site protocols, told apart by class as well: files named alike
-    in NORMAL/ and PNEUMONIA/ (001.png in both) are two patients, as site_partitions
-    places them."""
-    return np.array([f"{network.CLASS_NAMES[c]}/{g}" for c, g in zip(y, groups)])
-
-
-def site_partitions(groups, y, k: int, rng) -> list[np.ndarray]:
-    """Images split into groups of about k, whole patients each, both classes in each
-    (patients are assigned class by class to the group with the fewest of that class):
-    there must be no more groups than patients of either class (recalibration_problem)."""
-    parts = max(1, len(y) // k)
-    out = [[] for _ in range(parts)]
-    for c in (0, 1):
-        patients = np.unique(groups[y == c])
-        counts = np.zeros(parts)
-        for g in rng.permutation(patients):
-            rows = np.flatnonzero((groups == g) & (y == c))
-            j = int(np.argmin(counts))
-            out[j] += rows.tolist()
-            counts[j] += len(rows)
-    return [np.array(sorted(o)) for o in out]
-
-
-def recalibrated_scores(y, logit, fit_rows, score_rows, groups, seed):
-    """Fit the calibration on fit_rows; (calibration, P(PNEUMONIA) of score_rows)."""
-    two = torch.tensor(np.c_[np.zeros(len(logit)), logit], dtype=torch.float32)
-    cal = calib.fit_calibration(two[fit_rows], y[fit_rows], groups[fit_rows], seed)
-    return cal, network.probabilities(two[score_rows], cal["temperature"])
-
-
-def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
-    """Cross-fitted local recalibration: per draw, the images are split into groups of
-    about K (whole patients); each group is scored by the calibration fitted on the next
-    group, so no image is scored by a calibration that saw it. Mean and spread over
-    draws of the metrics at the fitted threshold."""
-    logit, groups = network.logit(p), site_patients(y, groups)
-    rows = []
-    for k in ks:
-        rng, runs, promised = np.random.default_rng(seed), [], []
-        for _ in range(draws):
-            parts = site_partitions(groups, y, k, rng)
-            q, thr, band = np.zeros(len(y)), np.zeros(len(y)), np.zeros((len(y), 2))
-            for j, part in enumerate(parts):
-                cal, q[part] = recalibrated_scores(y, logit, parts[(j + 1) % len(parts)], part,
-                                                   groups, seed)
-                thr[part], band[part] = cal["threshold"], cal["uncertain_band"]
-                promised.append(cal["sensitivity_promised"])
-            pred = (q >= thr).astype(int)
-            conf = np.where(pred == 1, q, 1 - q)
-            referred = (q >= band[:, 0]) & (q < band[:, 1])
-            m = scoring.binary_metrics(y, (pred + 0.5) / 2, 0.5)  # decisions at each row's threshold
-            m["auc"] = scoring.binary_metrics(y, q, 0.5)["auc"]
-            m["ece"] = scoring.expected_calibration_error(pred == y, conf)[0]
-            m["nll"] = scoring.log_loss(y, q)
-            for c, name in enumerate(network.CLASS_NAMES):
-                m[f"referred_{name}"] = float(referred[y == c].mean())
-            runs.append(m)
-        keys = runs[0].keys()
-        rows.append({"K": k, "draws": len(runs), "sensitivity_promised": min(promised),
-                     "mean": {key: float(np.mean([r[key] for r in runs])) for key in keys},
-                     "sd": {key: float(np.std([r[key] for r in runs])) for key in keys}})
-    return rows
 
 
 def recalibration_text(rows, source, adapted: bool = False) -> str:
@@ -549,75 +320,9 @@ def recalibration_text(rows, source, adapted: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_site_model(path, members, model_paths, cal_in, y, p, groups, k, source, adapted,
-                    seed=0):
-    """--save-calibrated: a calibration fitted on K images of this site (one patient-
-    grouped draw): for one model, a copy of it with that calibration; for an ensemble,
-    a JSON file for predict.py --calibration (the ensemble's calibration on one shared
-    set, instead of the mean of the members' own)."""
-    groups = site_patients(y, groups)
-    fit_rows = site_partitions(groups, y, k, np.random.default_rng(seed))[0]
-    cal, _ = recalibrated_scores(y, network.logit(p), fit_rows, fit_rows, groups, seed)
-    cal["fitted_on"] = f"{len(fit_rows)} labelled images of {source} (visualize_results.py)"
-    if len(members) > 1:
-        saved = {"members": [{"path": str(q), "sha256": runtime.sha256_file(q)} for q in model_paths],
-                 "temperatures": cal_in["temperatures"],
-                 "ensemble_temperature": cal["temperature"] * cal_in.get("ensemble_temperature", 1),
-                 "threshold": cal["threshold"], "uncertain_band": cal["uncertain_band"],
-                 "fitted_on": cal["fitted_on"], "details": cal}
-        text = json.dumps(saved, indent=2)
-        runtime.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-        print(f"Saved {runtime.display_name(path)}: the ensemble's calibration, fitted on {len(fit_rows)} "
-              f"images of {source} (use: predict.py --model ... --calibration {runtime.display_name(path)})")
-        return
-    model, meta = members[0]
-    cal["temperature"] *= checkpoints.calibration_of(meta)["temperature"]  # on top of the stored one
-    meta = dict(meta, calibration=cal, recalibrated_from=meta.get("calibration"),
-                adapted_on=source if adapted else None)
-    checkpoints.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
-    print(f"Saved {runtime.display_name(path)}: calibration fitted on {len(fit_rows)} images of {source}"
-          + (" with BatchNorm statistics adapted to it" if adapted else ""))
-
-
 # ---------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------
-
-
-def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
-    """Every number of the report, from labels y and probabilities p (and p_at_t1, the
-    same members' probabilities at temperature 1, to see what the temperature does)."""
-    thr = cal["threshold"]
-    lo, hi = cal["uncertain_band"]
-    pred, conf = scoring.decide(p, thr)
-    correct = pred == y
-    answered = ~((p >= lo) & (p < hi))
-    pred_half, conf_half = scoring.decide(p, 0.5)
-    conf_t1 = np.where(pred == 1, p_at_t1, 1 - p_at_t1)  # the same decisions, stated at T = 1
-    return {
-        "n": int(len(y)), "counts": np.bincount(y, minlength=2).tolist(),
-        "pred": pred, "conf": conf, "correct": correct, "answered": answered,
-        "at_0.5": scoring.binary_metrics(y, p, 0.5), "at_threshold": scoring.binary_metrics(y, p, thr),
-        "ci95_at_0.5": scoring.bootstrap_ci(y, p, 0.5, n_boot, groups=groups),
-        "ci95_at_threshold": scoring.bootstrap_ci(y, p, thr, n_boot, groups=groups),
-        "bootstrap": "by patient" if groups is not None else "by image",
-        "ece_at_0.5": scoring.expected_calibration_error(pred_half == y, conf_half)[0],
-        "ece": scoring.expected_calibration_error(correct, conf)[0],
-        "calibration_check": {
-            "ece_variant": f"top-label, {scoring.ECE_BINS} equal-width bins, correct = the decision "
-                           "at the stored threshold",
-            "ece": scoring.expected_calibration_error(correct, conf)[0],
-            "ece_at_T1": scoring.expected_calibration_error(correct, conf_t1)[0],
-            "classwise_ece": scoring.classwise_ece(y, p),
-            "classwise_ece_at_T1": scoring.classwise_ece(y, p_at_t1),
-            "nll": scoring.log_loss(y, p), "nll_at_T1": scoring.log_loss(y, p_at_t1)},
-        "confusion": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
-        **scoring.error_analysis(y, pred, conf),
-        "coverage": float(answered.mean()),
-        "referral_rate": {name: float((~answered)[y == k].mean()) if (y == k).any()
-                          else float("nan") for k, name in enumerate(network.CLASS_NAMES)},
-        "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
-    }
 
 
 def analysis_text(m, cal, source, names) -> str:
@@ -676,7 +381,7 @@ def draw_figures(y, p, m, cal, out_dir) -> list[str]:
     plot_confidence(m["conf"], m["correct"], out_dir / "prediction_confidence.png")
     ece, rel_rows = scoring.expected_calibration_error(m["correct"], m["conf"])
     plot_reliability(rel_rows, ece, out_dir / "reliability_diagram.png")
-    cov, acc = coverage_curve(m["correct"], m["conf"])
+    cov, acc = assess.coverage_curve(m["correct"], m["conf"])
     lo, hi = cal["uncertain_band"]
     plot_coverage(cov, acc, (m["coverage"], m["accuracy_answered"]) if hi > lo else None,
                   out_dir / "accuracy_coverage.png")
@@ -700,17 +405,7 @@ def main(argv=None):
     runtime.printable_console()
     args = parse_args(argv)
     model_paths = args.model or [checkpoints.DEFAULT_MODEL]
-    problem = output_problem(args)
-    if problem:
-        raise SystemExit(f"error: {problem}")
-    files, labels, others, source = labelled_files(args, model_paths)
-    inputs = [*model_paths, *([args.calibration] if args.calibration else []), *files]
-    if args.save_calibrated and (same := overwrites_an_input(args.save_calibrated, inputs)):
-        raise SystemExit(f"error: --save-calibrated {runtime.display_name(args.save_calibrated)} is "
-                         f"{same}, an input of this run: name a new file")
-    if args.recalibrate and (problem := recalibration_problem(
-            args.recalibrate, labels, [dataset.patient_id(q) for q in files])):
-        raise SystemExit(f"error: {problem}")
+    files, labels, others, source = checked_inputs(args, model_paths)
     device = runtime.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with runtime.exit_on(checkpoints.CheckpointError):
         members, cal, size = checkpoints.load_ensemble(args.model, device, args.calibration)
@@ -721,8 +416,7 @@ def main(argv=None):
                                      features=True)
     scorers = members
     if args.adapt:  # label-free, transductive: BatchNorm statistics of these images
-        scorers = [(siteshift.adapt_batchnorm(model, images, network.intensity_of(meta), args.batch_size),
-                    meta) for model, meta in members]
+        scorers = siteprotocol.adapt_members(members, images, args.batch_size)
         logits = network.member_logits(scorers, images, args.batch_size, desc="adapted")
         print(f"--adapt: BatchNorm statistics re-estimated on these {len(images)} images "
               "(label-free adaptation, transductive)")
@@ -739,7 +433,7 @@ def main(argv=None):
     groups = np.array([dataset.patient_id(q) for q in paths])
     if not len(y):
         raise SystemExit("error: no image got a valid prediction")
-    if args.recalibrate and (problem := recalibration_problem(args.recalibrate, y, groups)):
+    if args.recalibrate and (problem := siteprotocol.recalibration_problem(args.recalibrate, y, groups)):
         raise SystemExit(f"error: {problem} (after the {len(skipped)} skipped file(s))")
     if len(set(y.tolist())) < 2:
         present = network.CLASS_NAMES[int(y[0])]
@@ -751,18 +445,14 @@ def main(argv=None):
     # 2. the numbers, printed as the published run printed them
     names = ", ".join(str(m) for m in model_paths)
     print("Bootstrap intervals ...", flush=True)
-    m = evaluate(y, p, cal, args.bootstrap, p_t1, groups)
+    m = assess.evaluate(y, p, cal, args.bootstrap, p_t1, groups)
     analysis = analysis_text(m, cal, source, names)
-    shift = shift_report(members, feats, y, m["pred"])
-    if shift is not None:
-        analysis += "\n" + shift_text(shift)
-    else:
-        analysis += ("\nSite shift: not measured (the model has no typicality statistics; add "
-                     "them with python train_cxray.py --typicality-for MODEL)\n")
+    shift = siteprotocol.shift_report(members, feats, y, m["pred"])
+    analysis += "\n" + shift_text(shift)
     recal = []
     if args.recalibrate:
         print("Local recalibration (cross-fitted) ...", flush=True)
-        recal = recalibrate(y, p, groups, args.recalibrate, args.draws)
+        recal = siteprotocol.recalibrate(y, p, groups, args.recalibrate, args.draws)
         analysis += "\n" + recalibration_text(recal, source, args.adapt)
     print(analysis)
     table = metric_table(m, cal["threshold"])
@@ -782,7 +472,7 @@ def main(argv=None):
                else "zero-shot (nothing fitted on these images)",
                "site_shift": {k: v for k, v in (shift or {}).items() if k not in ("scores", "flag")},
                "recalibration": recal}
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(assess.json_safe(metrics), indent=2))
     items = gallery(scorers, paths, images, y, p, m["pred"], m["conf"], out_dir, args.gallery,
                     device)
     notes = [f"Data: {source} ({len(y)} images)", f"Model(s): {names}",
@@ -800,8 +490,8 @@ def main(argv=None):
             print(f"  {name}: {reason}")
     print(f"Saved figures, predictions.csv, metrics.json and report.html to {runtime.display_name(out_dir)}/")
     if args.save_calibrated:  # after the report: a failure here loses no evaluation
-        save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p, groups,
-                        args.recalibrate[0], source, args.adapt)
+        print(siteprotocol.save_site_model(args.save_calibrated, scorers, model_paths, cal, y, p,
+                                           groups, args.recalibrate[0], source, args.adapt))
     print(network.DISCLAIMER)
     return 0
 

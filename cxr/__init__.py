@@ -1,17 +1,25 @@
 """What must never differ between training, prediction and evaluation, one concern per
 module. Each module imports only those above it in this list:
 
-    runtime      argument types, the device, output folders, atomic writes, safe names
+    runtime      argument types, the device, output folders and whether they can be
+                 written, atomic writes, safe names
     imagefiles   a path -> an 8-bit grey image (every format, DICOM, the refusals)
     scan         the image files of a folder, and what was skipped
     dataset      labelled folders, patient ids, patient-grouped splits, decoded arrays
     network      class names, preprocessing, MobileNetV2, the one inference path
+    evalfiles    the labelled images an evaluation reads (a folder, or a run's
+                 val_split.csv read back) and whether its outputs can be written
     scoring      the one metrics module: decisions, accuracy / AUC, ECE, bootstrap
+    assess       every number of an evaluation on labelled images (metrics at both
+                 thresholds with intervals, calibration check, errors, coverage)
     calib        temperature, sensitivity threshold and uncertain band
     checkpoints  a state_dict plus plain metadata, every field checked at load; ensembles
     siteshift    typicality (the out-of-distribution flag), shift check, AdaBN
     intake       the files given to predict: each once, decoded in workers, errors as values
     predtable    the prediction tables: predict's rows, run manifest, --resume; evaluation rows
+    siteprotocol the site protocols: AdaBN of the members, a labelled folder's shift
+                 report, cross-fitted local recalibration, the model calibrated on K
+                 images of the site
 
 Functions raise exceptions; only the scripts turn them into one-line messages.
 """

@@ -1,6 +1,6 @@
 """Run plumbing the scripts share: argument types, the device, output folders, atomic
 writes, a file's digest, printing names safely on any console, CSV cells that cannot
-be formulas.
+be formulas, and whether an output can be written without overwriting an input.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import sys
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -198,3 +199,40 @@ def folder_or_new(text: str) -> str:
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{display_name(text)} exists and is not a folder")
     return text
+
+def write_problem(path: Path, folder: bool) -> str | None:
+    """Why path cannot be written as a folder (folder=True) or a regular file, None if
+    it can: an existing path must be of that kind, and the nearest existing folder on the
+    way must let this process create a file in it (tried, not guessed from permissions)."""
+    if os.path.lexists(path):
+        if folder and not os.path.isdir(path):
+            return "exists and is not a folder"
+        if not folder and not os.path.isfile(path):
+            return ("is a folder" if os.path.isdir(path) else "exists and is not a regular file")
+    where = path if folder else path.parent
+    while not os.path.lexists(where):
+        where = where.parent
+    if not os.path.isdir(where):
+        return f"{display_name(where)} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        return f"cannot write in {display_name(where)} ({e.strerror or e})"
+    return None
+
+def overwrites_an_input(save, inputs) -> str | None:
+    """The input (model, calibration file or image) that the file save is, under any
+    spelling, link or hard link; None if it is none of them."""
+    try:
+        st = os.stat(save)
+    except OSError:
+        return None  # a new file
+    for q in inputs:
+        try:
+            sq = os.stat(q)
+        except OSError:
+            continue
+        if (sq.st_dev, sq.st_ino) == (st.st_dev, st.st_ino):
+            return display_name(q)
+    return None

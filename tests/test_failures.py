@@ -17,7 +17,7 @@ import torch
 from conftest import DATA, ROOT, TINY, logits_of, run_folder, run_script, scaled_probability, train_args
 from PIL import Image
 
-from cxr import checkpoints, dataset, imagefiles, network, scan
+from cxr import checkpoints, dataset, evalfiles, imagefiles, network, scan
 
 XRAY = sorted((TINY / "test" / "PNEUMONIA").iterdir())[0]
 
@@ -237,8 +237,7 @@ def test_any_decoder_exception_skips_only_that_file(model_path, tmp_path, monkey
     crashed = [r for r in rows if "decoder crashed" in r["error"]]
     assert crashed and all("IM-" in r["file"] for r in crashed)
     assert len(rows) == 16 and any(r["prediction"] for r in rows)
-    files, labels, others, _ = visualize_results.labelled_files(
-        visualize_results.parse_args(["--split", str(TINY / "test")]), [model_path])
+    files, labels, others, _ = evalfiles.labelled_files(str(TINY / "test"), "chest_xray", [model_path])
     paths, y, images, skipped = visualize_results.read_images(files, labels, others, 64)
     assert len(paths) + len(skipped) == 16 and len(skipped) == len(crashed)
     array, reason = dataset.try_load_image_array(sorted((TINY / "test" / "NORMAL").glob("IM-*"))[0])

@@ -17,7 +17,19 @@ from torch import nn
 
 import train_cxray as tc
 import visualize_results as vr
-from cxr import calib, checkpoints, dataset, intake, network, predtable, runtime, scan, scoring, siteshift
+from cxr import (
+    calib,
+    checkpoints,
+    dataset,
+    intake,
+    network,
+    predtable,
+    runtime,
+    scan,
+    scoring,
+    siteprotocol,
+    siteshift,
+)
 
 PATIENTS64 = DATA / "patients64"
 TEST64 = PATIENTS64 / "test"
@@ -264,15 +276,15 @@ def test_recalibrate_partitions_the_folder_by_patient(patient_evaluation):
     others: the premise)."""
     metrics, y, p, groups, _ = patient_evaluation
     (row,) = metrics["recalibration"]
-    by_patient = vr.recalibrate(y, p, groups, [10], draws=2)[0]
-    by_image = vr.recalibrate(y, p, np.arange(len(y)), [10], draws=2)[0]
+    by_patient = siteprotocol.recalibrate(y, p, groups, [10], draws=2)[0]
+    by_image = siteprotocol.recalibrate(y, p, np.arange(len(y)), [10], draws=2)[0]
     assert by_image["mean"] != pytest.approx(by_patient["mean"], abs=1e-6)
     assert row["mean"] == pytest.approx(by_patient["mean"], abs=1e-9)
     assert row["sd"] == pytest.approx(by_patient["sd"], abs=1e-9)
     # and every part of every draw holds whole patients of both classes
     rng = np.random.default_rng(0)
     for _ in range(2):
-        parts = vr.site_partitions(groups, y, 10, rng)
+        parts = siteprotocol.site_partitions(groups, y, 10, rng)
         for a in parts:
             assert set(y[a]) == {0, 1}
             assert all(not set(groups[a]) & set(groups[b]) for b in parts if b is not a)

@@ -292,12 +292,10 @@ def test_visualize_predictions_csv_cells_cannot_be_formulas(tmp_path):
 def test_the_split_file_gives_back_every_name_exactly(tmp_path):
     """val_split.csv is read back by visualize_results.py --split val: any file name, one
     that is not UTF-8 or holds a newline or a backslash too, must come back as it was."""
-    import argparse
-
     import numpy as np
 
     import train_cxray
-    import visualize_results
+    from cxr import evalfiles
 
     names = ["a\nb.jpeg", "back\\x1b.jpeg", os.fsdecode(b"n\xff.jpeg"), "=cmd.jpeg", "é.jpeg"]
     paths = [p.resolve() for p in (films(tmp_path / "data", names) / n for n in names)]
@@ -305,8 +303,7 @@ def test_the_split_file_gives_back_every_name_exactly(tmp_path):
     run.mkdir()
     train_cxray.write_split_csv(run / "val_split.csv",
                                 {"val": (paths, np.ones(len(paths), dtype=int))})
-    files, labels, _, _ = visualize_results.labelled_files(argparse.Namespace(split="val"),
-                                                           [run / "model.pth"])
+    files, labels, _, _ = evalfiles.labelled_files("val", None, [run / "model.pth"])
     assert files == paths and labels == [1] * len(paths)
     with open(run / "val_split.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         patients = [r["patient"] for r in csv.DictReader(f)]

@@ -125,7 +125,7 @@ def test_adabn_changes_only_batchnorm_statistics_to_those_of_the_images(model_pa
 
 
 def test_recalibration_partitions_are_whole_patients_with_both_classes():
-    from visualize_results import site_partitions
+    from cxr.siteprotocol import site_partitions
 
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(60), 3)  # 60 patients, 3 images each
@@ -275,20 +275,20 @@ def x_file():
 def test_no_image_is_scored_by_a_calibration_fitted_on_its_patient(monkeypatch):
     """The cross-fitting promise of --recalibrate: in every fit, the images scored and
     the images fitted on share no patient, and every image is scored once per draw."""
-    import visualize_results as vr
+    from cxr import siteprotocol
 
     rng = np.random.default_rng(1)
     groups = np.repeat(np.arange(80), 2)
     y = (np.arange(80) % 3 == 0).repeat(2).astype(int)
     p = np.clip(y * 0.6 + rng.uniform(0, 0.4, len(y)), 0.01, 0.99)
-    calls, real = [], vr.recalibrated_scores
+    calls, real = [], siteprotocol.recalibrated_scores
 
     def spy(y_, logit, fit_rows, score_rows, groups_, seed):
         calls.append((fit_rows, score_rows))
         return real(y_, logit, fit_rows, score_rows, groups_, seed)
 
-    monkeypatch.setattr(vr, "recalibrated_scores", spy)
-    (row,) = vr.recalibrate(y, p, groups, [40], draws=2)
+    monkeypatch.setattr(siteprotocol, "recalibrated_scores", spy)
+    (row,) = siteprotocol.recalibrate(y, p, groups, [40], draws=2)
     assert row["draws"] == 2 and len(calls) == 2 * (len(y) // 40)
     for fit_rows, score_rows in calls:
         assert not set(groups[fit_rows]) & set(groups[score_rows])
