@@ -175,19 +175,19 @@ def open_output(args, manifest, retry: set[str]) -> tuple[Path, set[str], bool]:
 
 
 def adapted_members(members, cal, files, size, batch_size):
-    """--adapt: each member with BatchNorm statistics re-estimated on all readable inputs
-    (a warning when they are too few or, by the model's own answers, one-sided)."""
+    """--adapt: each member with BatchNorm statistics re-estimated on all readable inputs."""
     arrays = [a for a, _ in (dataset.try_load_image_array(f, size) for f in files) if a is not None]
     if not arrays:
         return members
     x = np.stack(arrays)
     print(f"--adapt: BatchNorm statistics re-estimated on {len(x)} unlabeled image(s) "
           "(transductive; the flag uses the model as trained)")
-    p = network.ensemble_probability(members, x, cal["temperatures"], batch_size)
-    if warning := siteshift.adaptation_warning(len(x), p >= cal["threshold"]):
+    logits = network.member_logits(members, x, batch_size)
+    p = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
+    adapted, warning = siteshift.adapt_members(members, x, p >= cal["threshold"], batch_size)
+    if warning:
         print(f"warning: --adapt: {warning}", file=sys.stderr)
-    return [(siteshift.adapt_batchnorm(m, x, network.intensity_of(meta), batch_size), meta)
-            for m, meta in members]
+    return adapted
 
 
 def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]:

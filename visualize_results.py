@@ -21,7 +21,6 @@ validation data by training); nothing here is tuned on the data being evaluated.
 from __future__ import annotations
 
 import argparse
-import csv
 import html
 import json
 import sys
@@ -41,15 +40,25 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
-from cxr import assess, calib, checkpoints, dataset, evalfiles, network, runtime, scoring, siteprotocol  # noqa: E402
+from cxr import (  # noqa: E402
+    assess,
+    calib,
+    checkpoints,
+    dataset,
+    evalfiles,
+    network,
+    predtable,
+    runtime,
+    scoring,
+    siteprotocol,
+    siteshift,
+)
 from gradcam import GradCAM, overlay  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Evaluate a chest X-ray checkpoint and plot its errors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description="Evaluate a chest X-ray checkpoint and plot its errors.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", action="append", default=[],
                    help=f"checkpoint; repeat for an ensemble (default {checkpoints.DEFAULT_MODEL})")
     p.add_argument("--data", default="chest_xray", help="the dataset root (train/, test/)")
@@ -63,8 +72,7 @@ def parse_args(argv=None):
                    help="resamples for the 95%% CIs")
     p.add_argument("--gallery", type=runtime.nonnegative_int, default=8,
                    help="confident errors shown in the report")
-    p.add_argument("--device", default="auto", type=runtime.device_name,
-                   help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", type=runtime.device_name, help="auto, cpu or cuda")
     p.add_argument("--calibration", metavar="FILE",
                    help="an ensemble's calibration fitted on a shared labelled set")
     site = p.add_argument_group(
@@ -92,9 +100,7 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------
-# The images and their predictions; what can go wrong is checked before any work.
-# ---------------------------------------------------------------------------------
+# --- The images and their predictions; what can go wrong is checked before any work. ---
 
 
 def checked_inputs(args, model_paths):
@@ -389,18 +395,6 @@ def draw_figures(y, p, m, cal, out_dir) -> list[str]:
             "prediction_confidence.png", "reliability_diagram.png", "accuracy_coverage.png"]
 
 
-def write_predictions(path, paths, y, p, m):
-    """predictions.csv: one row per image; no cell can act as a spreadsheet formula."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "label", "prediction", "prob_pneumonia", "confidence", "correct",
-                    "uncertain"])
-        for i in range(len(y)):
-            w.writerow([runtime.csv_cell(runtime.display_name(paths[i])), network.CLASS_NAMES[y[i]],
-                        network.CLASS_NAMES[m["pred"][i]], f"{p[i]:.6f}", f"{m['conf'][i]:.6f}",
-                        int(m["correct"][i]), int(not m["answered"][i])])
-
-
 def main(argv=None):
     runtime.printable_console()
     args = parse_args(argv)
@@ -416,10 +410,14 @@ def main(argv=None):
                                      features=True)
     scorers = members
     if args.adapt:  # label-free, transductive: BatchNorm statistics of these images
-        scorers = siteprotocol.adapt_members(members, images, args.batch_size)
+        p0 = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
+        scorers, warning = siteshift.adapt_members(members, images, p0 >= cal["threshold"],
+                                                   args.batch_size)
         logits = network.member_logits(scorers, images, args.batch_size, desc="adapted")
         print(f"--adapt: BatchNorm statistics re-estimated on these {len(images)} images "
               "(label-free adaptation, transductive)")
+        if warning:
+            print(f"warning: --adapt: {warning}", file=sys.stderr)
     p = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
     p_t1 = network.mean_probability(logits, [1.0] * len(members))  # what the temperature changes
     finite = np.isfinite(p)
@@ -463,7 +461,8 @@ def main(argv=None):
     if shift is not None:
         plot_typicality(members[0][0].typicality, shift["scores"], out_dir / "typicality.png")
         figures.append("typicality.png")
-    write_predictions(out_dir / "predictions.csv", paths, y, p, m)
+    predtable.write_evaluation_table(out_dir / "predictions.csv", paths, y, p, m["pred"], m["conf"],
+                                     ~m["answered"])
     keep = {k: v for k, v in m.items() if k not in ("pred", "conf", "correct", "answered")}
     metrics = {"data": source, "models": [str(x) for x in model_paths],
                "temperatures": cal["temperatures"], "threshold": cal["threshold"],

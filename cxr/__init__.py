@@ -5,8 +5,8 @@ module. Each module imports only those above it in this list:
                  written, atomic writes, safe names
     imagefiles   a path -> an 8-bit grey image (every format, DICOM, the refusals)
     scan         the image files of a folder, and what was skipped
-    dataset      labelled folders, patient ids, patient-grouped splits, decoded arrays
     network      class names, preprocessing, MobileNetV2, the one inference path
+    dataset      labelled folders, patient ids, patient-grouped splits, decoded arrays
     evalfiles    the labelled images an evaluation reads (a folder, or a run's
                  val_split.csv read back) and whether its outputs can be written
     scoring      the one metrics module: decisions, accuracy / AUC, ECE, bootstrap

@@ -15,12 +15,6 @@ import torch
 from cxr import calib, checkpoints, network, runtime, scoring, siteshift
 
 
-def adapt_members(members, images, batch_size: int = 64) -> list:
-    """--adapt (label-free, transductive): each member with its BatchNorm statistics
-    re-estimated on these unlabeled images (AdaBN); no weight changes."""
-    return [(siteshift.adapt_batchnorm(model, images, network.intensity_of(meta), batch_size), meta)
-            for model, meta in members]
-
 def shift_report(members, feats, y, pred) -> dict | None:
     """Typicality flags, their error rates, and a domain classifier (validation images
     vs these) on the first member's features; None without typicality statistics."""

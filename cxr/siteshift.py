@@ -158,6 +158,15 @@ def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
     return adapted
 
 
+def adapt_members(members, images_u8: np.ndarray, predicted_positive, batch_size: int = 64):
+    """--adapt (label-free, transductive): (each member with its BatchNorm statistics
+    re-estimated on these unlabeled images, the adaptation_warning or None), given the
+    model's own zero-shot decisions on them."""
+    adapted = [(adapt_batchnorm(model, images_u8, network.intensity_of(meta), batch_size), meta)
+               for model, meta in members]
+    return adapted, adaptation_warning(len(images_u8), predicted_positive)
+
+
 def adaptation_warning(n_images: int, predicted_positive) -> str | None:
     """Why AdaBN statistics from these images may mislead, in one line, or None. The
     statistics carry the mix of the images: a small set, or one the model itself calls

@@ -1,0 +1,64 @@
+"""The layout's promises: cxr/ modules import only those above them in cxr/__init__.py's
+list, nothing imports a script, and the scripts and modules stay within their sizes."""
+
+import ast
+import re
+
+import pytest
+from conftest import ROOT
+
+SCRIPTS = {"download_dataset", "train_cxray", "predict", "visualize_results"}
+LINES = {"train_cxray.py": 400, "predict.py": 300, "visualize_results.py": 500}
+
+
+def module_order():
+    doc = ast.get_docstring(ast.parse((ROOT / "cxr" / "__init__.py").read_text()))
+    return re.findall(r"^    (\w+) ", doc, re.M)
+
+
+def imported(path):
+    """Top-level names of the modules a file imports, and the cxr modules it uses."""
+    names, cxr = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+            cxr |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cxr.")}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+            if node.module == "cxr":
+                cxr |= {a.name for a in node.names}
+            elif node.module.startswith("cxr."):
+                cxr.add(node.module.split(".")[1])
+    return names, cxr
+
+
+def test_every_module_is_listed_in_the_order():
+    order = module_order()
+    files = sorted(p.stem for p in (ROOT / "cxr").glob("*.py") if p.stem != "__init__")
+    assert sorted(order) == files
+
+
+@pytest.mark.parametrize("module", module_order())
+def test_a_module_imports_only_modules_above_it(module):
+    order = module_order()
+    names, cxr = imported(ROOT / "cxr" / f"{module}.py")
+    above = set(order[:order.index(module)])
+    assert cxr <= above, f"cxr.{module} imports {sorted(cxr - above)}, listed below it"
+    assert not names & (SCRIPTS | {"gradcam", "experiments"})
+
+
+def test_nothing_imports_a_script():
+    files = [*ROOT.glob("*.py"), *(ROOT / "cxr").glob("*.py"), *(ROOT / "experiments").glob("*.py"),
+             *(ROOT / "docs").glob("*.py")]
+    for path in files:
+        names, _ = imported(path)
+        assert not names & SCRIPTS, f"{path.relative_to(ROOT)} imports {sorted(names & SCRIPTS)}"
+
+
+def test_scripts_and_modules_keep_their_size():
+    for name, limit in LINES.items():
+        n = len((ROOT / name).read_text().splitlines())
+        assert n <= limit, f"{name}: {n} lines, at most {limit}"
+    for path in (ROOT / "cxr").glob("*.py"):
+        n = len(path.read_text().splitlines())
+        assert n <= 450, f"{path.relative_to(ROOT)}: {n} lines, at most 450"
