@@ -296,15 +296,15 @@ def test_the_split_file_gives_back_every_name_exactly(tmp_path):
 
     import numpy as np
 
-    import train_cxray
     import visualize_results
+    from cxr import runfiles
 
     names = ["a\nb.jpeg", "back\\x1b.jpeg", os.fsdecode(b"n\xff.jpeg"), "=cmd.jpeg", "é.jpeg"]
     paths = [p.resolve() for p in (films(tmp_path / "data", names) / n for n in names)]
     run = tmp_path / "run"
     run.mkdir()
-    train_cxray.write_split_csv(run / "val_split.csv",
-                                {"val": (paths, np.ones(len(paths), dtype=int))})
+    runfiles.write_split_csv(run / "val_split.csv",
+                             {"val": (paths, np.ones(len(paths), dtype=int))})
     files, labels, _, _ = visualize_results.labelled_files(argparse.Namespace(split="val"),
                                                            [run / "model.pth"])
     assert files == paths and labels == [1] * len(paths)
