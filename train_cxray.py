@@ -14,6 +14,12 @@ of the best validation F1. The test split is read once, at the very end.
 Each run writes a new folder runs/<timestamp>_<recipe>_seed<N>/ holding
 mobilenet_cxr.pth, training_results_<ts>.txt, training_history_<ts>.json,
 training_plot_<ts>.png and val_split.csv.
+
+This file is the lesson: the arguments, the run (main: the epoch loop), one epoch of
+training, one evaluation, and the test split read once. What keeps the run's promises
+lives in cxr/: recipes.py (the recipe table), engine.py (splits, loader, model, loss,
+optimiser and schedule, the selection rule), runstate.py (run folder, resumable state,
+Ctrl-C, torchrun) and runfiles.py (what a run writes).
 """
 
 from __future__ import annotations
@@ -229,9 +235,6 @@ def log_epoch(rank, h, epochs, improved, recipe):
         what = {"val_f1": "F1", "val_loss": "val loss"}[recipe["select"]]
         log(rank, f"New best model saved with {what}: {h[recipe['select']]:.4f}")
     log(rank, f"Learning rate: {h['lr']:.2e}")
-
-
-# ---------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------
