@@ -20,6 +20,11 @@ module. Each module imports only those above it in this list:
     siteprotocol the site protocols: AdaBN of the members, a labelled folder's shift
                  report, cross-fitted local recalibration, the model calibrated on K
                  images of the site
+    recipes      the training recipes as data (reference, improved, ablations), in words
+    runstate     a training run's folder, resumable state, Ctrl-C, torchrun processes
+    runfiles     what a training run writes: split file, test report, checkpoint, plot
+    engine       training's parts around the loop: splits, loader, model, optimiser
 
-Functions raise exceptions; only the scripts turn them into one-line messages.
+Functions raise exceptions; only the scripts turn them into one-line messages, and the
+modules of a training run (recipes to engine), which stop it with one line (SystemExit).
 """

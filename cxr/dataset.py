@@ -132,6 +132,7 @@ def _cache_key(paths: list[Path], size: int) -> str:
         h.update(f"|{os.path.realpath(p)}|{length}|{mtime}".encode())
     return h.hexdigest()[:20]
 
+VAL_FRACTION = 0.1  # patient-grouped validation share of train/ when there is no val/
 CALIB_FRACTION = 0.1  # patient-grouped share of train/ held out by recipes that calibrate
 
 class DataError(Exception):

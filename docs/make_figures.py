@@ -164,7 +164,7 @@ def fig_counts(args, out: Path):
 
 
 def fig_preprocessing(args, out: Path):
-    import train_cxray as tc
+    from cxr import engine, recipes
 
     size = network.IMAGE_SIZE
     full = np.asarray(imagefiles.read_image_gray(EXAMPLE), dtype=np.uint8)
@@ -175,9 +175,9 @@ def fig_preprocessing(args, out: Path):
     draws = 4
     rows = [
         ("reference recipe:\ntraining augmentation",
-         tc.train_transform(tc.recipe_for("reference"), size)),
+         engine.train_transform(recipes.recipe_for("reference"), size)),
         ("improved recipe:\nequalise, then augment",
-         tc.train_transform(tc.recipe_for("improved"), size)),
+         engine.train_transform(recipes.recipe_for("improved"), size)),
         ("shifted validation\n(stress_transform)", calib.stress_transform(size)),
     ]
     fig, axes = plt.subplots(1 + len(rows), draws, figsize=(draws * 1.75, (1 + len(rows)) * 1.95))

@@ -32,9 +32,7 @@ from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cxr import intake  # noqa: E402, I001
-import train_cxray as tc  # noqa: E402
-from cxr import dataset, network, runtime  # noqa: E402
+from cxr import dataset, engine, intake, network, recipes, runstate, runtime  # noqa: E402
 
 
 def parse_args():
@@ -103,8 +101,8 @@ def training(args, device, amp):
 
     synthetic = [(torch.randn(args.batch_size, 3, 224, 224),
                   torch.randint(0, 2, (args.batch_size,))) for _ in range(4)]
-    transform = tc.train_transform(tc.recipe_for("reference"), 224)
-    loader = DataLoader(tc.XrayArrays(arrays, y, transform),
+    transform = engine.train_transform(recipes.recipe_for("reference"), 224)
+    loader = DataLoader(engine.XrayArrays(arrays, y, transform),
                         batch_size=args.batch_size, shuffle=True,
                         pin_memory=device.type == "cuda")
     bounds, reals = [], []
@@ -189,7 +187,7 @@ def main():
     device = torch.device(auto if args.device == "auto" else args.device)  # allocator: below
     amp = device.type == "cuda"
     tuned = False if args.no_tune_allocator else runtime.tune_cpu_allocator()
-    print(f"Device: {tc.hardware(device)}, torch {torch.__version__}, batch {args.batch_size}, "
+    print(f"Device: {runstate.hardware(device)}, torch {torch.__version__}, batch {args.batch_size}, "
           f"CPU allocator tuned (runtime.tune_cpu_allocator): {tuned}")
     # Prediction first: a training step's large frees would raise glibc's thresholds by
     # themselves and hide what the allocator tuning does.

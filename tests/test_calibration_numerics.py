@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import train_cxray
-from cxr import calib, scoring
+from cxr import calib, engine, recipes, scoring
 from cxr.scoring import binary_metrics, bootstrap_ci, expected_calibration_error
 from cxr.scoring import decide as confidence_of_prediction
 
@@ -277,8 +277,8 @@ def test_a_separable_set_has_no_uncertain_band_and_a_bounded_temperature():
 
 
 def optimisation(recipe, y, steps_per_epoch, lr, epochs=3):
-    return train_cxray.make_optimisation(train_cxray.recipe_for(recipe), nn.Linear(2, 2), y,
-                                         steps_per_epoch, lr, epochs)
+    return engine.make_optimisation(recipes.recipe_for(recipe), nn.Linear(2, 2), y,
+                                    steps_per_epoch, lr, epochs)
 
 
 def lrs(scheduler, optimizer, steps):
@@ -310,8 +310,8 @@ def test_improved_schedule_warms_up_for_one_epoch_then_cosine_to_zero():
     # and training steps it once per batch: after one epoch of 4 batches the warm-up is
     # over (0.1), after two the cosine is halfway down (0.05)
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
-    criterion, optimizer, scheduler = train_cxray.make_optimisation(
-        train_cxray.recipe_for("improved"), model, np.array([0, 1, 1, 1]), 4, 0.1, 3)
+    criterion, optimizer, scheduler = engine.make_optimisation(
+        recipes.recipe_for("improved"), model, np.array([0, 1, 1, 1]), 4, 0.1, 3)
     batches = [(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]))] * 4
     for epoch, lr in ((1, 0.1), (2, 0.05)):
         train_cxray.train_one_epoch(model, batches, criterion, optimizer, torch.device("cpu"),

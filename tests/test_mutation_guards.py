@@ -5,6 +5,7 @@ The grouping-sensitive ones run on tests/data/patients64 (real Kermany films, 64
 patients with two to four films each beside patients with one); the site-shift ones
 compare what the scripts write with the same computation done here, in-process."""
 
+import argparse
 import csv
 import json
 import shutil
@@ -15,15 +16,17 @@ import torch
 from conftest import DATA, TINY, run_folder, run_script
 from torch import nn
 
-import train_cxray as tc
 import visualize_results as vr
 from cxr import (
     calib,
     checkpoints,
     dataset,
+    engine,
     intake,
     network,
     predtable,
+    recipes,
+    runstate,
     runtime,
     scan,
     scoring,
@@ -75,10 +78,10 @@ def test_a_separable_set_with_many_pneumonias_has_an_empty_band():
 def test_the_calibration_split_shares_no_patient_with_train_or_validation(seed, fractions):
     """Bug: the calibration split overlapping the training and validation patients
     (train and val drawn from all files, not from those calibration left)."""
-    args = tc.parse_args(["--data", str(PATIENTS64), "--recipe", "improved", "--seed", str(seed),
-                          "--val-fraction", fractions[0]])
-    args.calib_fraction = float(fractions[1])  # an older run's, rebuilt from its checkpoint
-    splits, _ = dataset.split_files(args, tc.recipe_for("improved"))
+    # (0.2, 0.25): an older run's fractions, rebuilt from its checkpoint
+    args = argparse.Namespace(data=str(PATIENTS64), seed=seed, val_fraction=float(fractions[0]),
+                              calib_fraction=float(fractions[1]))
+    splits, _ = dataset.split_files(args, recipes.recipe_for("improved"))
     assert set(splits) == {"train", "val", "cal"}
     files = {k: ps for k, (ps, _) in splits.items()}
     patients = {k: {dataset.patient_id(p) for p in ps} for k, ps in files.items()}
@@ -103,11 +106,11 @@ def test_the_run_records_a_calibration_split_apart_from_train_and_validation(abl
 def test_calibration_groups_are_the_patients_of_the_calibration_split(model_path, monkeypatch):
     """The calibration split read from disk hands fit_calibration one group per real
     patient (several films each), for every shifted copy."""
-    args = tc.parse_args(["--data", str(PATIENTS64), "--recipe", "improved", "--seed", "0",
-                          "--image-size", "64", "--cache-dir", ""])
-    args.calib_fraction = 0.3  # a larger calibration split: more patients with several films
-    recipe = tc.recipe_for("improved")
-    arrays, patients = tc.load_splits(args, recipe, None, rank=1)[:2]
+    args = argparse.Namespace(data=str(PATIENTS64), seed=0, image_size=64, cache_dir="",
+                              val_fraction=dataset.VAL_FRACTION,
+                              calib_fraction=0.3)  # more patients with several films
+    recipe = recipes.recipe_for("improved")
+    arrays, patients = engine.load_splits(args, recipe, None, rank=1)[:2]
     cal_files = dataset.split_files(args, recipe)[0]["cal"][0]
     assert patients["cal"] == [dataset.patient_id(p) for p in cal_files]
     assert len(several_films(cal_files)) >= 2
@@ -343,14 +346,14 @@ def test_a_resumed_run_continues_the_learning_rate_schedule(recipe_name, tmp_pat
     The warm-up + cosine schedule restarts its warm-up without its state; the plateau
     schedule (validation F1 0.8, then 0.9 five times) forgets the two epochs without
     gain it had counted and does not halve the rate at epoch 5."""
-    recipe = tc.recipe_for(recipe_name)
+    recipe = recipes.recipe_for(recipe_name)
     f1 = [0.8, 0.9, 0.9, 0.9, 0.9, 0.9]
 
     def fresh():
         torch.manual_seed(0)
         model = nn.Linear(2, 2)
-        _, optimizer, scheduler = tc.make_optimisation(recipe, model, np.array([0, 1, 1]), 4,
-                                                       0.1, 6)
+        _, optimizer, scheduler = engine.make_optimisation(recipe, model, np.array([0, 1, 1]), 4,
+                                                           0.1, 6)
         return model, optimizer, scheduler
 
     def epochs(model, optimizer, scheduler, which):
@@ -370,13 +373,13 @@ def test_a_resumed_run_continues_the_learning_rate_schedule(recipe_name, tmp_pat
     whole = epochs(*fresh(), range(1, 7))
     model, optimizer, scheduler = fresh()
     first = epochs(model, optimizer, scheduler, range(1, 4))
-    args = tc.parse_args(["--data", str(TINY), "--recipe", recipe_name])
+    args = argparse.Namespace(data=str(TINY), recipe=recipe_name)
     best = {"score": 0.9, "epoch": 2, "state": model.state_dict()}
-    tc.save_state(tmp_path, model, optimizer, scheduler, 3, [], best, torch.Generator(), args,
-                  ["train_cxray.py"], {})
+    runstate.save_state(tmp_path, model, optimizer, scheduler, 3, [], best, torch.Generator(),
+                        args, ["train_cxray.py"], {})
     model, optimizer, scheduler = fresh()
-    _, _, first_epoch = tc.restore(tc.load_state(tmp_path), model, optimizer, scheduler,
-                                   torch.Generator(), recipe, 0)
+    _, _, first_epoch = runstate.restore(runstate.load_state(tmp_path), model, optimizer,
+                                         scheduler, torch.Generator(), recipe, 0)
     assert first_epoch == 4
     rest = epochs(model, optimizer, scheduler, range(4, 7))
     assert whole[-1] != whole[11]  # the rate changes after the interruption

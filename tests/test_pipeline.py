@@ -158,9 +158,14 @@ def test_scripts_have_help(capsys):
 
 
 @pytest.mark.slow
-def test_no_pretrained_trains_from_scratch(tmp_path):
-    proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--no-pretrained"))
+def test_the_pretrained_ablation_trains_from_scratch(tmp_path):
+    proc = run_script("train_cxray.py", *train_args(tmp_path, "--epochs", 1, "--recipe", "improved",
+                                                    "--ablate", "pretrained"))
     assert "MobileNetV2 weights: random-init" in proc.stdout
+    assert "Ablation (pretrained): initial_weights = random" in proc.stdout
+    assert "Test split not read" in proc.stdout
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.endswith("improved-no-pretrained_seed42")
 
 
 def test_shipped_model_on_bundled_examples(tmp_path):

@@ -294,15 +294,14 @@ def test_the_split_file_gives_back_every_name_exactly(tmp_path):
     that is not UTF-8 or holds a newline or a backslash too, must come back as it was."""
     import numpy as np
 
-    import train_cxray
-    from cxr import evalfiles
+    from cxr import evalfiles, runfiles
 
     names = ["a\nb.jpeg", "back\\x1b.jpeg", os.fsdecode(b"n\xff.jpeg"), "=cmd.jpeg", "é.jpeg"]
     paths = [p.resolve() for p in (films(tmp_path / "data", names) / n for n in names)]
     run = tmp_path / "run"
     run.mkdir()
-    train_cxray.write_split_csv(run / "val_split.csv",
-                                {"val": (paths, np.ones(len(paths), dtype=int))})
+    runfiles.write_split_csv(run / "val_split.csv",
+                             {"val": (paths, np.ones(len(paths), dtype=int))})
     files, labels, _, _ = evalfiles.labelled_files("val", None, [run / "model.pth"])
     assert files == paths and labels == [1] * len(paths)
     with open(run / "val_split.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:

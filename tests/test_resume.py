@@ -52,22 +52,26 @@ def test_train_resume_gives_the_same_model(tmp_path):
     assert strip(ha) == strip(hb)
 
 
-@pytest.mark.parametrize("option, value", [("add", ["noise"]), ("skip_test", True), ("amp", "off")])
+@pytest.mark.parametrize("option, value", [("add", ["noise"]), ("skip_test", True), ("amp", "off"),
+                                           ("no_pretrained", True)])
 def test_train_resume_refuses_a_state_with_an_option_the_script_does_not_have(
         option, value, tmp_path, monkeypatch):
-    """A run state that holds --add, --skip-test or --amp with other than its default would
-    resume as another run (another recipe, test read, other precision): refused in one
-    line; with the defaults it resumes."""
+    """A run state that holds --add, --skip-test, --amp or --no-pretrained with other than
+    its default would resume as another run (another recipe, test read, other precision,
+    other initial weights): refused in one line; with the defaults it resumes. The
+    learning rate and validation share it recorded (no longer options) are its own."""
     import train_cxray as tc
+    from cxr import runstate
 
     saved = {**vars(tc.parse_args(["--data", str(TINY)])), "add": [], "skip_test": False,
-             "amp": "auto"}
-    monkeypatch.setattr(tc, "load_state", lambda run_dir: {"args": json.dumps(saved)})
-    args, _ = tc.resume_arguments(tc.parse_args(["--resume", str(tmp_path)]))
+             "amp": "auto", "no_pretrained": False, "lr": 5e-4, "val_fraction": 0.2}
+    monkeypatch.setattr(runstate, "load_state", lambda run_dir: {"args": json.dumps(saved)})
+    args, _ = runstate.resume_arguments(tc.parse_args(["--resume", str(tmp_path)]))
     assert args.data == str(TINY) and args.resume == str(tmp_path)
+    assert args.lr == 5e-4 and args.val_fraction == 0.2
     saved[option] = value
     with pytest.raises(SystemExit, match=f"the run used --{option.replace('_', '-')}, an option"):
-        tc.resume_arguments(tc.parse_args(["--resume", str(tmp_path)]))
+        runstate.resume_arguments(tc.parse_args(["--resume", str(tmp_path)]))
 
 
 def test_predict_resume_redoes_and_duplicates_nothing(model_path, tmp_path):

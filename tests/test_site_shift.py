@@ -300,7 +300,7 @@ def test_no_image_is_scored_by_a_calibration_fitted_on_its_patient(monkeypatch):
 def test_calibration_resamples_whole_patients_with_their_shifted_copies(model_path, monkeypatch):
     """calibrate() hands fit_calibration one group per patient: a patient's images and
     all their shifted copies are drawn (and cross-fitted) together."""
-    import train_cxray as tc
+    from cxr import recipes
 
     model, meta = checkpoints.load_checkpoint(model_path)
     files = tiny_test_files()
@@ -315,7 +315,7 @@ def test_calibration_resamples_whole_patients_with_their_shifted_copies(model_pa
         return real(logits, labels, groups, seed)
 
     monkeypatch.setattr(calib, "fit_calibration", spy)
-    calib.calibrate(model, x, y, patients, tc.recipe_for("improved")["intensity"], seed=0)
+    calib.calibrate(model, x, y, patients, recipes.recipe_for("improved")["intensity"], seed=0)
     groups = np.asarray(seen["groups"])
     assert list(groups) == patients * calib.STRESS_COPIES
 

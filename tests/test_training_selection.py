@@ -14,13 +14,14 @@ import torch
 from conftest import train_args
 
 import train_cxray
+from cxr import engine
 
 
 def best_epoch(scores, mode="max"):
     """The epoch (1-based) the training loop keeps, folding its rule over a history."""
     best, kept = float("-inf") if mode == "max" else float("inf"), None
     for epoch, score in enumerate(scores, 1):
-        if train_cxray.is_better(score, best, mode):
+        if engine.is_better(score, best, mode):
             best, kept = score, epoch
     return kept
 

@@ -219,13 +219,13 @@ def test_the_split_file_names_files_that_any_folder_finds(tmp_path, monkeypatch)
     data relative to its working folder."""
     import numpy as np
 
-    import train_cxray
+    from cxr import runfiles
 
     copy_classes(tmp_path / "work" / "data" / "train")
     monkeypatch.chdir(tmp_path / "work")
     files = sorted(Path("data/train/NORMAL").iterdir())
-    train_cxray.write_split_csv(tmp_path / "val_split.csv",
-                                {"val": (files, np.zeros(len(files), dtype=int))})
+    runfiles.write_split_csv(tmp_path / "val_split.csv",
+                             {"val": (files, np.zeros(len(files), dtype=int))})
     monkeypatch.chdir(tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "val_split.csv", encoding="utf-8")))
     assert len(rows) == 8

