@@ -63,16 +63,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------
-# What is printed per film.
-# ---------------------------------------------------------------------------------
+# --- What is printed per film. ---
 
 
 def referral(row, cal) -> str:
     """Whether the model's own rules send this image to a radiologist first, and why."""
     lo, hi = cal["uncertain_band"]
     if hi <= lo:
-        return "no rule of this model's (it has no uncertain band)"
+        return "no rule of this model's (it has no uncertain band" + ("" if cal["fitted"] else
+                                                                    ": uncalibrated") + ")"
     if row["uncertain"]:
         return (f"YES - P(PNEUMONIA) is inside the uncertain band {lo:.1%} to {hi:.1%}, "
                 "chosen on labelled films held out from training as where this model's calls are unreliable")
@@ -86,7 +85,8 @@ def print_block(row, cal):
               f"{row['typicality']:.2f} x the cut that {1 - siteshift.TYPICALITY_LEVEL:.0%} of validation "
               "films exceed).")
         return
-    print(f"P(PNEUMONIA), calibrated: {row['prob_pneumonia']:.1%}   (decision: PNEUMONIA at "
+    print(f"P(PNEUMONIA), {'' if cal['fitted'] else 'un'}calibrated: {row['prob_pneumonia']:.1%}   "
+          "(decision: PNEUMONIA at "
           f">= {row['threshold']:.1%})")
     print(f"Prediction: {row['prediction']}")
     print(f"Refer first: {referral(row, cal)}")
@@ -102,10 +102,11 @@ def print_line(row):
 
 def print_header(model_paths, members, cal, model_id):
     names = f"ensemble of {len(members)}" if len(members) > 1 else runtime.display_name(model_paths[0])
-    print(f"Model: {names} (id {model_id}) | temperature "
-          f"{', '.join(f'{t:.4f}' for t in cal['temperatures'])}"
-          f" | threshold P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band "
-          f"[{cal['uncertain_band'][0]:.3f}, {cal['uncertain_band'][1]:.3f})")
+    lo, hi = cal["uncertain_band"]
+    rules = (f"temperature {', '.join(f'{t:.4f}' for t in cal['temperatures'])} | threshold "
+             f"P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band [{lo:.3f}, {hi:.3f})"
+             if cal["fitted"] else "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no uncertain band")
+    print(f"Model: {names} (id {model_id}) | {rules}")
 
 
 def print_notes(members, cal):
@@ -137,9 +138,7 @@ def print_summary(n_ok, n_outside, skipped, where):
     print(network.DISCLAIMER)
 
 
-# ---------------------------------------------------------------------------------
-# The steps.
-# ---------------------------------------------------------------------------------
+# --- The steps. ---
 
 
 def check_gradcam_folder(args) -> None:
@@ -240,6 +239,7 @@ def main(argv=None):
     model_paths = args.model or [checkpoints.DEFAULT_MODEL]
     manifest = predtable.run_manifest(model_paths, members, cal, args.json, args.adapt)
     model_id = manifest["model_id"]
+    cal = dict(cal, fitted=bool(args.calibration) or all(m.get("calibration") for _, m in members))
 
     # 2. the inputs, and the results folder (new, or the run resumed: its files are done)
     files, not_read = intake.collect_inputs(args.image, args.dir, results=args.resume)

@@ -18,12 +18,14 @@ import pytest
 import torch
 from conftest import (
     CAL_TEMPERATURE,
+    ROOT,
     SECOND_TEMPERATURE,
     TINY,
     logits_of,
     run_folder,
     run_script,
     scaled_probability,
+    tiny_test_files,
 )
 from PIL import Image
 
@@ -214,3 +216,18 @@ def test_gradcam_figure_explains_the_thresholded_prediction(calibrated, gradcam_
                                  class_idx=network.CLASS_NAMES.index(reported))
     panel = overlay_panel(out / f"{disagree.stem}_gradcam.png", gray.shape[0])
     assert np.abs(panel - exp).mean() < 2.0, np.abs(panel - exp).mean()
+
+
+def test_a_model_never_calibrated_says_so(tmp_path):
+    """The reference recipe stores no calibration: its probability is not called
+    calibrated and no uncertain band [0.500, 0.500) is shown as if it were a rule."""
+    image = tiny_test_files()[0]
+    proc = run_script("predict.py", "--model", ROOT / "models" / "reference_seed1.pth", "--image",
+                      image, "--out", tmp_path)
+    assert "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no uncertain band" in proc.stdout
+    assert "P(PNEUMONIA), uncalibrated: " in proc.stdout
+    assert "[0.500, 0.500)" not in proc.stdout and "calibrated: " not in proc.stdout.replace(
+        "uncalibrated: ", "")
+    shipped = ROOT / "examples" / "person100_bacteria_475.jpeg"  # a film it does not flag
+    proc = run_script("predict.py", "--image", shipped, "--out", tmp_path)
+    assert "P(PNEUMONIA), calibrated: " in proc.stdout and "uncertain band [" in proc.stdout
