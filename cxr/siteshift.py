@@ -114,7 +114,8 @@ def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
     each BatchNorm layer's input over all these unlabeled images; no weight changes.
 
     Each pass runs every image through the model in evaluation mode and sets each layer's
-    statistics to the moments of its input over all the images (sums in float64). A
+    statistics to the moments of its input over all the images (per-batch moments
+    combined in float64 by Chan et al.'s pairwise rule). A
     layer's input depends on the layers before it, so the passes are repeated, each from
     the statistics of the last. No statistic is taken per batch, and the images are read
     in an order set by their content: the result does not depend on the order of the
@@ -127,30 +128,30 @@ def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
     adapted = copy.deepcopy(model).eval()
     device = next(adapted.parameters()).device
     norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    sums = {}
+    moments = {}
 
-    def accumulate(module, inputs):
-        x = inputs[0].detach().double()
-        s = sums[module]
-        s[0] = s[0] + x.sum((0, 2, 3))
-        s[1] = s[1] + (x * x).sum((0, 2, 3))
-        s[2] += x.numel() // x.shape[1]
+    def accumulate(module, inputs):  # Chan et al.'s pairwise update, in float64
+        var, mean = torch.var_mean(inputs[0].detach(), dim=(0, 2, 3), unbiased=False)
+        nb = inputs[0].numel() // inputs[0].shape[1]
+        n, total_mean, m2 = moments[module]
+        delta = mean.double() - total_mean
+        moments[module] = (n + nb, total_mean + delta * nb / (n + nb),
+                           m2 + var.double() * nb + delta * delta * n * nb / (n + nb))
 
     hooks = [m.register_forward_pre_hook(accumulate) for m in norms]
     try:
         with torch.no_grad():
             for _ in range(passes):
-                sums.update({m: [0.0, 0.0, 0] for m in norms})
+                moments.update({m: (0, torch.zeros(m.num_features, dtype=torch.float64),
+                                    torch.zeros(m.num_features, dtype=torch.float64)) for m in norms})
                 for s in range(0, len(images_u8), batch_size):
                     x = torch.as_tensor(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
                     adapted(network.model_input(x, intensity)
                             .contiguous(memory_format=torch.channels_last))
                 for m in norms:
-                    total, squares, n = sums[m]
-                    mean = total / n
-                    var = (squares / n - mean * mean).clamp_min(0) * n / max(n - 1, 1)
+                    n, mean, m2 = moments[m]
                     m.running_mean.copy_(mean)
-                    m.running_var.copy_(var)
+                    m.running_var.copy_(m2 / max(n - 1, 1))
     finally:
         for h in hooks:
             h.remove()
