@@ -277,13 +277,12 @@ def test_the_other_scripts_print_names_escaped(script, args, tmp_path):
 def test_visualize_predictions_csv_cells_cannot_be_formulas(tmp_path):
     import numpy as np
 
-    import visualize_results
+    from cxr import predtable
 
     paths = [Path(n) for n in ("=cmd.jpeg", "-1.jpeg", "plain.jpeg")]
-    m = {"pred": np.array([1, 0, 1]), "conf": np.array([0.9, 0.8, 0.7]),
-         "correct": np.array([True, True, False]), "answered": np.array([True, True, True])}
-    visualize_results.write_predictions(tmp_path / "p.csv", paths, np.array([1, 0, 0]),
-                                        np.array([0.9, 0.2, 0.7]), m)
+    predtable.write_evaluation_table(tmp_path / "p.csv", paths, np.array([1, 0, 0]),
+                                     np.array([0.9, 0.2, 0.7]), np.array([1, 0, 1]),
+                                     np.array([0.9, 0.8, 0.7]), np.array([False, False, False]))
     with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["file"] for r in rows] == ["'=cmd.jpeg", "'-1.jpeg", "plain.jpeg"]
