@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The protocol table (docs/site_shift.md, README): every evaluation folder's figures
+"""The protocol table (docs/results.md): every evaluation folder's figures
 under its declared protocol, printed from visualize_results.py's metrics.json.
 
     python visualize_results.py --model M --recalibrate 25 50 100 200 --out outputs/M0

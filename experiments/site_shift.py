@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Site shift and the out-of-distribution flag, measured (docs/site_shift.md).
+"""Site shift and the out-of-distribution flag, measured (docs/results.md).
 
     python experiments/site_shift.py                                 # both shipped models
     python experiments/site_shift.py --model runs/<run>/mobilenet_cxr.pth --imagenet
 
 For each checkpoint (which must hold typicality statistics: train_cxray.py adds them at
-the end of a run, --typicality-for adds them to an old checkpoint), prints the share of
+the end of a run, experiments/upgrade_checkpoint.py --typicality-for adds them to an old
+checkpoint), prints the share of
 images flagged "outside the training distribution":
   - validation (the model's own split, rebuilt from its seed): about 1% by construction;
   - test NORMAL and test PNEUMONIA (labels only to split the shares);
@@ -106,7 +107,7 @@ def measure(path: Path, data: Path, kinds) -> dict:
     stats = model.typicality
     if stats is None:
         raise SystemExit(f"error: {path} has no typicality statistics: run python "
-                         f"train_cxray.py --typicality-for {path}")
+                         f"experiments/upgrade_checkpoint.py --typicality-for {path}")
     size = meta["preprocessing"]["image_size"]
     print(f"\n{path} ({meta['recipe']}, seed {meta['seed']}), cut {stats['cut']:.2f}")
     splits, _, (tp, tl), _ = dataset.checkpoint_splits(meta, data)
