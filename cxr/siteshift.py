@@ -103,23 +103,29 @@ def outside_distribution(members, feats: list[torch.Tensor]):
                     for (model, _), f in zip(members, feats)], axis=0)
     return ratio > 1, ratio
 
-ADAPT_PASSES = 3  # passes over the images; each measures every layer's input anew
 MIN_ADAPT_IMAGES = 100  # fewer images give unstable statistics: a warning
 ONE_SIDED_SHARE = 0.9  # more than this share called one class: a warning
 
 
-def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
-                    batch_size: int = 64, passes: int = ADAPT_PASSES) -> nn.Module:
-    """AdaBN: a copy of the model whose BatchNorm statistics are the mean and variance of
-    each BatchNorm layer's input over all these unlabeled images; no weight changes.
+class _Measured(Exception):
+    """Raised by a BatchNorm's hook once its input is measured: the rest of the block
+    need not run."""
 
-    Each pass runs every image through the model in evaluation mode and sets each layer's
-    statistics to the moments of its input over all the images (per-batch moments
-    combined in float64 by Chan et al.'s pairwise rule). A
-    layer's input depends on the layers before it, so the passes are repeated, each from
-    the statistics of the last. No statistic is taken per batch, and the images are read
-    in an order set by their content: the result does not depend on the order of the
-    files (bit for bit) nor, beyond float rounding, on the batch size."""
+
+def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
+                    batch_size: int = 64) -> nn.Module:
+    """AdaBN: a copy of the model whose BatchNorm statistics are the exact mean and
+    variance of each BatchNorm layer's input over all these unlabeled images, each layer
+    measured after the layers before it were adapted (what one training-mode pass over
+    all the images as a single batch would give, without holding them in one batch).
+    No weight changes.
+
+    The network's feature blocks are adapted in order: all images' inputs to a block are
+    kept; each BatchNorm inside it is measured over all of them (per-batch moments
+    combined in float64 by Chan et al.'s pairwise rule), set, and the next measured; then
+    the block's outputs become the next block's inputs. The images are read in an order
+    set by their content, so the result does not depend on the order of the files (bit
+    for bit) nor, beyond rounding, on the batch size."""
     import copy
     import hashlib
 
@@ -127,34 +133,34 @@ def adapt_batchnorm(model, images_u8: np.ndarray, intensity: str = "none",
     images_u8 = images_u8[np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=int)]
     adapted = copy.deepcopy(model).eval()
     device = next(adapted.parameters()).device
-    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     moments = {}
 
-    def accumulate(module, inputs):  # Chan et al.'s pairwise update, in float64
-        var, mean = torch.var_mean(inputs[0].detach(), dim=(0, 2, 3), unbiased=False)
+    def measure(module, inputs):  # Chan et al.'s pairwise update, in float64
+        var, mean = torch.var_mean(inputs[0], dim=(0, 2, 3), unbiased=False)
         nb = inputs[0].numel() // inputs[0].shape[1]
-        n, total_mean, m2 = moments[module]
-        delta = mean.double() - total_mean
-        moments[module] = (n + nb, total_mean + delta * nb / (n + nb),
+        n, total, m2 = moments.get(module, (0, 0.0, 0.0))
+        delta = mean.double() - total
+        moments[module] = (n + nb, total + delta * nb / (n + nb),
                            m2 + var.double() * nb + delta * delta * n * nb / (n + nb))
+        raise _Measured
 
-    hooks = [m.register_forward_pre_hook(accumulate) for m in norms]
-    try:
-        with torch.no_grad():
-            for _ in range(passes):
-                moments.update({m: (0, torch.zeros(m.num_features, dtype=torch.float64),
-                                    torch.zeros(m.num_features, dtype=torch.float64)) for m in norms})
-                for s in range(0, len(images_u8), batch_size):
-                    x = torch.as_tensor(images_u8[s:s + batch_size]).unsqueeze(1).to(device)
-                    adapted(network.model_input(x, intensity)
-                            .contiguous(memory_format=torch.channels_last))
-                for m in norms:
-                    n, mean, m2 = moments[m]
-                    m.running_mean.copy_(mean)
-                    m.running_var.copy_(m2 / max(n - 1, 1))
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad():
+        xs = [network.model_input(torch.as_tensor(images_u8[s:s + batch_size]).unsqueeze(1).to(device),
+                                  intensity).contiguous(memory_format=torch.channels_last)
+              for s in range(0, len(images_u8), batch_size)]
+        for block in adapted.features:
+            for bn in [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+                hook = bn.register_forward_pre_hook(measure)
+                for x in xs:
+                    try:
+                        block(x)
+                    except _Measured:
+                        pass
+                hook.remove()
+                n, mean, m2 = moments.pop(bn)
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(m2 / max(n - 1, 1))
+            xs = [block(x) for x in xs]
     adapted.typicality = getattr(model, "typicality", None)
     return adapted
 
