@@ -11,7 +11,7 @@ Prints accuracy and the error analysis of the reference (false positives / negat
 confidence of the errors, share of errors made with confidence > 0.8) and writes to a
 new folder <out>/eval_<timestamp>/ (default outputs/):
   confusion_matrix.png, roc_curve.png, prediction_confidence.png, pr_curve.png,
-  reliability_diagram.png (ECE, 15 bins), accuracy_coverage.png, predictions.csv,
+  reliability_diagram.png (ECE, 15 bins), accuracy_coverage.png (risk-coverage), predictions.csv,
   metrics.json and report.html (every figure, the metrics table with 95% bootstrap
   intervals, and a gallery of the most confident errors with Grad-CAM).
 The decision threshold and temperature are the ones stored in the checkpoint (chosen on
@@ -200,16 +200,24 @@ def plot_reliability(rows, ece, path):
     savefig(fig, path)
 
 
-def plot_coverage(cov, acc, band_point, path):
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.plot(cov, acc, lw=2, label="answer the most confident first")
-    if band_point is not None:
-        ax.plot(*band_point, "o", color="tab:red", ms=8,
-                label=f"stored uncertain band: coverage {band_point[0]:.1%}")
-    ax.set(xlabel="coverage (share of images answered)", ylabel="accuracy on the answered images",
-           title="Selective prediction: accuracy vs coverage")
+def plot_risk_coverage(y, m, band, path):
+    fig, ax = plt.subplots(figsize=(6, 5.6))
+    ok, conf, bl = m["correct"], m["conf"], (m["band_vs_least_confident"] if band[1] > band[0] else {})
+    ax.plot(*assess.risk_coverage_curve(ok, conf), "k", lw=2,
+            label=f"all films (AURC {m['aurc']:.3f}, oracle {m['aurc_oracle']:.3f})")
+    for k, (name, colour) in enumerate(zip(network.CLASS_NAMES, ("tab:blue", "tab:orange"))):
+        if (y == k).any():  # x: the share of this class answered; circle: the band's point
+            ax.plot(*assess.risk_coverage_curve(ok[y == k], conf[y == k]), c=colour, label=f"true {name}")
+            for s in [bl["band"]["per_class"][name]] if bl else []:
+                ax.plot(s["coverage"], s["risk"], "o", color=colour, mfc="none", ms=8)
+    for key, mark in (("band", "o"), ("least_confident", "s")) if bl else ():  # red: the two rules
+        ax.plot(bl[key]["coverage"], bl[key]["risk"], mark, color="tab:red", ms=8,
+                label=f"{'stored uncertain band' if key == 'band' else 'refer the least confident'}: "
+                      f"risk {bl[key]['risk']:.3f} at coverage {bl[key]['coverage']:.1%}")
+    ax.set(xlabel="coverage (share of films answered)", ylabel="risk (error among the answered)",
+           title="Risk-coverage: answer the most confident first")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8)  # below: no curve hidden
     savefig(fig, path)
 
 
@@ -233,11 +241,14 @@ def gallery(members, paths, images, y, p, pred, conf, out_dir, n, device):
 
 
 def write_html(path, title, metrics_rows, analysis, figures, items, notes):
-    e = html.escape
+    e, read = html.escape, {"accuracy_coverage.png": "Read the figure: the error among the films answered "
+        "when only the most confident are (right: all); the lower on the left, the better confidence ranks "
+        "the errors last. Colours: per true class (its coverage; circle: the band). Red: the stored band "
+        "and, at its coverage, referring the least confident."}
     rows = "".join(f"<tr><td>{e(k)}</td>" + "".join(f"<td>{e(v)}</td>" for v in vals) + "</tr>"
                    for k, vals in metrics_rows)
-    figs = "".join(f'<figure><img src="{e(f)}" alt="{e(f)}"><figcaption>{e(f)}</figcaption>'
-                   f"</figure>" for f in figures)
+    figs = "".join(f'<figure><img src="{e(f)}" alt="{e(f)}"><figcaption>{e(f)}'
+                   f'{"<br>" + e(read[f]) if f in read else ""}</figcaption></figure>' for f in figures)
     cards = "".join(
         f'<figure class="err"><img src="{e(it["img"])}" alt="error"><figcaption>'
         f'{e(it["file"])}<br>truth <b>{e(it["truth"])}</b>, predicted <b>{e(it["pred"])}</b> '
@@ -247,9 +258,8 @@ def write_html(path, title, metrics_rows, analysis, figures, items, notes):
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
 .warn {{ background: #fff3cd; border: 1px solid #e0c060; padding: .6em 1em; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td:first-child {{ text-align: left; }}
 td, th {{ border: 1px solid #bbb; padding: .3em .8em; text-align: right; }}
-td:first-child {{ text-align: left; }}
 .figs, .gallery {{ display: flex; flex-wrap: wrap; gap: 1em; }}
 figure {{ margin: 0; }} .figs img {{ width: 380px; }} .err img {{ width: 360px; }}
 figcaption {{ font-size: .85em; max-width: 360px; overflow-wrap: anywhere; }}
@@ -362,6 +372,7 @@ def analysis_text(m, cal, source, names) -> str:
         f"{m['accuracy_answered'] * 100:.2f}%\n"
         f"Referred per class: " + ", ".join(f"{k} {fmt(v, '.1%')}"
                                             for k, v in m["referral_rate"].items()) + "\n"
+        + "\n" + assess.risk_coverage_text(m)
     )
 
 
@@ -387,10 +398,7 @@ def draw_figures(y, p, m, cal, out_dir) -> list[str]:
     plot_confidence(m["conf"], m["correct"], out_dir / "prediction_confidence.png")
     ece, rel_rows = scoring.expected_calibration_error(m["correct"], m["conf"])
     plot_reliability(rel_rows, ece, out_dir / "reliability_diagram.png")
-    cov, acc = assess.coverage_curve(m["correct"], m["conf"])
-    lo, hi = cal["uncertain_band"]
-    plot_coverage(cov, acc, (m["coverage"], m["accuracy_answered"]) if hi > lo else None,
-                  out_dir / "accuracy_coverage.png")
+    plot_risk_coverage(y, m, cal["uncertain_band"], out_dir / "accuracy_coverage.png")  # no band: no points
     return ["confusion_matrix.png", *(["roc_curve.png", "pr_curve.png"] if both else []),
             "prediction_confidence.png", "reliability_diagram.png", "accuracy_coverage.png"]
 
@@ -463,15 +471,8 @@ def main(argv=None):
         figures.append("typicality.png")
     predtable.write_evaluation_table(out_dir / "predictions.csv", paths, y, p, m["pred"], m["conf"],
                                      ~m["answered"])
-    keep = {k: v for k, v in m.items() if k not in ("pred", "conf", "correct", "answered")}
-    metrics = {"data": source, "models": [str(x) for x in model_paths],
-               "temperatures": cal["temperatures"], "threshold": cal["threshold"],
-               "uncertain_band": cal["uncertain_band"], **keep, "skipped": skipped,
-               "protocol": "label-free adaptation (AdaBN on these images)" if args.adapt
-               else "zero-shot (nothing fitted on these images)",
-               "site_shift": {k: v for k, v in (shift or {}).items() if k not in ("scores", "flag")},
-               "recalibration": recal}
-    (out_dir / "metrics.json").write_text(json.dumps(assess.json_safe(metrics), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(assess.record(
+        m, cal, source, model_paths, skipped, args.adapt, shift, recal), indent=2))
     items = gallery(scorers, paths, images, y, p, m["pred"], m["conf"], out_dir, args.gallery,
                     device)
     notes = [f"Data: {source} ({len(y)} images)", f"Model(s): {names}",

@@ -11,7 +11,8 @@ module. Each module imports only those above it in this list:
                  val_split.csv read back) and whether its outputs can be written
     scoring      the one metrics module: decisions, accuracy / AUC, ECE, bootstrap
     assess       every number of an evaluation on labelled images (metrics at both
-                 thresholds with intervals, calibration check, errors, coverage)
+                 thresholds with intervals, calibration check, errors, coverage, the
+                 risk-coverage curve and AURC, the band against the least confident)
     calib        temperature, sensitivity threshold and uncertain band
     checkpoints  a state_dict plus plain metadata, every field checked at load; ensembles
     siteshift    typicality (the out-of-distribution flag), shift check, AdaBN

@@ -46,14 +46,105 @@ def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
         "referral_rate": {name: float((~answered)[y == k].mean()) if (y == k).any()
                           else float("nan") for k, name in enumerate(network.CLASS_NAMES)},
         "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
+        **risk_coverage(y, correct, conf, answered),
     }
 
-def coverage_curve(correct, conf):
-    """Accuracy when only the most confident fraction of images is answered."""
+def risk_coverage_curve(correct, conf):
+    """The risk-coverage curve of selective classification (Geifman & El-Yaniv 2017,
+    "Selective classification for deep neural networks"): answer only the films whose
+    confidence (the calibrated probability of the predicted class) is >= a cut, most
+    confident first; coverage = share answered, selective risk = error among them.
+    One point per distinct confidence: films with equal confidence are answered together.
+    Returns (coverage, risk) arrays, coverage increasing to 1."""
+    correct, conf = np.asarray(correct, dtype=bool), np.asarray(conf, dtype=float)
     order = np.argsort(-conf, kind="stable")
-    hits = np.cumsum(correct[order])
-    n = np.arange(1, len(conf) + 1)
-    return n / len(conf), hits / n
+    errors = np.cumsum(~correct[order])
+    last = np.r_[np.flatnonzero(np.diff(conf[order]) != 0), len(conf) - 1]  # end of each tie
+    n = last + 1
+    return n / len(conf), errors[last] / n
+
+def aurc(correct, conf) -> float:
+    """Area under the risk-coverage curve (AURC, Geifman, Uziel & El-Yaniv 2019; Ding et
+    al. 2020): the mean over films of the selective risk when every film at least as
+    confident as it is answered, i.e. the curve as a step function of coverage (in steps
+    of 1/n, a tie group as one step). Lower is better; 0 only without errors."""
+    cov, risk = risk_coverage_curve(correct, conf)
+    return float(np.sum(np.diff(np.r_[0.0, cov]) * risk))
+
+def aurc_oracle(correct) -> float:
+    """The AURC of the best possible ranking of the same errors: every correct film
+    answered before every error (the lower bound; AURC - this is Ding et al.'s E-AURC)."""
+    n = len(correct)
+    i = np.arange(1, n + 1)  # films answered; the errors come after the n - e correct ones
+    return float(np.mean(np.maximum(0, i - int(np.sum(correct))) / i)) if n else float("nan")
+
+def least_confident_referred(conf, n_answered: int) -> np.ndarray:
+    """Which films "refer the least confident" answers when it answers n_answered of
+    them: the most confident ones (equal confidences in file order)."""
+    answered = np.zeros(len(conf), dtype=bool)
+    answered[np.argsort(-np.asarray(conf, dtype=float), kind="stable")[:n_answered]] = True
+    return answered
+
+def selective(y, correct, answered) -> dict:
+    """Coverage and selective risk of a set of answered films, overall and per true class."""
+    def risk(m):
+        return float((~correct[m]).mean()) if m.any() else float("nan")
+    return {"coverage": float(answered.mean()), "risk": risk(answered), "per_class": {
+        name: {"coverage": float(answered[y == k].mean()) if (y == k).any() else float("nan"),
+               "risk": risk(answered & (y == k))} for k, name in enumerate(network.CLASS_NAMES)}}
+
+def risk_coverage(y, correct, conf, answered) -> dict:
+    """The risk-coverage summary of an evaluation: AURC beside the oracle AURC and the
+    error at full coverage, overall and per true class, and the stored uncertain band
+    (films answered = outside it) against "refer the least confident" at equal coverage."""
+    y, correct, conf = np.asarray(y), np.asarray(correct, dtype=bool), np.asarray(conf, dtype=float)
+    lc = least_confident_referred(conf, int(answered.sum()))
+    band, least = selective(y, correct, answered), selective(y, correct, lc)
+    n, eb, el = int(answered.sum()), int((~correct[answered]).sum()), int((~correct[lc]).sum())
+    better = ("the stored band" if eb < el else "referring the least confident" if el < eb
+              else "neither")
+    verdict = (f"At equal coverage ({n} of {len(y)} films answered), the stored band leaves "
+               f"{eb} error{'s' * (eb != 1)} among them, referring the least confident films {el}: "
+               + (f"{better} is better on these films." if eb != el else "both are equally good."))
+    if n == len(y):
+        verdict = "The stored band refers no film here: there is nothing to compare."
+    return {"aurc": aurc(correct, conf), "aurc_oracle": aurc_oracle(correct),
+            "risk_full_coverage": float((~correct).mean()),
+            "risk_coverage_by_class": {
+                name: {"aurc": aurc(correct[y == k], conf[y == k]),
+                       "aurc_oracle": aurc_oracle(correct[y == k]),
+                       "risk_full_coverage": float((~correct[y == k]).mean())}
+                if (y == k).any() else None for k, name in enumerate(network.CLASS_NAMES)},
+            "band_vs_least_confident": {"answered": n, "band": band, "least_confident": least,
+                                        "better": better, "verdict": verdict}}
+
+def risk_coverage_text(m) -> str:
+    """The risk-coverage lines of the console and the report, from evaluate's numbers."""
+    def cell(s):
+        return f"{s['risk']:.2%} on {s['coverage']:.1%}" if np.isfinite(s["risk"]) else "none answered"
+
+    bl = m["band_vs_least_confident"]
+    lines = [f"Risk-coverage (the most confident answered first): AURC {m['aurc']:.4f}, oracle AURC "
+             f"{m['aurc_oracle']:.4f}, error at full coverage {m['risk_full_coverage']:.4f}",
+             "  Error among the answered films, on the share answered:"]
+    for name, s in (("stored uncertain band", bl["band"]),
+                    ("refer the least confident", bl["least_confident"])):
+        lines.append(f"    {name:<26} all {cell(s)}; " + ", ".join(
+            f"{c} {cell(v)}" for c, v in s["per_class"].items() if np.isfinite(v["coverage"])))
+    return "\n".join([*lines, f"  {bl['verdict']}"]) + "\n"
+
+def record(m, cal, source, model_paths, skipped, adapted, shift, recal) -> dict:
+    """metrics.json of an evaluation (plain JSON): where the numbers come from, the
+    calibration used, every number of evaluate(m) but the per-image arrays, the skipped
+    files, the protocol, the site-shift report and the local recalibration."""
+    keep = {k: v for k, v in m.items() if k not in ("pred", "conf", "correct", "answered")}
+    return json_safe({
+        "data": source, "models": [str(x) for x in model_paths], "temperatures": cal["temperatures"],
+        "threshold": cal["threshold"], "uncertain_band": cal["uncertain_band"], **keep,
+        "skipped": skipped, "protocol": "label-free adaptation (AdaBN on these images)" if adapted
+        else "zero-shot (nothing fitted on these images)",
+        "site_shift": {k: v for k, v in (shift or {}).items() if k not in ("scores", "flag")},
+        "recalibration": recal})
 
 def json_safe(obj):
     """Plain JSON types; a measure that is not defined (NaN) becomes null."""

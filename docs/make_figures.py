@@ -20,7 +20,7 @@ Figures and what each needs:
     reliability     reliability diagrams of both shipped     chest_xray/test, models/
                     models on the test split
     report          three panels of report.html (confusion,  an evaluation folder of the
-                    reliability, accuracy vs coverage)       shipped model (--eval; default:
+                    reliability, risk vs coverage)           shipped model (--eval; default:
                                                              the newest outputs/**/eval_*
                                                              of a model with its SHA-256)
 
