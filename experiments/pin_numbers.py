@@ -171,6 +171,12 @@ def main(argv=None):
     diff = differences(before, json.loads(json.dumps(pins)))
     for d in diff[:40]:
         print(d)
+    per_group = {}
+    for d in diff:  # every group with a difference, also beyond the 40 lines shown
+        group = "/".join(d.split(":")[0].split("/")[:4])
+        per_group[group] = per_group.get(group, 0) + 1
+    for group, n in sorted(per_group.items()):
+        print(f"  {n} difference(s) under {group}")
     print(f"{len(diff)} differences in {len(before)} groups" if diff
           else f"identical: {len(before)} groups")
     return 1 if diff else 0
