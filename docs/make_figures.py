@@ -89,13 +89,15 @@ def parse_args(argv=None):
     return args
 
 
-def save(fig, path: Path, colors: int = 96):
-    """A small PNG: rendered at DPI, reduced to an adaptive palette."""
+def save(fig, path: Path, colors: int = 96, dither: bool = False):
+    """A small PNG: rendered at DPI, reduced to an adaptive palette (dithered for smooth
+    colour gradients, such as a heatmap over a film)."""
     buf = io.BytesIO()
     fig.savefig(buf, dpi=DPI, format="png")
     plt.close(fig)
     buf.seek(0)
-    img = Image.open(buf).convert("RGB").quantize(colors=colors, dither=Image.Dither.NONE)
+    img = Image.open(buf).convert("RGB").quantize(
+        colors=colors, dither=Image.Dither.FLOYDSTEINBERG if dither else Image.Dither.NONE)
     img.save(path, optimize=True)
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} "
           f"({path.stat().st_size // 1024} KB)")
@@ -119,22 +121,82 @@ def need_split(data: Path, split: str):
 # ---------------------------------------------------------------------------------
 
 
+def pixel_figure(width: float, height: float):
+    """A figure of width x height pixels (at DPI) and axes_at(x, y, w, h): an axis placed
+    in pixels from the top left."""
+    fig = plt.figure(figsize=(width / DPI, height / DPI))
+
+    def axes_at(x, y, w, h):
+        return fig.add_axes((x / width, 1 - (y + h) / height, w / width, h / height))
+
+    return fig, axes_at
+
+
+def regions(n: int, m: int) -> dict:
+    """The rectangles heat_shares measures on an n x m map, as (first row, end row, first
+    column, end column): the top-left and top-right corners (top 20% of the rows, outer 25%
+    of the columns, where the "R" marker and the date stamp sit) and the central lung box
+    (rows 20-85%, columns 15-85%)."""
+    top = int(0.2 * n)
+    return {"top-left corner": (0, top, 0, int(0.25 * m)),
+            "top-right corner": (0, top, int(0.75 * m), m),
+            "lung box": (top, int(0.85 * n), int(0.15 * m), int(0.85 * m))}
+
+
+def outline(ax, box, colour, ls="-", lw=1.5, label=None):
+    """Draw a regions() rectangle (pixel edges) on an image axis."""
+    r0, r1, c0, c1 = box
+    ax.add_patch(plt.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False,
+                               edgecolor=colour, ls=ls, lw=lw, label=label))
+
+
+CORNER_COLOURS = {"top-left corner": "gold", "top-right corner": "cyan"}
+
+
 def fig_samples(args, out: Path):
+    """Three random films of each split and class at the model's size, each beside its two
+    top corners enlarged (the corners heat_shares measures), so markers can be counted."""
     data = Path(args.data)
     rng = np.random.default_rng(0)
-    rows = [(s, c) for s in ("train", "test") for c in network.CLASS_NAMES]
-    ncol = 6
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * 1.25, len(rows) * 1.45))
-    for r, (split, cls) in enumerate(rows):
+    groups = [(s, c) for s in ("train", "test") for c in network.CLASS_NAMES]
+    films, size = 3, network.IMAGE_SIZE
+    box = regions(size, size)
+    # layout in pixels (DPI px per inch): a label column, then per film the film and its
+    # two corners stacked to its right
+    left, film, gap, unit_gap, head, row_gap, top_h = 34, 182, 4, 14, 22, 10, 54
+    crop_w = (film - gap) / 2 * (box["top-left corner"][3] / box["top-left corner"][1])
+    unit = film + gap + crop_w
+    width = left + films * unit + (films - 1) * unit_gap + 6
+    height = top_h + len(groups) * (head + film + row_gap)
+    fig, axes_at = pixel_figure(width, height)
+    for g, (split, cls) in enumerate(groups):
         need_split(data, split)
         files = scan.list_images(data / split / cls)
-        for c, i in enumerate(sorted(rng.choice(len(files), ncol, replace=False))):
-            show(axes[r, c], dataset.load_image_array(files[i], 112), files[i].name, fontsize=5)
-        axes[r, 0].set_ylabel(f"{split}\n{cls}", fontsize=8)
-    fig.suptitle("Random films (seed 0) of each split and class, as the model sees them",
-                 fontsize=9)
-    fig.tight_layout(pad=0.3, h_pad=0.6, w_pad=0.2, rect=(0, 0, 1, 0.97))
-    save(fig, out / "samples.png", colors=64)
+        y = top_h + g * (head + film + row_gap) + head
+        fig.text(4 / width, 1 - (y + film / 2) / height, f"{split} {cls}", fontsize=12,
+                 va="center", ha="left", weight="bold", rotation=90)
+        for k, i in enumerate(sorted(rng.choice(len(files), films, replace=False))):
+            gray = dataset.load_image_array(files[i], size)
+            x = left + k * (unit + unit_gap)
+            ax = axes_at(x, y, film, film)
+            show(ax, gray)
+            ax.set_title(files[i].name, fontsize=11, pad=3)
+            for name, colour in CORNER_COLOURS.items():
+                outline(ax, box[name], colour, lw=1.2)
+            for j, (name, colour) in enumerate(CORNER_COLOURS.items()):
+                r0, r1, c0, c1 = box[name]
+                cax = axes_at(x + film + gap, y + j * (film + gap) / 2, crop_w, (film - gap) / 2)
+                show(cax, gray[r0:r1, c0:c1])
+                for spine in cax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(2.5)
+    zoom = crop_w / (box["top-left corner"][3] - box["top-left corner"][2]) / (film / size)
+    fig.text(0.5, 1 - 6 / height, f"Three random films (seed 0) of each split and class, "
+             f"{size} x {size} as the model sees them", ha="center", va="top", fontsize=12)
+    fig.text(0.5, 1 - 28 / height, f"right of each film: its top-left (gold, upper) and "
+             f"top-right (cyan, lower) corners, {zoom:.1f}x larger", ha="center", va="top",
+             fontsize=11)
+    save(fig, out / "samples.png", colors=128)
 
 
 def fig_counts(args, out: Path):
@@ -164,6 +226,9 @@ def fig_counts(args, out: Path):
 
 
 def fig_preprocessing(args, out: Path):
+    """Top block: the preprocessing steps of one film, a column each. Bottom block: four
+    random training augmentations of that film per recipe, a row each titled on the left
+    (and the shifted copies used only for calibration)."""
     from cxr import engine, recipes
 
     size = network.IMAGE_SIZE
@@ -174,29 +239,48 @@ def fig_preprocessing(args, out: Path):
     net_in = network.model_input(t[None], "none")[0, 0].numpy()
     draws = 4
     rows = [
-        ("reference recipe:\ntraining augmentation",
+        ("reference recipe\naugmentation",
          engine.train_transform(recipes.recipe_for("reference"), size)),
-        ("improved recipe:\nequalise, then augment",
+        ("improved recipe\naugmentation\n(equalised first)",
          engine.train_transform(recipes.recipe_for("improved"), size)),
-        ("shifted validation\n(stress_transform)", calib.stress_transform(size)),
+        ("shifted copies\n(calibration only,\nnever training)", calib.stress_transform(size)),
     ]
-    fig, axes = plt.subplots(1 + len(rows), draws, figsize=(draws * 1.75, (1 + len(rows)) * 1.95))
-    show(axes[0, 0], full, f"the file: {full.shape[1]} x {full.shape[0]},\ngrey 8-bit")
-    show(axes[0, 1], gray, f"squashed to {size} x {size}\n(every recipe)")
-    show(axes[0, 2], equalized, "histogram-equalised\n(improved recipe)")
-    axes[0, 3].imshow(net_in, cmap="gray")
-    axes[0, 3].set_xticks([])
-    axes[0, 3].set_yticks([])
-    axes[0, 3].set_title(f"network input (3 equal\nchannels, {net_in.min():.1f} to "
-                         f"{net_in.max():.1f})", fontsize=8)
-    for r, (label, transform) in enumerate(rows, start=1):
-        torch.manual_seed(r)
+    steps = [(full, f"1. the file:\n{full.shape[1]} x {full.shape[0]}, grey 8-bit"),
+             (gray, f"2. squashed to\n{size} x {size} (every recipe)"),
+             (equalized, "3. equalised\n(improved recipe only)"),
+             (net_in, "4. network input: 3\n"
+                      f"channels, {net_in.min():.1f} to {net_in.max():.1f}")]
+    left, cell, gap, title_h, head_h, block_gap = 150, 168, 8, 40, 44, 12
+    width = left + draws * cell + (draws - 1) * gap + 6
+    block1 = head_h + title_h + cell
+    height = block1 + block_gap + 46 + len(rows) * (cell + gap)
+    fig, axes_at = pixel_figure(width, height)
+    fig.patches.append(plt.Rectangle((0, 1 - (block1 + 6) / height), 1, (block1 + 6) / height,
+                                     transform=fig.transFigure, color="0.92", zorder=-1))
+    fig.text(0.5, 1 - 6 / height, f"One test film ({EXAMPLE.name})\n"
+             "Preprocessing, in order (every film, in training and prediction)", ha="center",
+             va="top", fontsize=12, weight="bold")
+    for c, (img, title) in enumerate(steps):
+        ax = axes_at(left + c * (cell + gap), head_h + title_h, cell, cell)
+        ax.imshow(img, cmap="gray", **({} if c == 3 else {"vmin": 0, "vmax": 255}))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=11, pad=3)
+    y0 = block1 + block_gap
+    fig.text(0.5, 1 - y0 / height, "Augmentation in training: 4 random draws of the "
+             "squashed film (step 2) per row", ha="center", va="top", fontsize=12,
+             weight="bold")
+    fig.text(6 / width, 1 - (head_h + title_h + cell / 2) / height, "preprocessing\nsteps,\n"
+             "left to right", fontsize=11, va="center", ha="left", weight="bold")
+    for r, (label, transform) in enumerate(rows):
+        torch.manual_seed(r + 1)
+        y = y0 + 46 + r * (cell + gap)
+        fig.text(6 / width, 1 - (y + cell / 2) / height, label, fontsize=11, va="center",
+                 ha="left", weight="bold")
         for c in range(draws):
-            show(axes[r, c], transform(t.clone())[0].numpy())
-        axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle(f"One film ({EXAMPLE.name}) through preprocessing (top) and "
-                 "augmentation (4 random draws a row)", fontsize=9)
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.97))
+            ax = axes_at(left + c * (cell + gap), y, cell, cell)
+            show(ax, transform(t.clone())[0].numpy(), f"draw {c + 1}" if r == 0 else None,
+                 fontsize=11)
     save(fig, out / "preprocessing.png", colors=64)
 
 
@@ -259,15 +343,16 @@ def fig_curve(args, out: Path):
 
 
 def heat_shares(heat: np.ndarray) -> tuple[float, float]:
-    """(share of the heat in the top-left and top-right corners, share inside a central
-    lung box): the corners are the top 20% of the rows and the outer 25% of the columns;
-    the lung box rows 20-85%, columns 15-85%."""
+    """(share of the heat in the top-left and top-right corners, share inside the central
+    lung box): the rectangles of regions()."""
     h = heat / heat.sum() if heat.sum() > 0 else heat
-    n, m = h.shape
-    top = h[: int(0.2 * n)]
-    corners = top[:, : int(0.25 * m)].sum() + top[:, int(0.75 * m):].sum()
-    lungs = h[int(0.2 * n): int(0.85 * n), int(0.15 * m): int(0.85 * m)].sum()
-    return float(corners), float(lungs)
+    box = regions(*h.shape)
+
+    def inside(name):
+        r0, r1, c0, c1 = box[name]
+        return h[r0:r1, c0:c1].sum()
+
+    return float(inside("top-left corner") + inside("top-right corner")), float(inside("lung box"))
 
 
 def pneumonia_cam(model, meta, path):
@@ -283,24 +368,42 @@ def pneumonia_cam(model, meta, path):
 
 
 def fig_gradcam(args, out: Path):
+    """Two films the reference calls PNEUMONIA at P >= SURE, each beside its Grad-CAM, with
+    the rectangles heat_shares measures drawn on both."""
     from gradcam import overlay
 
     data = Path(args.data)
     need_split(data, "test")
     model, meta = checkpoints.load_checkpoint(REFERENCE)
-    fig, axes = plt.subplots(2, 2, figsize=(5.6, 6.0))
-    for k, (rel, what) in enumerate(((GRADCAM_LUNGS, "on the lungs"),
-                                     (GRADCAM_MARKER, "on the corner marker"))):
+    fig, axes = plt.subplots(2, 2, figsize=(10.2, 11.6))
+    styles = {"lung box": ("white", "--"), "top-left corner": ("magenta", "-"),
+              "top-right corner": ("magenta", "-")}
+    for k, (rel, what) in enumerate(((GRADCAM_LUNGS, "heat on the lungs"),
+                                     (GRADCAM_MARKER, "heat on the corner marker"))):
         gray, heat, p = pneumonia_cam(model, meta, data / rel)
         corners, lungs = heat_shares(heat)
-        show(axes[k, 0], gray, f"{Path(rel).name}\ntruth: {rel.split('/')[1]}")
-        show(axes[k, 1], overlay(gray, heat), f"P(PNEUMONIA) {p:.1%}\nheat: lung box "
-                                              f"{lungs:.0%}, top corners {corners:.0%}")
-        axes[k, 0].set_ylabel(f"heat {what}", fontsize=9)
-    fig.suptitle("Grad-CAM of the PNEUMONIA score,\nreference model (models/reference_seed1.pth)",
-                 fontsize=9)
-    fig.tight_layout(pad=0.3, h_pad=1.5, rect=(0, 0, 1, 0.95))
-    save(fig, out / "gradcam_lungs_vs_marker.png", colors=192)
+        box = regions(*heat.shape)
+        show(axes[k, 0], gray, f"{Path(rel).name}\ntruth: {rel.split('/')[1]}", fontsize=12)
+        show(axes[k, 1], overlay(gray, heat), f"P(PNEUMONIA) {p:.1%}; heat: lung box "
+                                              f"{lungs:.0%},\ntop corners {corners:.0%}",
+             fontsize=12)
+        for ax in axes[k]:
+            for name, (colour, ls) in styles.items():
+                outline(ax, box[name], colour, ls=ls, lw=2.2,
+                        label=None if name == "top-right corner" else
+                        ("top corners" if name == "top-left corner" else name))
+        axes[k, 0].set_ylabel(what, fontsize=13)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    legend = fig.legend(handles, ["lung box (rows 20-85%, columns 15-85%)",
+                                  "top corners (top 20% of rows, outer 25% of columns)"],
+                        loc="lower center", ncol=1, fontsize=12, facecolor="0.35",
+                        labelcolor="white", framealpha=1, handlelength=3)
+    legend.get_frame().set_edgecolor("k")
+    fig.suptitle("Grad-CAM of the PNEUMONIA score, reference model\n(red: raised the score "
+                 "most); the shares are of all the heat on the film", fontsize=12)
+    fig.subplots_adjust(left=0.045, right=0.99, bottom=0.085, top=0.885, wspace=0.06,
+                        hspace=0.17)
+    save(fig, out / "gradcam_lungs_vs_marker.png", colors=256, dither=True)
 
 
 def search(args):
@@ -343,42 +446,66 @@ def search(args):
 
 
 def fig_reliability(args, out: Path):
+    """Reliability diagrams of both shipped models on the test split, each over a panel of
+    its films per confidence bin. The confidence is scoring.decide's: the probability of
+    the class called at the model's stored threshold (P(PNEUMONIA) for a PNEUMONIA call,
+    1 - P(PNEUMONIA) for a NORMAL one), so it lies below 0.5 only for PNEUMONIA calls with
+    P(PNEUMONIA) between a threshold below 0.5 and 0.5."""
     data = Path(args.data)
     need_split(data, "test")
     paths, labels = dataset.list_labelled(data / "test")
     images, kept, _ = dataset.decode_all(paths, network.IMAGE_SIZE, None, "test")
     y = np.asarray(labels)[kept]
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6), sharey=True)
-    for ax, (name, path) in zip(axes, (("reference, seed 1", REFERENCE),
-                                       ("improved, seed 1 (shipped)", IMPROVED))):
+    fig, axes = plt.subplots(2, 2, figsize=(11.0, 7.6), sharex="col",
+                             gridspec_kw={"height_ratios": (2.4, 1)})
+    width = 1 / scoring.ECE_BINS
+    for col, (name, path) in enumerate((("reference, seed 1", REFERENCE),
+                                        ("improved, seed 1 (shipped)", IMPROVED))):
+        ax, cax = axes[:, col]
         model, meta = checkpoints.load_checkpoint(path)
         cal = checkpoints.calibration_of(meta)
         p = network.probabilities(network.predict_logits(model, images, network.intensity_of(meta)),
-                             cal["temperature"])
+                                  cal["temperature"])
         pred, conf = scoring.decide(p, cal["threshold"])
         ece, bins = scoring.expected_calibration_error(pred == y, conf)
-        width = 1 / scoring.ECE_BINS
         for lo, _hi, acc, c, n in bins:
             ax.bar(lo, acc, width, align="edge", color="tab:blue", edgecolor="k", lw=0.5)
-            ax.plot(lo + width / 2, c, "o", color="tab:orange", ms=4)
-            ax.vlines(lo + width / 2, min(acc, c), max(acc, c), color="k", lw=2)
-            ax.text(lo + width / 2, 0.02, str(n), ha="center", fontsize=6, rotation=90,
-                    color="white" if acc > 0.1 else "k")
+            ax.plot(lo + width / 2, c, "o", color="tab:orange", ms=6, zorder=3)
+            ax.vlines(lo + width / 2, min(acc, c), max(acc, c), color="k", lw=2.5)
+            cax.bar(lo, n, width, align="edge", color="0.6", edgecolor="k", lw=0.5)
+            cax.text(lo + width / 2, n * 1.15, str(n), ha="center", va="bottom", fontsize=12)
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-        ax.bar([], [], color="tab:blue", label="accuracy in the bin")
-        ax.plot([], [], "o", color="tab:orange", label="mean confidence in the bin")
-        ax.plot([], [], color="k", lw=2, label="gap (ECE: weighted mean)")
-        ax.set_xlim(min([0.45] + [lo for lo, *_ in bins]), 1.0)  # a threshold < 0.5 gives decisions below 0.5
+        ax.bar([], [], color="tab:blue", label="share right in the bin")
+        ax.plot([], [], "o", color="tab:orange", ms=6, label="mean confidence in the bin")
+        ax.plot([], [], color="k", lw=2.5, label="gap (ECE: its mean over the films)")
+        below = int((conf < 0.5).sum())
+        if below:
+            ax.axvline(0.5, color="tab:red", lw=1.2, ls=":")
+            ax.text(0.01, 0.98, f"left of the red line: {below} films called PNEUMONIA\n"
+                    f"with P(PNEUMONIA) between the threshold\n{cal['threshold']:.3f} and 0.5 "
+                    "(confidence below 0.5)", fontsize=11, color="tab:red", va="top",
+                    transform=ax.transAxes)
+        ax.set_xlim(min([0.45] + [lo for lo, *_ in bins]), 1.0)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("confidence of the decision")
-        ax.set_title(f"{name}: ECE {ece:.3f}, temperature {cal['temperature']:.2f}",
-                     fontsize=9)
+        ax.set_title(f"{name}\nECE {ece:.3f}, temperature {cal['temperature']:.2f}, "
+                     f"threshold {cal['threshold']:.3f}", fontsize=12)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("share of decisions that were right")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"Reliability diagrams on the test split ({len(y)} images; 15 bins, the "
-                 "number in each bar is its count of images)", fontsize=9)
-    fig.tight_layout()
+        ax.tick_params(labelsize=11)
+        cax.set_yscale("log")
+        cax.set_ylim(0.7, len(y) * 6)
+        cax.set_yticks([1, 10, 100])
+        cax.set_yticklabels(["1", "10", "100"])
+        cax.tick_params(labelsize=11)
+        cax.grid(alpha=0.3)
+        cax.set_xlabel("confidence = probability the model gives the class it calls\n"
+                       "(P(PNEUMONIA) if it calls PNEUMONIA, else 1 - P(PNEUMONIA))", fontsize=11)
+    axes[0, 0].set_ylabel("share of the bin's films\ncalled right", fontsize=12)
+    axes[1, 0].set_ylabel("films in the bin\n(log scale)", fontsize=12)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=4,
+               fontsize=11, bbox_to_anchor=(0.5, 0.955))
+    fig.suptitle(f"Reliability on the test split ({len(y)} films; 15 equal-width confidence "
+                 "bins, empty bins not drawn)", fontsize=13)
+    fig.tight_layout(h_pad=0.6, rect=(0, 0, 1, 0.93))
     save(fig, out / "reliability.png", colors=128)
 
 
