@@ -19,7 +19,7 @@ TYPICALITY_DIMS = 64
 TYPICALITY_LEVEL = 0.99
 
 # The ratio above which predict.py gives no verdict. Measured on the shipped
-# models/mobilenet_cxr.pth (python experiments/site_shift.py, experiments/LOG.md): 99% of
+# models/mobilenet_cxr.pth (python experiments/site_shift.py, far_level_by_rule): 99% of
 # the 177 generated non-radiographs that pass the structure checks lie at or above 1.197
 # (which rounds down to 1.1, leaving 3 of 521 validation films above it), so by the rule
 # the level is the smallest with at most 0.5% of validation above it: 1.102275, the 3rd

@@ -21,7 +21,7 @@ above the far level cxr.siteshift.FAR_LEVEL: no verdict), for:
     predict.py refuses before the model sees them), scikit-learn's two bundled sample
     photographs as random greyscale crops, upsampled handwritten digits, gradients and
     checkerboards.
-It also prints the far level that the rule of experiments/LOG.md (7 Dec) gives from the
+It also prints the far level that its rule (far_level_by_rule) gives from the
 validation films and the non-radiographs alone, and the acceptance figures. Then the
 domain classifier (5-fold logistic regression, ROC AUC) between the model's validation
 images and the test images, overall and per class; with --imagenet also on frozen
@@ -162,7 +162,7 @@ def floor_2_digits(x: float) -> float:
 
 
 def far_level_by_rule(val: np.ndarray, passing: np.ndarray) -> tuple[float, str]:
-    """The far level's rule (experiments/LOG.md, 7 Dec): the largest r of two significant
+    """The far level's rule: the largest r of two significant
     digits with at least 99% of the non-radiographs that pass the structure checks above
     it; it must leave at most 0.5% of validation above it, else the smallest r that does."""
     allowed = int(np.floor(0.01 * len(passing)))  # non-radiographs that may lie at or below r
