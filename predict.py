@@ -15,6 +15,10 @@ Results are appended to <out>/predictions.csv (and .jsonl with --json) as they a
 computed, so a killed run loses nothing and --resume redoes only the files that failed
 (the table, its columns and the checks on --resume: cxr/predtable.py). Names are printed
 escaped; CSV cells cannot act as formulas. This is decision support, not a diagnosis.
+
+A film unlike the training data (typicality above the model's cut) gets its verdict with
+a warning ("atypical"); only one far beyond it, not like a chest X-ray, gets none
+(OUTSIDE). What is printed: cxr/predconsole.py.
 """
 
 from __future__ import annotations
@@ -27,11 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxr import checkpoints, dataset, intake, network, predtable, runtime, siteshift
+from cxr import checkpoints, dataset, intake, network, predconsole, predtable, runtime, siteshift
 from gradcam import GradCAM, figure_path, save_figure
 
-OUTSIDE = predtable.OUTSIDE  # the prediction column of an image unlike the training data
-MANY_OUTSIDE = 0.10  # above this share of a batch flagged, one warning line
+OUTSIDE = predtable.OUTSIDE  # the prediction of an image far outside the training data: no verdict
 
 
 def parse_args(argv=None):
@@ -61,81 +64,6 @@ def parse_args(argv=None):
                         "statistics on all the images given (AdaBN) before predicting; the "
                         "out-of-distribution flag still uses the model as trained")
     return p.parse_args(argv)
-
-
-# --- What is printed per film. ---
-
-
-def referral(row, cal) -> str:
-    """Whether the model's own rules send this image to a radiologist first, and why."""
-    lo, hi = cal["uncertain_band"]
-    if hi <= lo:
-        return "no rule of this model's (it has no uncertain band" + ("" if cal["fitted"] else
-                                                                    ": uncalibrated") + ")"
-    if row["uncertain"]:
-        return (f"YES - P(PNEUMONIA) is inside the uncertain band {lo:.1%} to {hi:.1%}, "
-                "chosen on labelled films held out from training as where this model's calls are unreliable")
-    return f"not by this model's rules (outside its uncertain band {lo:.1%} to {hi:.1%})"
-
-
-def print_block(row, cal):
-    print(f"\nImage: {row['file']}")
-    if row["prediction"] == OUTSIDE:
-        print(f"Outside what the model was trained on: refer. No verdict (typicality "
-              f"{row['typicality']:.2f} x the cut that {1 - siteshift.TYPICALITY_LEVEL:.0%} of validation "
-              "films exceed).")
-        return
-    print(f"P(PNEUMONIA), {'' if cal['fitted'] else 'un'}calibrated: {row['prob_pneumonia']:.1%}   "
-          "(decision: PNEUMONIA at "
-          f">= {row['threshold']:.1%})")
-    print(f"Prediction: {row['prediction']}")
-    print(f"Refer first: {referral(row, cal)}")
-
-
-def print_line(row):
-    if row["prediction"] == OUTSIDE:
-        print(f"{row['file']}: REFER: outside what the model was trained on")
-        return
-    print(f"{row['file']}: {row['prediction']} (P(PNEUMONIA) {row['prob_pneumonia']:.1%})"
-          + ("  REFER: uncertain" if row["uncertain"] else ""))
-
-
-def print_header(model_paths, members, cal, model_id):
-    names = f"ensemble of {len(members)}" if len(members) > 1 else runtime.display_name(model_paths[0])
-    lo, hi = cal["uncertain_band"]
-    rules = (f"temperature {', '.join(f'{t:.4f}' for t in cal['temperatures'])} | threshold "
-             f"P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band [{lo:.3f}, {hi:.3f})"
-             if cal["fitted"] else "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no uncertain band")
-    print(f"Model: {names} (id {model_id}) | {rules}")
-
-
-def print_notes(members, cal):
-    if cal.get("shared") is False:
-        print("note: the ensemble's threshold and band are the means of its members' own, each "
-              "fitted on a different split; fit one on a shared labelled set with "
-              "visualize_results.py --recalibrate K --save-calibrated FILE.json")
-    if any(getattr(m, "typicality", None) is None for m, _ in members):
-        print("note: this model has no typicality statistics, so images unlike its training data "
-              "are not flagged (add them: python experiments/upgrade_checkpoint.py --typicality-for"
-              " MODEL --data DATA)")
-    print(network.DISCLAIMER)
-
-
-def print_summary(n_ok, n_outside, skipped, where):
-    print(f"\nPredicted {n_ok} image(s); results in {runtime.display_name(where)}")
-    if n_outside:
-        share = n_outside / n_ok
-        print(f"{'warning: ' if share > MANY_OUTSIDE else ''}{n_outside} of {n_ok} image(s) "
-              f"({share:.0%}) are outside what the model was trained on (on validation: "
-              f"{1 - siteshift.TYPICALITY_LEVEL:.0%})"
-              + ("; are these films from another hospital or not chest X-rays? Its figures do "
-                 "not apply to them: see visualize_results.py --recalibrate"
-                 if share > MANY_OUTSIDE else ""))
-    if skipped:
-        print(f"Skipped {len(skipped)} file(s):")
-        for name, err in skipped:
-            print(f"  {name}: {err}")
-    print(network.DISCLAIMER)
 
 
 # --- The steps. ---
@@ -248,10 +176,10 @@ def main(argv=None):
         out_dir, done, json_lines = open_output(args, manifest, retry=given)
     todo = [p for p in files if intake.resolved(p) not in done]
     not_read = [(p, r) for p, r in not_read if intake.resolved(p) not in done]
-    print_header(model_paths, members, cal, model_id)
+    predconsole.print_header(model_paths, members, cal, model_id)
     if done:
         print(f"Resuming: {len(files) - len(todo)} of {len(files)} files already done")
-    print_notes(members, cal)
+    predconsole.print_notes(members, cal)
     scorers = members
     if args.adapt:  # transductive: every image given, also those done before a --resume
         scorers = adapted_members(members, cal, files, size, args.batch_size)
@@ -269,7 +197,7 @@ def main(argv=None):
     cam = GradCAM(members[0][0]) if args.gradcam else None
     explained = (f"map of member 1 of {len(members)} "
                  f"({runtime.display_name(Path(model_paths[0]).name)})" if len(members) > 1 else "")
-    n_ok = n_outside = 0
+    n_ok = n_atypical = n_far = 0
     for items in loader:
         rows = score_batch(items, todo, members, scorers, cal, model_id)
         with runtime.exit_on(predtable.TableError):
@@ -284,12 +212,13 @@ def main(argv=None):
                 skipped.append((row["file"], row["error"]))
                 continue
             n_ok += 1
-            n_outside += row["outside"] is True
-            print_line(row) if args.quiet else print_block(row, cal)
+            n_far += row["outside"] is True
+            n_atypical += row["atypical"] is True and row["outside"] is not True
+            predconsole.print_line(row) if args.quiet else predconsole.print_block(row, cal)
             if cam is not None and row["prediction"] != OUTSIDE:
                 explain(cam, arrays[i], row, members, device, out_dir, todo[i], explained)
 
-    print_summary(n_ok, n_outside, skipped, out_dir / predtable.CSV_NAME)
+    predconsole.print_summary(n_ok, n_atypical, n_far, skipped, out_dir / predtable.CSV_NAME)
     if n_ok == 0 and not done:
         print("error: no image could be read", file=sys.stderr)
         return 1

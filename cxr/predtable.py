@@ -27,13 +27,17 @@ try:
 except ImportError:  # Windows: no folder lock
     fcntl = None
 
-from . import imagefiles, network, runtime, scoring
+from . import imagefiles, network, runtime, scoring, siteshift
 from .intake import resolved
 
 COLUMNS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
            "uncertain", "threshold", "temperature", "error", "model", "resolved_path",
-           "outside", "typicality"]
-OUTSIDE = "OUTSIDE"  # the prediction column of an image unlike the training data: no verdict
+           "atypical", "outside", "typicality"]
+"""typicality: the film's typicality / the model's cut (the highest over an ensemble's
+members); atypical: above 1, the verdict is given with a warning; outside: above
+siteshift.FAR_LEVEL, far outside the training data: no verdict. All three empty for a
+model without typicality statistics."""
+OUTSIDE = "OUTSIDE"  # the prediction column of an image far outside the training data: no verdict
 CSV_NAME, JSONL_NAME = "predictions.csv", "predictions.jsonl"
 MANIFEST = "run.json"  # what made this folder's rows: --resume must match it
 MAX_MANIFEST_BYTES = 1 << 20
@@ -48,12 +52,14 @@ class TableError(Exception):
 
 
 def result_row(path, p_pneu, cal, model_id, flag=None) -> dict:
-    """A verdict row; an image outside the training distribution (flag: (outside,
-    typicality / cut) from siteshift.outside_distribution) gets no verdict and no confidence,
-    only its probabilities for the record."""
+    """A verdict row. flag: (atypical, typicality / cut) from siteshift.outside_distribution,
+    or None. An atypical image gets its verdict, marked; one far outside the training data
+    (ratio above siteshift.FAR_LEVEL) gets no verdict and no confidence, only its
+    probabilities for the record."""
     pred, conf = scoring.decide(p_pneu, cal["threshold"])
     lo, hi = cal["uncertain_band"]
-    outside, typicality = (bool(flag[0]), flag[1]) if flag is not None else (False, None)
+    atypical, typicality = (bool(flag[0]), float(flag[1])) if flag is not None else (False, None)
+    outside = typicality is not None and typicality > siteshift.FAR_LEVEL
     return {
         "file": runtime.display_name(path),
         "prediction": OUTSIDE if outside else network.CLASS_NAMES[int(pred)],
@@ -63,8 +69,9 @@ def result_row(path, p_pneu, cal, model_id, flag=None) -> dict:
         "threshold": cal["threshold"],
         "temperature": cal["temperatures"],  # one per ensemble member
         "error": "", "model": model_id, "resolved_path": resolved(path),
+        "atypical": atypical if typicality is not None else "",
         "outside": outside if typicality is not None else "",
-        "typicality": "" if typicality is None else round(float(typicality), 4),
+        "typicality": "" if typicality is None else round(typicality, 4),
     }
 
 

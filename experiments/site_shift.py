@@ -1,24 +1,31 @@
 #!/usr/bin/env python3
-"""Site shift and the out-of-distribution flag, measured (docs/results.md).
+"""Site shift, the atypical flag and the far level, measured (docs/results.md).
 
-    python experiments/site_shift.py                                 # both shipped models
+    python experiments/site_shift.py --data DATA                     # both shipped models
+    python experiments/site_shift.py --data DATA --save-ratios outputs/ratios
+    python experiments/site_shift.py --load-ratios outputs/ratios    # the report again, no inference
     python experiments/site_shift.py --model runs/<run>/mobilenet_cxr.pth --imagenet
 
 For each checkpoint (which must hold typicality statistics: train_cxray.py adds them at
 the end of a run, experiments/upgrade_checkpoint.py --typicality-for adds them to an old
-checkpoint), prints the share of
-images flagged "outside the training distribution":
-  - validation (the model's own split, rebuilt from its seed): about 1% by construction;
-  - test NORMAL and test PNEUMONIA (labels only to split the shares);
+checkpoint), takes every image's typicality ratio (typicality / the model's cut) and
+prints the share *atypical* (ratio above 1: predict.py gives the verdict with a warning)
+and the share *stopped* (refused by the structure checks before the model, or ratio
+above the far level cxr.siteshift.FAR_LEVEL: no verdict), for:
+  - validation (the model's own split, rebuilt from its seed): about 1% atypical by
+    construction;
+  - test NORMAL and test PNEUMONIA (labels only to split the shares), and how many
+    correct NORMAL calls are atypical and how many the far level silences;
   - the full-resolution and DICOM samples (../shared/data/samples, when present);
   - inputs that are not chest X-rays, generated here: blank and noise images (which
     predict.py refuses before the model sees them), scikit-learn's two bundled sample
     photographs as random greyscale crops, upsampled handwritten digits, gradients and
-    checkerboards. Shares are given for the flag alone and for the whole predict path
-    (refused by the structure check, or flagged).
-Then the domain classifier (5-fold logistic regression, ROC AUC) between the model's
-validation images and the test images, overall and per class; with --imagenet also on
-frozen ImageNet MobileNetV2 features between train and test images per class.
+    checkerboards.
+It also prints the far level that its rule (far_level_by_rule) gives from the
+validation films and the non-radiographs alone, and the acceptance figures. Then the
+domain classifier (5-fold logistic regression, ROC AUC) between the model's validation
+images and the test images, overall and per class; with --imagenet also on frozen
+ImageNet MobileNetV2 features between train and test images per class.
 
 Nothing is fitted on test for any decision: the test images are only measured.
 """
@@ -34,7 +41,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cxr import checkpoints, dataset, imagefiles, network, runtime, scan, siteshift  # noqa: E402
+from cxr import checkpoints, dataset, imagefiles, network, runtime, scan, scoring, siteshift  # noqa: E402
 
 SAMPLES = ROOT.parent / "shared" / "data" / "samples"
 
@@ -102,50 +109,107 @@ def share(flags) -> str:
     return f"{np.mean(flags):6.1%} of {len(flags):>4}"
 
 
-def measure(path: Path, data: Path, kinds) -> dict:
+def measure(path: Path, data: Path, kinds) -> dict[str, np.ndarray]:
+    """The typicality ratio (score / cut) of every image, by set (validation, test by
+    class, samples, each kind of non-radiograph), and the arrays the report needs
+    (refused by the structure checks; the test films' labels and decisions); prints the
+    domain classifier between validation and test."""
     model, meta = checkpoints.load_checkpoint(path)
     stats = model.typicality
     if stats is None:
         raise SystemExit(f"error: {path} has no typicality statistics: run python "
                          f"experiments/upgrade_checkpoint.py --typicality-for {path}")
-    size = meta["preprocessing"]["image_size"]
-    print(f"\n{path} ({meta['recipe']}, seed {meta['seed']}), cut {stats['cut']:.2f}")
+    size, intensity = meta["preprocessing"]["image_size"], network.intensity_of(meta)
+    cal = checkpoints.calibration_of(meta)
     splits, _, (tp, tl), _ = dataset.checkpoint_splits(meta, data)
-    x_val, y_val = splits["val"]
     x_test, kept, _ = dataset.decode_all(tp, size, ".cache", "test")
+
+    def run(images):
+        logits, f = network.predict_logits(model, images, intensity, features=True)
+        return logits, f.numpy(), siteshift.typicality_score(f.numpy(), stats) / stats["cut"]
+
+    out = {"validation": run(splits["val"][0])[2]}
+    logits, f_test, r_test = run(x_test)
     y_test = np.array(tl)[kept]
-
-    def flags(images):
-        return siteshift.typicality_score(features(model, meta, images), stats) > stats["cut"]
-
-    out = {"validation": flags(x_val)}
-    f_test = features(model, meta, x_test)
-    t_flag = siteshift.typicality_score(f_test, stats) > stats["cut"]
-    out["test NORMAL"], out["test PNEUMONIA"] = t_flag[y_test == 0], t_flag[y_test == 1]
+    p = network.probabilities(logits, cal["temperature"])
+    lo, hi = cal["uncertain_band"]
+    out |= {"test NORMAL": r_test[y_test == 0], "test PNEUMONIA": r_test[y_test == 1],
+            "test:label": y_test, "test:ratio": r_test,
+            "test:decision": scoring.decide(p, cal["threshold"])[0],
+            "test:confident": ~((lo <= p) & (p < hi))}
     for sub in ("fullres", "dicom"):
-        files = [f for f in scan.scan_folder(SAMPLES / sub)[0]] if (SAMPLES / sub).is_dir() else []
+        files = scan.scan_folder(SAMPLES / sub)[0] if (SAMPLES / sub).is_dir() else []
         arrays = [a for a, _ in (dataset.try_load_image_array(f, size) for f in files) if a is not None]
         if arrays:
-            out[f"samples/{sub}"] = flags(np.stack(arrays))
-    print("  flagged by the model (typicality > cut):")
-    for k, v in out.items():
-        print(f"    {k:<22} {share(v)}")
-    print("  not chest X-rays: flagged by the model | stopped by predict.py (refused or flagged)")
-    stopped_all, flagged_all = [], []
+            out[f"samples/{sub}"] = run(np.stack(arrays))[2]
     for kind, images in kinds.items():
-        f, r = flags(images), refused(images)
-        flagged_all.append(f)
-        stopped_all.append(f | r)
-        print(f"    {kind:<22} {share(f)} | {share(f | r)}")
-    print(f"    {'all':<22} {share(np.concatenate(flagged_all))} | "
-          f"{share(np.concatenate(stopped_all))}")
+        out[f"non-radiograph:{kind}"] = run(images)[2]
+        out[f"refused:{kind}"] = refused(images)
     z_test = siteshift.project(f_test, stats)
     ref_z, ref_y = stats["reference_z"].numpy(), stats["reference_labels"].numpy()
-    print("  domain classifier, validation vs test, on this model's features (AUC):")
+    print(f"\n{path}: domain classifier, validation vs test, on this model's features (AUC):")
     print(f"    all {siteshift.domain_auc(ref_z, z_test):.3f}, NORMAL "
           f"{siteshift.domain_auc(ref_z[ref_y == 0], z_test[y_test == 0]):.3f}, PNEUMONIA "
           f"{siteshift.domain_auc(ref_z[ref_y == 1], z_test[y_test == 1]):.3f}")
     return out
+
+
+def floor_2_digits(x: float) -> float:
+    """The largest number of two significant digits below x."""
+    unit = 10.0 ** (np.floor(np.log10(x)) - 1)
+    r = np.floor(x / unit) * unit
+    return float(round(r - unit if r >= x else r, 10))
+
+
+def far_level_by_rule(val: np.ndarray, passing: np.ndarray) -> tuple[float, str]:
+    """The far level's rule: the largest r of two significant
+    digits with at least 99% of the non-radiographs that pass the structure checks above
+    it; it must leave at most 0.5% of validation above it, else the smallest r that does."""
+    allowed = int(np.floor(0.01 * len(passing)))  # non-radiographs that may lie at or below r
+    edge = float(np.sort(passing)[allowed])
+    r = floor_2_digits(edge)
+    how = (f"{1 - allowed / len(passing):.0%} of the {len(passing)} non-radiographs that pass "
+           f"the structure checks lie at or above {edge:.3f}, rounded down {r:g}; validation "
+           f"above {r:g}: {np.mean(val > r):.2%}")
+    if np.mean(val > r) <= 0.005:
+        return r, how + " (at most 0.5%): kept"
+    k = int(np.floor(0.005 * len(val)))
+    r = float(np.sort(val)[::-1][k])
+    return r, how + (" > 0.5%: the populations overlap; the smallest level with at most 0.5% "
+                     f"of validation above it instead ({k} of {len(val)} above)")
+
+
+def report(path, out: dict, far: float) -> None:
+    """Shares atypical (ratio > 1) and stopped (refused, or ratio > far), per set, and
+    the acceptance figures."""
+    kinds = [k.split(":", 1)[1] for k in out if k.startswith("non-radiograph:")]
+    nonrad = np.concatenate([out[f"non-radiograph:{k}"] for k in kinds])
+    gone = np.concatenate([out[f"refused:{k}"] for k in kinds])
+    rule, how = far_level_by_rule(out["validation"], nonrad[~gone])
+    print(f"\n{path}")
+    print(f"  far level by the rule: {rule:.6g} ({how})")
+    print(f"  far level used: {far:g} x the cut (cxr.siteshift.FAR_LEVEL {siteshift.FAR_LEVEL:g})")
+    print(f"  {'images':<26} {'atypical (ratio > 1)':>20} | stopped (refused, or ratio > {far:g})")
+    for name in ["validation", "test NORMAL", "test PNEUMONIA", "samples/fullres", "samples/dicom"]:
+        if name in out:
+            print(f"    {name:<24} {share(out[name] > 1):>20} | {share(out[name] > far)}")
+    for k in kinds:
+        r, refused_ = out[f"non-radiograph:{k}"], out[f"refused:{k}"]
+        print(f"    {k:<24} {share(r > 1):>20} | {share(refused_ | (r > far))}")
+    stopped_nonrad = gone | (nonrad > far)
+    print(f"    {'all non-radiographs':<24} {share(nonrad > 1):>20} | {share(stopped_nonrad)}")
+    y, d, r = out["test:label"], out["test:decision"], out["test:ratio"]
+    correct = (y == 0) & (d == 0)
+    confident = correct & out["test:confident"]
+    print(f"  test: {correct.sum()} correct NORMAL calls ({confident.sum()} confident, outside the "
+          f"uncertain band): atypical {(correct & (r > 1)).sum()} ({(confident & (r > 1)).sum()} "
+          f"confident), silenced by the far level {(correct & (r > far)).sum()}; largest ratio "
+          f"of a test film {r.max():.3f}")
+    silenced, stopped = (correct & (r > far)).sum(), stopped_nonrad.mean()
+    val = np.mean(out["validation"] > far)
+    met = silenced == 0 and stopped >= 0.99 and val <= 0.02
+    print(f"  acceptance: correct NORMAL calls silenced {silenced} (0) | non-radiographs stopped "
+          f"{stopped:.1%} (>= 99%) | validation stopped {val:.1%} (<= 2%): {'met' if met else 'NOT met'}")
 
 
 def imagenet_domain(data: Path, per_class: int, seed: int = 0):
@@ -174,6 +238,12 @@ def main():
     p.add_argument("--model", action="append", type=Path,
                    help="checkpoint (repeatable; default: the two shipped models)")
     p.add_argument("--data", type=Path, default=ROOT / "chest_xray")
+    p.add_argument("--far-level", type=float, default=siteshift.FAR_LEVEL,
+                   help="typicality / cut above which no verdict is given")
+    p.add_argument("--save-ratios", type=Path, metavar="NPZ",
+                   help="also write every image's ratio (one file per model: NPZ.<model>.npz)")
+    p.add_argument("--load-ratios", type=Path, metavar="NPZ",
+                   help="report from ratios saved by --save-ratios NPZ, without inference")
     p.add_argument("--imagenet", action="store_true",
                    help="also the domain classifier on frozen ImageNet features")
     p.add_argument("--per-class", type=runtime.positive_int, default=600,
@@ -182,9 +252,16 @@ def main():
     runtime.pick_device("cpu")
     models = args.model or [ROOT / "models" / "mobilenet_cxr.pth",
                             ROOT / "models" / "reference_seed1.pth"]
-    kinds = non_radiographs(network.IMAGE_SIZE)
+    kinds = None if args.load_ratios else non_radiographs(network.IMAGE_SIZE)
     for path in models:
-        measure(path, args.data, kinds)
+        if args.load_ratios:
+            with np.load(f"{args.load_ratios}.{path.stem}.npz") as z:
+                out = dict(z)
+        else:
+            out = measure(path, args.data, kinds)
+            if args.save_ratios:
+                np.savez(f"{args.save_ratios}.{path.stem}.npz", **out)
+        report(runtime.display_name(path), out, args.far_level)
     if args.imagenet:
         imagenet_domain(args.data, args.per_class)
 

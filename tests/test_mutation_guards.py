@@ -228,7 +228,8 @@ def test_predict_adapt_scores_with_the_adapted_model_and_flags_with_the_trained_
     assert (np.abs(ratio - adapted_ratio) > 0.01).mean() > 0.5
     assert [float(r["prob_pneumonia"]) for r in rows] == pytest.approx(prob.tolist(), abs=2e-6)
     assert [float(r["typicality"]) for r in rows] == pytest.approx(ratio.tolist(), abs=2e-4)
-    assert [r["outside"] == "True" for r in rows] == (ratio > 1).tolist()
+    assert [r["atypical"] == "True" for r in rows] == (ratio > 1).tolist()
+    assert [r["outside"] == "True" for r in rows] == (ratio > siteshift.FAR_LEVEL).tolist()
 
 
 def test_visualize_adapt_scores_with_the_adapted_model_and_flags_with_the_trained_one(
@@ -420,5 +421,6 @@ def test_resume_drops_a_record_cut_by_any_number_of_bytes(model_path, adapt_run,
     for r in whole:  # the redone row again whole (scored in another batch: last digits free)
         a = after[r["resolved_path"]]
         assert a["prediction"] == r["prediction"] and a["outside"] == r["outside"]
+        assert a["atypical"] == r["atypical"]
         assert float(a["prob_pneumonia"]) == pytest.approx(float(r["prob_pneumonia"]), abs=1e-5)
         assert float(a["typicality"]) == pytest.approx(float(r["typicality"]), abs=1e-3)

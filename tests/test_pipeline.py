@@ -180,12 +180,14 @@ def test_shipped_model_on_bundled_examples(tmp_path):
     # the two bundled test-split pneumonia images are ones the shipped model gets right
     assert rows["person100_bacteria_475.jpeg"]["prediction"] == "PNEUMONIA"
     assert rows["person10_virus_35.jpeg"]["prediction"] == "PNEUMONIA"
-    # one healthy test film lies just outside the training distribution: no verdict,
-    # so no heatmap of a verdict, and the batch warning counts it
-    assert rows["IM-0001-0001.jpeg"]["prediction"] == "OUTSIDE"
-    assert "1 of 5 image(s) (20%) are outside" in proc.stdout
+    # one healthy test film lies just outside the training distribution, not far: its
+    # verdict and heatmap with a warning, and the batch warning counts it
+    atypical = rows["IM-0001-0001.jpeg"]
+    assert atypical["prediction"] == "NORMAL" and atypical["atypical"] == "True"
+    assert atypical["outside"] == "False"
+    assert "1 of 5 image(s) (20%) are atypical for the training data" in proc.stdout
     gradcams = {p.name for p in run_folder(tmp_path / "o").glob("*_gradcam.png")}
-    assert len(gradcams) == 4 and "IM-0001-0001_gradcam.png" not in gradcams
+    assert len(gradcams) == 5 and "IM-0001-0001_gradcam.png" in gradcams
     meta = torch.load(ROOT / "models" / "mobilenet_cxr.pth", weights_only=True)["meta"]
     assert meta["recipe"] == "improved" and meta["calibration"]["temperature"] > 0
 

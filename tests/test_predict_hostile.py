@@ -335,8 +335,9 @@ def test_a_damaged_manifest_is_one_line_on_resume(finished_run, tmp_path, damage
     assert "run.json" in line, line
 
 
+@pytest.mark.parametrize("dropped", ["typicality", "atypical"])  # atypical: the columns before it
 @pytest.mark.parametrize("recorded", ["manifest", "header only"])
-def test_resume_refuses_a_folder_with_other_columns(finished_run, tmp_path, recorded):
+def test_resume_refuses_a_folder_with_other_columns(finished_run, tmp_path, recorded, dropped):
     """Bug: --resume on a folder whose rows have other columns (written by a predict.py
     with another column list) reading none of its rows as complete, and silently redoing
     them all under a header they do not match. The run.json lists the columns (or, in a
@@ -345,7 +346,7 @@ def test_resume_refuses_a_folder_with_other_columns(finished_run, tmp_path, reco
     run_dir = shutil.copytree(finished_run, tmp_path / "run")
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["columns"] == list(csv_rows(run_dir)[0])  # what this predict.py writes
-    older = [c for c in manifest["columns"] if c != "typicality"]
+    older = [c for c in manifest["columns"] if c != dropped]
     with open(run_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=older, extrasaction="ignore")
         w.writeheader()
@@ -357,7 +358,7 @@ def test_resume_refuses_a_folder_with_other_columns(finished_run, tmp_path, reco
     (run_dir / "run.json").write_text(json.dumps(manifest))
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     proc = predict("--image", FILM, "--resume", run_dir, check=False)
-    line = one_line_error(proc, "--resume", "columns", "without typicality")
+    line = one_line_error(proc, "--resume", "columns", f"without {dropped}")
     assert runtime.display_name(run_dir) in line, line
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 

@@ -4,6 +4,7 @@ recalibration, on real images and real checkpoints."""
 import copy
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ def grey_photo(path):
 
 def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
     """A grey photograph passes the structure checks (it is neither blank nor noise), so
-    only the typicality flag stands between it and a confident verdict."""
+    only the typicality ratio, far above the far level, stands between it and a confident
+    verdict."""
     photo = grey_photo(tmp_path / "photo.png")
     film = ROOT / "examples" / "NORMAL2-IM-0337-0001.jpeg"
     proc = run_script("predict.py", "--image", photo, "--image", film, "--out", tmp_path)
@@ -34,13 +36,14 @@ def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
     block = proc.stdout.split("Image: ")
     photo_block = next(b for b in block if b.startswith(str(photo)))
     film_block = next(b for b in block if b.startswith(str(film)))
-    assert "Outside what the model was trained on: refer" in photo_block
+    assert "Far outside what the model was trained on: not like a chest X-ray" in photo_block
     assert "Prediction:" not in photo_block
     assert "Prediction: NORMAL" in film_block
     rows = {r.split(",")[0]: r for r in
             (run_folder(tmp_path) / "predictions.csv").read_text().splitlines()[1:]}
     assert ",OUTSIDE,," in rows[str(photo)]  # no verdict, no confidence
-    assert "1 of 2 image(s) (50%) are outside" in proc.stdout
+    assert "No verdict for 1 of 2 image(s)" in proc.stdout
+    assert "Atypical" not in film_block and "are atypical" not in proc.stdout  # the film is not
     # visualize counts the same flag, per class, and its error rates
     for label, src in (("NORMAL", photo), ("NORMAL", film),
                        ("PNEUMONIA", ROOT / "examples" / "person10_virus_35.jpeg")):
@@ -51,6 +54,90 @@ def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
     shift = json.loads((run_folder(tmp_path / "ev") / "metrics.json").read_text())["site_shift"]
     assert shift["flagged_share"] == pytest.approx(1 / 3)
     assert shift["flagged_by_class"] == {"NORMAL": 0.5, "PNEUMONIA": 0.0}
+
+
+# --- atypical is a warning, not a silence: injected ratios, so they hold on any machine ---
+
+
+MID = 1 + (siteshift.FAR_LEVEL - 1) / 2  # atypical, not far
+FAR = siteshift.FAR_LEVEL * 2
+
+
+def inject_ratios(monkeypatch, ratios):
+    """siteshift.outside_distribution answering these typicality / cut ratios, by the
+    images' position in the batch (one batch)."""
+    def ratios_of(members, feats):
+        r = np.asarray(ratios[:len(feats[0])], dtype=float)
+        return r > 1, r
+    monkeypatch.setattr(siteshift, "outside_distribution", ratios_of)
+
+
+def read_rows(parent):
+    with open(run_folder(parent) / "predictions.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_an_atypical_film_gets_its_verdict_and_a_warning_a_far_one_none(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Ratio above 1 but not above FAR_LEVEL: a verdict (prediction, confidence, band,
+    Grad-CAM), marked atypical in the row and warned in the block. Above FAR_LEVEL: no
+    verdict. At or below 1: no mark, no warning."""
+    import predict
+
+    films = [ROOT / "examples" / n for n in ("NORMAL2-IM-0337-0001.jpeg", "IM-0001-0001.jpeg",
+                                             "person10_virus_35.jpeg")]
+    ratios = [0.5, MID, FAR]
+    inject_ratios(monkeypatch, ratios)
+    argv = [a for f in films for a in ("--image", str(f))]
+    assert predict.main([*argv, "--gradcam", "--workers", "0", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    typical, atypical, far = sorted(read_rows(tmp_path), key=lambda r: float(r["typicality"]))
+    assert [float(r["typicality"]) for r in (typical, atypical, far)] == pytest.approx(ratios, abs=1e-4)
+    for r in (typical, atypical):
+        assert r["prediction"] in network.CLASS_NAMES and float(r["confidence"]) >= 0.5
+    assert (typical["atypical"], typical["outside"]) == ("False", "False")
+    assert (atypical["atypical"], atypical["outside"]) == ("True", "False")
+    assert (far["prediction"], far["confidence"]) == ("OUTSIDE", "")
+    assert (far["atypical"], far["outside"]) == ("True", "True")
+    blocks = {b.split("\n")[0]: b for b in out.split("Image: ")[1:]}
+    assert f"Atypical for the training data (typicality {MID:.2f} x the cut" in blocks[atypical["file"]]
+    assert f"Prediction: {atypical['prediction']}" in blocks[atypical["file"]]
+    assert "Atypical" not in blocks[typical["file"]]
+    assert "No verdict" in blocks[far["file"]] and "Prediction:" not in blocks[far["file"]]
+    gradcams = {p.name for p in run_folder(tmp_path).glob("*_gradcam.png")}
+    assert gradcams == {f"{Path(r['file']).stem}_gradcam.png" for r in (typical, atypical)}
+    assert "No verdict for 1 of 3 image(s)" in out
+    predict.main([*argv, "--quiet", "--workers", "0", "--out", str(tmp_path / "q")])
+    lines = {ln.split(": ")[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert f"{atypical['prediction']} (P(PNEUMONIA)" in lines[atypical["file"]]
+    assert "ATYPICAL for the training data: check" in lines[atypical["file"]]
+    assert "ATYPICAL" not in lines[typical["file"]]
+    assert "no verdict" in lines[far["file"]]
+
+
+@pytest.mark.parametrize("ratios, site_warning", [
+    ([MID] + [0.5] * 15, False),  # 1 of 16 (6%) atypical: counted, no warning
+    ([MID, MID] + [0.5] * 14, True),  # 2 of 16 (12.5%): above MANY_ATYPICAL, warned once
+    ([FAR] * 16, False),  # all far outside: not another site's films
+])
+def test_a_batch_with_many_atypical_films_is_warned_once_of_another_site(
+        ratios, site_warning, tmp_path, monkeypatch, capsys):
+    import predict
+
+    inject_ratios(monkeypatch, ratios)
+    predict.main(["--dir", str(TINY / "test"), "--quiet", "--workers", "0", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    n_atypical = sum(1 < r <= siteshift.FAR_LEVEL for r in ratios)
+    n_far = sum(r > siteshift.FAR_LEVEL for r in ratios)
+    assert out.count("looks like another site") == int(site_warning)
+    if site_warning:
+        line = next(ln for ln in out.splitlines() if "looks like another site" in ln)
+        assert line.startswith(f"warning: {n_atypical} of 16 image(s)")
+        assert "visualize_results.py --recalibrate" in line and "--adapt" in line
+    if n_atypical:
+        assert f"{n_atypical} of 16 image(s) ({n_atypical / 16:.0%}) are atypical" in out
+    assert ("No verdict for 16 of 16 image(s)" in out) == bool(n_far)
+    assert sum(r["atypical"] == "True" for r in read_rows(tmp_path)) == n_atypical + n_far
 
 
 def test_typicality_for_rebuilds_the_statistics_the_run_stored(trained_run, tmp_path):

@@ -1,0 +1,101 @@
+"""What predict.py prints: the header and notes, one block (or line) per film, and the
+batch's summary.
+
+A film whose typicality ratio (typicality / the model's cut, siteshift.outside_distribution)
+is above 1 is *atypical*: its verdict is given, with a warning. Only a ratio above
+siteshift.FAR_LEVEL (far outside anything the model was trained on: not a chest film)
+withholds it (prediction OUTSIDE). A batch with more than MANY_ATYPICAL of its films
+atypical gets one warning that it looks like another site's films.
+"""
+
+from __future__ import annotations
+
+from . import network, runtime, siteshift
+from .predtable import OUTSIDE
+
+MANY_ATYPICAL = 0.10  # above this share of a batch atypical (validation: 1%), one site warning
+
+
+def referral(row, cal) -> str:
+    """Whether the model's own rules send this image to a radiologist first, and why."""
+    lo, hi = cal["uncertain_band"]
+    if hi <= lo:
+        return "no rule of this model's (it has no uncertain band" + ("" if cal["fitted"] else
+                                                                    ": uncalibrated") + ")"
+    if row["uncertain"]:
+        return (f"YES - P(PNEUMONIA) is inside the uncertain band {lo:.1%} to {hi:.1%}, "
+                "chosen on labelled films held out from training as where this model's calls are unreliable")
+    return f"not by this model's rules (outside its uncertain band {lo:.1%} to {hi:.1%})"
+
+
+def cut_words(ratio) -> str:
+    return (f"typicality {ratio:.2f} x the cut that {1 - siteshift.TYPICALITY_LEVEL:.0%} of "
+            "validation films exceed")
+
+
+def print_block(row, cal):
+    print(f"\nImage: {row['file']}")
+    if row["prediction"] == OUTSIDE:
+        print(f"Far outside what the model was trained on: not like a chest X-ray. No verdict: "
+              f"refer ({cut_words(row['typicality'])}; no verdict above {siteshift.FAR_LEVEL:g}).")
+        return
+    print(f"P(PNEUMONIA), {'' if cal['fitted'] else 'un'}calibrated: {row['prob_pneumonia']:.1%}   "
+          "(decision: PNEUMONIA at "
+          f">= {row['threshold']:.1%})")
+    print(f"Prediction: {row['prediction']}")
+    print(f"Refer first: {referral(row, cal)}")
+    if row["atypical"] is True:
+        print(f"Atypical for the training data ({cut_words(row['typicality'])}): check the film: "
+              "the model's figures may not hold for it.")
+
+
+def print_line(row):
+    if row["prediction"] == OUTSIDE:
+        print(f"{row['file']}: REFER: far outside what the model was trained on (no verdict)")
+        return
+    print(f"{row['file']}: {row['prediction']} (P(PNEUMONIA) {row['prob_pneumonia']:.1%})"
+          + ("  REFER: uncertain" if row["uncertain"] else "")
+          + ("  ATYPICAL for the training data: check" if row["atypical"] is True else ""))
+
+
+def print_header(model_paths, members, cal, model_id):
+    names = f"ensemble of {len(members)}" if len(members) > 1 else runtime.display_name(model_paths[0])
+    lo, hi = cal["uncertain_band"]
+    rules = (f"temperature {', '.join(f'{t:.4f}' for t in cal['temperatures'])} | threshold "
+             f"P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band [{lo:.3f}, {hi:.3f})"
+             if cal["fitted"] else "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no uncertain band")
+    print(f"Model: {names} (id {model_id}) | {rules}")
+
+
+def print_notes(members, cal):
+    if cal.get("shared") is False:
+        print("note: the ensemble's threshold and band are the means of its members' own, each "
+              "fitted on a different split; fit one on a shared labelled set with "
+              "visualize_results.py --recalibrate K --save-calibrated FILE.json")
+    if any(getattr(m, "typicality", None) is None for m, _ in members):
+        print("note: this model has no typicality statistics, so images unlike its training data "
+              "are not flagged (add them: python experiments/upgrade_checkpoint.py --typicality-for"
+              " MODEL --data DATA)")
+    print(network.DISCLAIMER)
+
+
+def print_summary(n_ok, n_atypical, n_far, skipped, where):
+    """n_ok films predicted, n_atypical of them given a verdict with the warning, n_far
+    given none."""
+    print(f"\nPredicted {n_ok} image(s); results in {runtime.display_name(where)}")
+    if n_far:
+        print(f"No verdict for {n_far} of {n_ok} image(s): far outside what the model was trained "
+              "on (not chest X-rays?)")
+    if n_atypical:
+        share = n_atypical / n_ok
+        many = share > MANY_ATYPICAL
+        print(f"{'warning: ' if many else ''}{n_atypical} of {n_ok} image(s) ({share:.0%}) are "
+              f"atypical for the training data (on validation: {1 - siteshift.TYPICALITY_LEVEL:.0%})"
+              + ("; this looks like another site, where the model's figures may not hold: "
+                 "measure it on labelled films of the site (visualize_results.py --recalibrate K, "
+                 "--adapt), or predict with --adapt" if many else ""))
+    if skipped:
+        print(f"Skipped {len(skipped)} file(s):")
+        for name, err in skipped:
+            print(f"  {name}: {err}")
+    print(network.DISCLAIMER)
