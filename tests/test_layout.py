@@ -62,3 +62,12 @@ def test_scripts_and_modules_keep_their_size():
     for path in (ROOT / "cxr").glob("*.py"):
         n = len(path.read_text().splitlines())
         assert n <= 450, f"{path.relative_to(ROOT)}: {n} lines, at most 450"
+
+
+def test_the_reading_fits_the_lab():
+    """The README is read in about 10 minutes and all teaching pages stay one sitting."""
+    words = lambda path: len(path.read_text(encoding="utf-8").split())  # noqa: E731
+    readme = words(ROOT / "README.md")
+    assert readme <= 1500, f"README.md: {readme} words, at most 1,500"
+    total = readme + sum(words(p) for p in (ROOT / "docs").glob("*.md"))
+    assert total <= 12000, f"README.md and docs/*.md: {total} words, at most 12,000"
