@@ -422,5 +422,5 @@ def test_resume_drops_a_record_cut_by_any_number_of_bytes(model_path, adapt_run,
         a = after[r["resolved_path"]]
         assert a["prediction"] == r["prediction"] and a["outside"] == r["outside"]
         assert a["atypical"] == r["atypical"]
-        assert float(a["prob_pneumonia"]) == pytest.approx(float(r["prob_pneumonia"]), abs=1e-5)
+        assert float(a["prob_pneumonia"]) == pytest.approx(float(r["prob_pneumonia"]), abs=1e-4)
         assert float(a["typicality"]) == pytest.approx(float(r["typicality"]), abs=1e-3)
