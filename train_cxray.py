@@ -8,6 +8,7 @@ of the best validation F1. The test split is read once, at the very end.
     python train_cxray.py                      # the reference run on chest_xray/
     python train_cxray.py --seed 2 --out runs  # another seed
     python train_cxray.py --recipe improved    # the recipe that beats it
+    python train_cxray.py --recipe probe       # the head alone on frozen features (minutes)
     torchrun --nproc_per_node 2 train_cxray.py # several processes (DDP)
     python train_cxray.py --resume runs/<run>  # continue an interrupted run
 
@@ -31,7 +32,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from cxr import (
@@ -44,7 +44,6 @@ from cxr import (
     runfiles,
     runstate,
     runtime,
-    scoring,
     siteshift,
 )
 from cxr.runstate import log  # print on the first process only
@@ -132,6 +131,9 @@ def main(argv=None):
                                                                args.lr, args.epochs)
     history, best, first_epoch = runstate.restore(resumed, model, optimizer, scheduler,
                                                   loader_gen, recipe, rank)
+    if recipe["train"] == "head":  # the probe: the head alone, on features computed once
+        history, best, first_epoch = engine.train_head(model, splits, recipe, args, rank, criterion,
+                                                       optimizer, scheduler)  # no epoch loop
 
     for epoch in range(first_epoch, args.epochs + 1):
         t0 = time.time()
@@ -173,7 +175,6 @@ def main(argv=None):
                "val_auc": val["auc"]}
     test_metrics, test_text = test_once(model, test_files, recipe, calibration, args, run_dir)
     metrics.update(test_metrics)
-    print("\n" + test_text, flush=True)
     meta = runfiles.run_meta(args, recipe, metrics, calibration, weight_source, val_source,
                              commands, runstate.hardware(device), world, time.time() - start)
     runfiles.write_outputs(run_dir, best, meta, history, test_text, typicality)
@@ -219,11 +220,7 @@ def evaluate(model, images, labels, intensity="none", calibration=None, desc=Non
     """Validation loss (cross-entropy at temperature 1) and scoring.binary_metrics of (N, H, W)
     uint8 images: at the calibration's temperature and threshold, or argmax without one."""
     logits = network.predict_logits(model, images, intensity, desc=desc)
-    cal = calibration or {"temperature": 1.0, "threshold": 0.5}
-    p = network.probabilities(logits, cal["temperature"])
-    m = scoring.binary_metrics(labels, p, cal["threshold"])
-    loss = nn.functional.cross_entropy(logits, torch.as_tensor(labels)).item()
-    return {**m, "val_loss": loss, "val_f1": m["f1"], "pred": scoring.decide(p, cal["threshold"])[0]}
+    return engine.score_logits(logits, labels, calibration)
 
 
 def log_epoch(rank, h, epochs, improved, recipe):
@@ -243,17 +240,21 @@ def log_epoch(rank, h, epochs, improved, recipe):
 
 
 def test_once(model, test_files, recipe, calibration, args, run_dir) -> tuple[dict, str]:
-    """The test split's metrics and the published run's report, or a note when this is
-    a development run that must not read it."""
+    """The test split's metrics and the published run's report (printed), or a note when
+    this is a development run that must not read it."""
     if args.ablate:
-        return {}, ("Test split not read: development run (--ablate); "
-                    "decide on validation, evaluate the final recipe once.\n")
+        text = ("Test split not read: development run (--ablate); "
+                "decide on validation, evaluate the final recipe once.\n")
+        print("\n" + text, flush=True)
+        return {}, text
     paths, labels = test_files
     x_test, kept, bad = dataset.decode_all(paths, args.image_size, args.cache_dir or None, "test")
     runfiles.report_skipped(run_dir, bad)
     y_test = np.array([labels[i] for i in kept], dtype=np.int64)
     test = evaluate(model, x_test, y_test, recipe["intensity"], calibration, desc="test")
-    return runfiles.test_report(y_test, test)
+    test_metrics, text = runfiles.test_report(y_test, test)
+    print("\n" + text, flush=True)
+    return test_metrics, text
 
 
 if __name__ == "__main__":

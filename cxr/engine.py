@@ -1,12 +1,14 @@
 """The parts of training that are not the loop itself: the data splits (decoded once),
 the Dataset of decoded arrays and its augmentations, the loader, the model, the loss,
-optimiser and schedule of a recipe, and the selection rule.
+optimiser and schedule of a recipe, the selection rule, the scores of logits, and the
+probe recipe's training (the head alone, on features computed once).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
-from cxr import dataset, network, recipes, runfiles, runstate, runtime
+from cxr import dataset, network, recipes, runfiles, runstate, runtime, scoring
 
 
 def load_splits(args, recipe: dict, run_dir: Path | None, rank: int, resumed=None):
@@ -166,3 +168,79 @@ def warmup_cosine(warmup: int, total: int):
 def is_better(score: float, best: float, mode: str) -> bool:
     """Strictly better: on a tie the earlier epoch is kept."""
     return score > best if mode == "max" else score < best
+
+
+def score_logits(logits: torch.Tensor, labels, calibration=None) -> dict:
+    """Validation loss (cross-entropy at temperature 1) and scoring.binary_metrics of logits:
+    at the calibration's temperature and threshold, or argmax without one."""
+    cal = calibration or {"temperature": 1.0, "threshold": 0.5}
+    p = network.probabilities(logits, cal["temperature"])
+    m = scoring.binary_metrics(labels, p, cal["threshold"])
+    loss = nn.functional.cross_entropy(logits, torch.as_tensor(labels)).item()
+    return {**m, "val_loss": loss, "val_f1": m["f1"], "pred": scoring.decide(p, cal["threshold"])[0]}
+
+
+# ---------------------------------------------------------------------------------
+# The probe recipe (recipe["train"] == "head"): the head alone, on features computed once.
+# ---------------------------------------------------------------------------------
+
+
+def train_head(model, splits, recipe, args, rank, criterion, optimizer, scheduler):
+    """Train the classifier head alone; the backbone keeps the weights it was built with.
+
+    One inference pass computes the pooled 1280-d features of the training and validation
+    images (eval mode: no augmentation, BatchNorm statistics unchanged); then each epoch
+    is one shuffled pass over the training features in batches of args.batch_size, with
+    the recipe's loss, optimiser and schedule (only the head has gradients, so only it
+    moves), scored on the validation features; the epoch kept is the best by the recipe's
+    selection metric, as in the epoch loop. Returns (history, best, first_epoch), the
+    epoch loop's own variables, first_epoch past the last epoch: the loop does not run."""
+    t0 = time.time()
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    feats = {}
+    for name in ("train", "val"):
+        images, labels = splits[name]
+        _, f = network.predict_logits(model, images, recipe["intensity"], batch_size=16,
+                                      desc=f"features: {name}" if rank == 0 else None, features=True)
+        feats[name] = f.to(device), torch.as_tensor(labels, device=device)
+    runstate.log(rank, f"Features of {sum(len(y) for _, y in feats.values())} training and validation "
+                       f"images, computed once: {time.time() - t0:.0f} s")
+    (f_train, y_train), (f_val, y_val) = feats["train"], feats["val"]
+    head, select, gen = model.classifier, recipe["select"], torch.Generator().manual_seed(args.seed)
+    history = []
+    best = {"score": -math.inf if recipe["select_mode"] == "max" else math.inf, "epoch": 0}
+    for epoch in range(1, args.epochs + 1):
+        runstate.stop_if_interrupted()
+        head.train()  # its dropout, as in full training
+        total_loss, correct = 0.0, 0
+        for idx in torch.randperm(len(y_train), generator=gen).split(args.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            logits = head(f_train[idx])
+            loss = criterion(logits, y_train[idx])
+            loss.backward()
+            optimizer.step()
+            if recipe["schedule"] == "warmup_cosine":
+                scheduler.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y_train[idx]).sum().item()
+        head.eval()
+        with torch.no_grad():
+            val = score_logits(head(f_val).float().cpu(), y_val.cpu().numpy())
+        if recipe["schedule"] == "plateau":
+            scheduler.step(val[select])
+        improved = is_better(val[select], best["score"], recipe["select_mode"])
+        if improved:
+            best = {"score": val[select], "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        history.append({"epoch": epoch, "train_loss": total_loss / len(y_train),
+                        "train_acc": correct / len(y_train), "val_loss": val["val_loss"],
+                        "val_acc": val["accuracy"], "val_f1": val["val_f1"], "val_auc": val["auc"],
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0})
+        t0 = time.time()
+        h = history[-1]
+        runstate.log(rank, f"Epoch {epoch}/{args.epochs}: train loss {h['train_loss']:.4f} acc "
+                           f"{h['train_acc']:.4f} | val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f} "
+                           f"F1 {h['val_f1']:.4f} AUC {h['val_auc']:.4f}" + (" (best)" if improved else ""))
+    return history, best, args.epochs + 1

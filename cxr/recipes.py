@@ -1,5 +1,6 @@
-"""The training recipes as data: the reference and improved recipes, the ablations (the
-improved recipe minus one part), the augmentations by name, and the recipe in words.
+"""The training recipes as data: the reference and improved recipes, the probe (the
+classifier head alone, on frozen ImageNet features), the ablations (the improved recipe
+minus one part), the augmentations by name, and the recipe in words.
 
 Every field is read by the training code, and the text stored in the checkpoint is
 generated from the fields (describe()).
@@ -19,14 +20,24 @@ RECIPES = {
         epochs=8, batch_size=16, optimizer="adam", lr=1e-4, weight_decay=0.0,
         schedule="plateau", augment=["flip", "rotate10", "brightness0.1"],
         intensity="none", class_weights=False, label_smoothing=0.0,
-        select="val_f1", select_mode="max", calibrate=False, pretrained=True),
+        select="val_f1", select_mode="max", calibrate=False, pretrained=True, train="all"),
     # What fixes the normal-recall collapse: see README, "Beating the reference".
     "improved": dict(
         epochs=8, batch_size=32, optimizer="adamw", lr=3e-4, weight_decay=0.01,
         schedule="warmup_cosine",
         augment=["resized_crop", "flip", "rotate10", "brightness_contrast0.3"],
         intensity="equalize", class_weights=True, label_smoothing=0.1,
-        select="val_loss", select_mode="min", calibrate=True, pretrained=True),
+        select="val_loss", select_mode="min", calibrate=True, pretrained=True, train="all"),
+    # The lab's recipe (minutes on a CPU): the ImageNet backbone frozen, its pooled features
+    # of the training and validation images computed once (engine.train_head), and the
+    # classifier head alone trained on them: a logistic regression, with the improved
+    # recipe's preprocessing, loss, selection and calibration. Features computed once
+    # cannot be augmented.
+    "probe": dict(
+        epochs=20, batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+        schedule="warmup_cosine", augment=[], intensity="equalize", class_weights=True,
+        label_smoothing=0.1, select="val_loss", select_mode="min", calibrate=True,
+        pretrained=True, train="head"),
 }
 # --ablate X: the improved recipe minus one part, replaced by the reference's choice
 # (pretrained: random initial weights instead of ImageNet's).
@@ -76,10 +87,12 @@ def describe(recipe: dict) -> dict:
                                  " factor=0.5, patience=2)",
                       "warmup_cosine": "linear warm-up for 1 epoch, then cosine decay to 0 "
                                        "(per step)"}[recipe["schedule"]],
-        "augment": ", ".join(AUGMENTATIONS[a][0] for a in recipe["augment"]),
+        "augment": ", ".join(AUGMENTATIONS[a][0] for a in recipe["augment"]) or "none",
         "intensity": recipe["intensity"],
         "initial_weights": "ImageNet" if recipe.get("pretrained", True) else "random",
-        "training": "all layers",
+        "training": {"all": "all layers",
+                     "head": "the classifier head alone, on the pooled features of the frozen "
+                             "backbone (computed once)"}[recipe.get("train", "all")],
         "loss": "CrossEntropyLoss" + (f"({', '.join(loss)})" if loss else ""),
         "selection": f"{'best' if recipe['select_mode'] == 'max' else 'lowest'} {select}",
         "calibration": (calib.CALIBRATION_RULE if recipe["calibrate"]
