@@ -157,6 +157,7 @@ def main(argv=None):
     g.add_argument("--save", type=Path, help="write the pins to this JSON file")
     g.add_argument("--compare", type=Path, help="compare with pins saved before")
     p.add_argument("--skip-training", action="store_true", help="pin inference only")
+    p.add_argument("--show", type=int, default=40, help="differences printed in full")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         pins = {} if args.skip_training else pin_training(Path(tmp))
@@ -169,7 +170,7 @@ def main(argv=None):
     if args.skip_training:
         before = {k: v for k, v in before.items() if k in pins}
     diff = differences(before, json.loads(json.dumps(pins)))
-    for d in diff[:40]:
+    for d in diff[:args.show]:
         print(d)
     per_group = {}
     for d in diff:  # every group with a difference, also beyond the 40 lines shown
