@@ -23,12 +23,15 @@ def imported(path):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
             cxr |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cxr.")}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-            if node.module == "cxr":
+        elif isinstance(node, ast.ImportFrom):
+            # a relative import inside cxr/ ("from . import x", "from .x import y") is cxr's
+            module = ("cxr" + (f".{node.module}" if node.module else "") if node.level
+                      else node.module)
+            names.add(module.split(".")[0])
+            if module == "cxr":
                 cxr |= {a.name for a in node.names}
-            elif node.module.startswith("cxr."):
-                cxr.add(node.module.split(".")[1])
+            elif module.startswith("cxr."):
+                cxr.add(module.split(".")[1])
     return names, cxr
 
 
