@@ -34,8 +34,6 @@ from torch.utils.data import DataLoader
 from cxr import checkpoints, dataset, intake, network, predconsole, predtable, runtime, siteshift
 from gradcam import GradCAM, figure_path, save_figure
 
-OUTSIDE = predtable.OUTSIDE  # the prediction of an image far outside the training data: no verdict
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Predict NORMAL / PNEUMONIA for chest X-rays "
@@ -215,7 +213,7 @@ def main(argv=None):
             n_far += row["outside"] is True
             n_atypical += row["atypical"] is True and row["outside"] is not True
             predconsole.print_line(row) if args.quiet else predconsole.print_block(row, cal)
-            if cam is not None and row["prediction"] != OUTSIDE:
+            if cam is not None and row["prediction"] != predtable.OUTSIDE:
                 explain(cam, arrays[i], row, members, device, out_dir, todo[i], explained)
 
     predconsole.print_summary(n_ok, n_atypical, n_far, skipped, out_dir / predtable.CSV_NAME)

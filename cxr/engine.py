@@ -210,7 +210,7 @@ def train_head(model, splits, recipe, args, rank, criterion, optimizer, schedule
     (f_train, y_train), (f_val, y_val) = feats["train"], feats["val"]
     head, select, gen = model.classifier, recipe["select"], torch.Generator().manual_seed(args.seed)
     history = []
-    best = {"score": -math.inf if recipe["select_mode"] == "max" else math.inf, "epoch": 0}
+    best = {"score": -math.inf if recipe["select_mode"] == "max" else math.inf, "epoch": 0, "state": None}
     for epoch in range(1, args.epochs + 1):
         runstate.stop_if_interrupted()
         head.train()  # its dropout, as in full training

@@ -147,7 +147,7 @@ def tune_cpu_allocator() -> bool:
     With glibc's defaults every multi-megabyte activation of a CPU forward pass is
     returned to the OS (munmap / heap trim) and page-faulted back in on the next batch;
     that made MobileNetV2 inference about 2x slower on the 2-core machine
-    (`python benchmarks/speed.py --no-tune-allocator` shows the untuned figures).
+    (`python experiments/speed.py --no-tune-allocator` shows the untuned figures).
     PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for the same reason;
     mallopt does it with no dependency. Returns False (and changes nothing) where the C
     library is not glibc.

@@ -9,7 +9,7 @@ and scores the run's checkpoint (at its stored temperature and threshold) on thr
 versions of those validation images:
 
 1. validation: the images as they are (as easy as train: AUC ~0.997 for every run);
-2. shifted validation: 3 copies under train_cxray.stress_transform (crop, rotation,
+2. shifted validation: 3 copies under cxr.calib.stress_transform (crop, rotation,
    brightness/contrast, blur, gamma), the data the improved recipe's temperature and
    threshold were fitted on, so it flatters that recipe;
 3. held-out shifts: one copy per acquisition change that neither the training
