@@ -71,7 +71,8 @@ def load_model(path=None, device="cpu") -> Loaded:
         meta = payload.get("meta", _MISSING)
         _require(isinstance(meta, dict), "meta", meta, "a dictionary")
         found = payload.get("members", _MISSING)
-        _require(isinstance(found, list) and 2 <= len(found) <= MAX_MEMBERS, "members", found,
+        _require(isinstance(found, list) and 2 <= len(found) <= MAX_MEMBERS, "members",
+                 _Count(len(found)) if isinstance(found, list) else found,
                  f"a list of 2 to {MAX_MEMBERS} checkpoints")
         members = []
         for i, m in enumerate(found):
@@ -126,6 +127,11 @@ def _built(payload, device) -> tuple[nn.Module, dict]:
     model.load_state_dict(payload["state_dict"])
     model.typicality = payload.get("typicality")
     return model.to(device).eval(), payload["meta"]
+
+class _Count(int):
+    """A list's length in a message, instead of its (long) contents."""
+    def __repr__(self):
+        return f"a list of {int(self)}"
 
 def _image_size(meta: dict) -> int:
     return meta["preprocessing"]["image_size"]

@@ -134,7 +134,9 @@ def test_ensemble_averages_members(model_path, tmp_path):
     img = TINY / "test" / "NORMAL" / sorted(p.name for p in (TINY / "test" / "NORMAL").iterdir())[0]
     one = run_script("predict.py", "--model", model_path, "--image", img, "--json",
                      "--out", tmp_path / "a")
-    two = run_script("predict.py", "--model", model_path, "--model", model_path, "--image",
+    run_script("experiments/build_ensemble.py", "--model", model_path, "--model", model_path,
+               "--out", tmp_path / "twice.pth")
+    two = run_script("predict.py", "--model", tmp_path / "twice.pth", "--image",
                      img, "--json", "--out", tmp_path / "b")
     assert "ensemble of 2" in two.stdout and one.returncode == 0
     a = json.loads((run_folder(tmp_path / "a") / "predictions.jsonl").read_text())
