@@ -70,6 +70,8 @@ def load_model(path=None, device="cpu") -> Loaded:
             return Loaded(members, calibration_of(members[0][1]), _image_size(members[0][1]))
         meta = payload.get("meta", _MISSING)
         _require(isinstance(meta, dict), "meta", meta, "a dictionary")
+        _check_plain(meta, "meta")
+        _check_plain(payload.get("calibration"), "calibration")
         found = payload.get("members", _MISSING)
         _require(isinstance(found, list) and 2 <= len(found) <= MAX_MEMBERS, "members",
                  _Count(len(found)) if isinstance(found, list) else found,
@@ -166,11 +168,7 @@ def check_checkpoint(payload, model: nn.Module) -> None:
         raise CheckpointError(f"not a {CHECKPOINT_FORMAT} checkpoint")
     meta = payload.get("meta", _MISSING)
     _require(isinstance(meta, dict), "meta", meta, "a dictionary")
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError, RecursionError):
-        raise CheckpointError("meta holds something other than plain data (numbers, strings, "
-                              "lists and dictionaries)") from None
+    _check_plain(meta, "meta")
     _require(meta.get("class_names") == network.CLASS_NAMES, "meta.class_names",
              meta.get("class_names", _MISSING), repr(network.CLASS_NAMES))
     pre = meta.get("preprocessing", _MISSING)
@@ -194,6 +192,13 @@ def check_checkpoint(payload, model: nn.Module) -> None:
     _check_state_dict(payload.get("state_dict", _MISSING), model.state_dict())
     if payload.get("typicality") is not None:
         _check_typicality(payload["typicality"], model.last_channel)
+
+def _check_plain(value, field: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        raise CheckpointError(f"{field} holds something other than plain data (numbers, "
+                              "strings, lists and dictionaries)") from None
 
 def _check_state_dict(state, expected: dict) -> None:
     """The weights must be exactly the model's tensors (names, shapes, types), finite."""

@@ -288,6 +288,8 @@ BAD_ENSEMBLE_FILES = [
     ("band-text", put("calibration.uncertain_band", "ab"), "uncertain_band 'ab'"),
     ("band-missing", drop("calibration.uncertain_band"), "uncertain_band missing"),
     ("shared-text", put("calibration.shared", "yes"), "calibration.shared 'yes'"),
+    ("calibration-tensor", put("calibration.fitted_on", torch.zeros(3)),
+     "calibration holds something other than plain data"),
 ]
 
 
