@@ -41,7 +41,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--dir", action="append", default=[], help="a folder, searched recursively")
-    p.add_argument("--model", default=checkpoints.DEFAULT_MODEL,
+    p.add_argument("--model", default=checkpoints.DEFAULT_MODEL, action=runtime.ModelOnce,
                    help="a checkpoint, or an ensemble file (experiments/build_ensemble.py)")
     p.add_argument("--out", type=runtime.folder_or_new, default="outputs",
                    help="parent folder: each run writes to a new OUT/predict_<timestamp>/")

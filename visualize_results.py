@@ -59,7 +59,7 @@ from gradcam import GradCAM, overlay  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a chest X-ray checkpoint and plot its errors.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=checkpoints.DEFAULT_MODEL,
+    p.add_argument("--model", default=checkpoints.DEFAULT_MODEL, action=runtime.ModelOnce,
                    help="a checkpoint, or an ensemble file (experiments/build_ensemble.py)")
     p.add_argument("--data", default="chest_xray", help="the dataset root (train/, test/)")
     p.add_argument("--split", default="test",

@@ -26,6 +26,17 @@ HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 
 SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
+
+class ModelOnce(argparse.Action):
+    """--model, given once: an ensemble is one file (experiments/build_ensemble.py)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "_model_given", False):
+            parser.error(f"{option_string} is given once: build an ensemble file of several "
+                         "checkpoints with experiments/build_ensemble.py")
+        namespace._model_given = True
+        setattr(namespace, self.dest, values)
+
 def display_name(path) -> str:
     """A path as one line of plain text, safe to print and to store as a name.
 

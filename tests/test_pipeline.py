@@ -228,3 +228,16 @@ def test_validation_check_scores_held_out_shifts(selection_run):
     history = json.loads(history_file.read_text())["history"]
     kept = max(history, key=lambda h: (h["val_f1"], -h["epoch"]))
     assert kept_loss == pytest.approx(kept["val_loss"], abs=5e-5)
+
+
+@pytest.mark.parametrize("script", ["predict.py", "visualize_results.py"])
+def test_model_is_given_once(script, capsys):
+    """An ensemble is one file: a second --model is refused (it used to add a member),
+    never silently dropped."""
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--model", "a.pth", "--model", "b.pth", "--image", "x.png"])
+    assert e.value.code == 2
+    assert "--model is given once: build an ensemble file" in capsys.readouterr().err
