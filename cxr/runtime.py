@@ -233,7 +233,7 @@ def write_problem(path: Path, folder: bool) -> str | None:
     return None
 
 def overwrites_an_input(save, inputs) -> str | None:
-    """The input (model, calibration file or image) that the file save is, under any
+    """The input (a model file or an image) that the file save is, under any
     spelling, link or hard link; None if it is none of them."""
     try:
         st = os.stat(save)
