@@ -3,7 +3,7 @@
 
     python predict.py --image examples/person1_virus_6.jpeg --gradcam
     python predict.py --dir scans/ --json                 # recursive, batched
-    python predict.py --dir scans/ --model a.pth --model b.pth   # ensemble
+    python predict.py --dir scans/ --model ensemble.pth   # experiments/build_ensemble.py
     python predict.py --dir archive/ --resume outputs/predict_<ts>  # after a kill
 
 Accepts JPEG, PNG (8/16-bit, RGBA, palette), BMP, TIFF and DICOM (.dcm, needs the
@@ -41,15 +41,12 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--dir", action="append", default=[], help="a folder, searched recursively")
-    p.add_argument("--model", action="append", default=[],
-                   help=f"checkpoint; repeat to average an ensemble (default {checkpoints.DEFAULT_MODEL})")
+    p.add_argument("--model", default=checkpoints.DEFAULT_MODEL, action=runtime.ModelOnce,
+                   help="a checkpoint, or an ensemble file (experiments/build_ensemble.py)")
     p.add_argument("--out", type=runtime.folder_or_new, default="outputs",
                    help="parent folder: each run writes to a new OUT/predict_<timestamp>/")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted run in OUT_DIR, skipping files already done")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="an ensemble's calibration fitted on a shared labelled set "
-                        "(visualize_results.py --save-calibrated FILE.json)")
     p.add_argument("--json", action="store_true", help="also write predictions.jsonl")
     p.add_argument("--gradcam", action="store_true", help="write <name>_gradcam.png per image")
     p.add_argument("--batch-size", type=runtime.positive_int, default=32)
@@ -108,8 +105,8 @@ def adapted_members(members, cal, files, size, batch_size):
     print(f"--adapt: BatchNorm statistics re-estimated on {len(x)} unlabeled image(s) "
           "(transductive; the flag uses the model as trained)")
     logits = network.member_logits(members, x, batch_size)
-    p = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
-    adapted, warning = siteshift.adapt_members(members, x, p >= cal["threshold"], batch_size)
+    adapted, warning = siteshift.adapt_members(members, x, cal.positive(cal.probability(logits)),
+                                               batch_size)
     if warning:
         print(f"warning: --adapt: {warning}", file=sys.stderr)
     return adapted
@@ -126,7 +123,7 @@ def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]
     flags = siteshift.outside_distribution(members, feats)
     if scorers is not members:
         logits = network.member_logits(scorers, x, len(good))
-    probs = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
+    probs = cal.probability(logits)
     for k, ((i, _), p) in enumerate(zip(good, probs)):
         if not np.isfinite(p):
             rows[i] = predtable.error_row(todo[i], "the model's output is not a finite number "
@@ -158,14 +155,12 @@ def main(argv=None):
         raise SystemExit("error: give --image FILE and/or --dir FOLDER (see --help)")
     check_gradcam_folder(args)
 
-    # 1. the model (an ensemble when --model is repeated) and its calibration
+    # 1. the model (an ensemble file: its members) and its calibration
     device = runtime.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with runtime.exit_on(checkpoints.CheckpointError):
-        members, cal, size = checkpoints.load_ensemble(args.model, device, args.calibration)
-    model_paths = args.model or [checkpoints.DEFAULT_MODEL]
-    manifest = predtable.run_manifest(model_paths, members, cal, args.json, args.adapt)
+        members, cal, size = checkpoints.load_model(args.model, device)
+    manifest = predtable.run_manifest(args.model, members, cal, args.json, args.adapt)
     model_id = manifest["model_id"]
-    cal = dict(cal, fitted=bool(args.calibration) or all(m.get("calibration") for _, m in members))
 
     # 2. the inputs, and the results folder (new, or the run resumed: its files are done)
     files, not_read = intake.collect_inputs(args.image, args.dir, results=args.resume)
@@ -174,7 +169,7 @@ def main(argv=None):
         out_dir, done, json_lines = open_output(args, manifest, retry=given)
     todo = [p for p in files if intake.resolved(p) not in done]
     not_read = [(p, r) for p, r in not_read if intake.resolved(p) not in done]
-    predconsole.print_header(model_paths, members, cal, model_id)
+    predconsole.print_header(args.model, members, cal, model_id)
     if done:
         print(f"Resuming: {len(files) - len(todo)} of {len(files)} files already done")
     predconsole.print_notes(members, cal)
@@ -193,8 +188,7 @@ def main(argv=None):
                         num_workers=args.workers, collate_fn=intake.collate,
                         worker_init_fn=runtime.die_with_parent)
     cam = GradCAM(members[0][0]) if args.gradcam else None
-    explained = (f"map of member 1 of {len(members)} "
-                 f"({runtime.display_name(Path(model_paths[0]).name)})" if len(members) > 1 else "")
+    explained = f"map of member 1 of {len(members)}" if len(members) > 1 else ""
     n_ok = n_atypical = n_far = 0
     for items in loader:
         rows = score_batch(items, todo, members, scorers, cal, model_id)

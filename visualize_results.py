@@ -5,7 +5,7 @@
     python visualize_results.py --model runs/<run>/mobilenet_cxr.pth
     python visualize_results.py --model runs/<run>/mobilenet_cxr.pth --split val
     python visualize_results.py --split /hospital/xrays        # any {NORMAL,PNEUMONIA}/
-    python visualize_results.py --model a.pth --model b.pth    # ensemble
+    python visualize_results.py --model ensemble.pth           # experiments/build_ensemble.py
 
 Prints accuracy and the error analysis of the reference (false positives / negatives,
 confidence of the errors, share of errors made with confidence > 0.8) and writes to a
@@ -59,8 +59,8 @@ from gradcam import GradCAM, overlay  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a chest X-ray checkpoint and plot its errors.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", action="append", default=[],
-                   help=f"checkpoint; repeat for an ensemble (default {checkpoints.DEFAULT_MODEL})")
+    p.add_argument("--model", default=checkpoints.DEFAULT_MODEL, action=runtime.ModelOnce,
+                   help="a checkpoint, or an ensemble file (experiments/build_ensemble.py)")
     p.add_argument("--data", default="chest_xray", help="the dataset root (train/, test/)")
     p.add_argument("--split", default="test",
                    help="test, train, val (the validation split of the model's run, from "
@@ -73,8 +73,6 @@ def parse_args(argv=None):
     p.add_argument("--gallery", type=runtime.nonnegative_int, default=8,
                    help="confident errors shown in the report")
     p.add_argument("--device", default="auto", type=runtime.device_name, help="auto, cpu or cuda")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="an ensemble's calibration fitted on a shared labelled set")
     site = p.add_argument_group(
         "site protocols (they use the images being evaluated: name them beside the numbers)")
     site.add_argument("--adapt", action="store_true",
@@ -93,8 +91,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.save_calibrated and not args.recalibrate:
         p.error("--save-calibrated needs --recalibrate K")
-    if args.save_calibrated and args.adapt and len(args.model) > 1:
-        p.error("--save-calibrated with --adapt writes one model: give one --model")
     if args.recalibrate:
         args.recalibrate = list(dict.fromkeys(args.recalibrate))  # each K once
     return args
@@ -112,7 +108,7 @@ def checked_inputs(args, model_paths):
         raise SystemExit(f"error: {problem}")
     with runtime.exit_on(dataset.DataError):
         files, labels, others, source = evalfiles.labelled_files(args.split, args.data, model_paths)
-    inputs = [*model_paths, *([args.calibration] if args.calibration else []), *files]
+    inputs = [*model_paths, *files]
     if args.save_calibrated and (same := runtime.overwrites_an_input(args.save_calibrated, inputs)):
         raise SystemExit(f"error: --save-calibrated {runtime.display_name(args.save_calibrated)} is "
                          f"{same}, an input of this run: name a new file")
@@ -200,9 +196,9 @@ def plot_reliability(rows, ece, path):
     savefig(fig, path)
 
 
-def plot_risk_coverage(y, m, band, path):
+def plot_risk_coverage(y, m, refers, path):
     fig, ax = plt.subplots(figsize=(6, 5.6))
-    ok, conf, bl = m["correct"], m["conf"], (m["band_vs_least_confident"] if band[1] > band[0] else {})
+    ok, conf, bl = m["correct"], m["conf"], (m["band_vs_least_confident"] if refers else {})
     ax.plot(*assess.risk_coverage_curve(ok, conf), "k", lw=2,
             label=f"all films (AURC {m['aurc']:.3f}, oracle {m['aurc_oracle']:.3f})")
     for k, (name, colour) in enumerate(zip(network.CLASS_NAMES, ("tab:blue", "tab:orange"))):
@@ -342,12 +338,11 @@ def recalibration_text(rows, source, adapted: bool = False) -> str:
 
 
 def analysis_text(m, cal, source, names) -> str:
-    t, lo, hi, k = m["at_threshold"], *cal["uncertain_band"], m["calibration_check"]
+    t, k = m["at_threshold"], m["calibration_check"]
     return (
         f"Images: {m['n']} ({m['counts']} NORMAL/PNEUMONIA) from {source}\n"
         f"Model: {names}\n"
-        f"Temperature: {', '.join(f'{x:.4f}' for x in cal['temperatures'])}, threshold on "
-        f"P(PNEUMONIA): {cal['threshold']:.4f}\n\n"
+        f"Temperature: {cal.temperature_words()}, threshold on P(PNEUMONIA): {cal.threshold:.4f}\n\n"
         f"Accuracy: {t['accuracy'] * 100:.2f}%\n"
         f"Sensitivity (PNEUMONIA recall): {fmt(t['sensitivity'])}\n"
         f"Specificity (NORMAL recall): {fmt(t['specificity'])}\n"
@@ -367,7 +362,7 @@ def analysis_text(m, cal, source, names) -> str:
         f"  Mean confidence of errors: {m['error_conf_mean']:.4f}\n"
         f"  Median confidence of errors: {m['error_conf_median']:.4f}\n"
         f"  Errors with confidence > {scoring.CONFIDENT}: {m['confident_error_share'] * 100:.1f}%\n"
-        f"\nUncertain band [{lo:.3f}, {hi:.3f}): {int((~m['answered']).sum())} images referred, "
+        f"\n{cal.rule_words()}: {int((~m['answered']).sum())} images referred, "
         f"accuracy on the other {int(m['answered'].sum())} ({m['coverage']:.1%} coverage): "
         f"{m['accuracy_answered'] * 100:.2f}%\n"
         f"Referred per class: " + ", ".join(f"{k} {fmt(v, '.1%')}"
@@ -398,7 +393,7 @@ def draw_figures(y, p, m, cal, out_dir) -> list[str]:
     plot_confidence(m["conf"], m["correct"], out_dir / "prediction_confidence.png")
     ece, rel_rows = scoring.expected_calibration_error(m["correct"], m["conf"])
     plot_reliability(rel_rows, ece, out_dir / "reliability_diagram.png")
-    plot_risk_coverage(y, m, cal["uncertain_band"], out_dir / "accuracy_coverage.png")  # no band: no points
+    plot_risk_coverage(y, m, cal.refers, out_dir / "accuracy_coverage.png")  # no rule: no points
     return ["confusion_matrix.png", *(["roc_curve.png", "pr_curve.png"] if both else []),
             "prediction_confidence.png", "reliability_diagram.png", "accuracy_coverage.png"]
 
@@ -406,11 +401,11 @@ def draw_figures(y, p, m, cal, out_dir) -> list[str]:
 def main(argv=None):
     runtime.printable_console()
     args = parse_args(argv)
-    model_paths = args.model or [checkpoints.DEFAULT_MODEL]
+    model_paths = [args.model]
     files, labels, others, source = checked_inputs(args, model_paths)
     device = runtime.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with runtime.exit_on(checkpoints.CheckpointError):
-        members, cal, size = checkpoints.load_ensemble(args.model, device, args.calibration)
+        members, cal, size = checkpoints.load_model(args.model, device)
 
     # 1. the images and the model's probabilities
     paths, y, images, skipped = read_images(files, labels, others, size)
@@ -418,15 +413,14 @@ def main(argv=None):
                                      features=True)
     scorers = members
     if args.adapt:  # label-free, transductive: BatchNorm statistics of these images
-        p0 = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
-        scorers, warning = siteshift.adapt_members(members, images, p0 >= cal["threshold"],
+        scorers, warning = siteshift.adapt_members(members, images, cal.positive(cal.probability(logits)),
                                                    args.batch_size)
         logits = network.member_logits(scorers, images, args.batch_size, desc="adapted")
         print(f"--adapt: BatchNorm statistics re-estimated on these {len(images)} images "
               "(label-free adaptation, transductive)")
         if warning:
             print(f"warning: --adapt: {warning}", file=sys.stderr)
-    p = network.mean_probability(logits, cal["temperatures"], cal.get("ensemble_temperature", 1))
+    p = cal.probability(logits)
     p_t1 = network.mean_probability(logits, [1.0] * len(members))  # what the temperature changes
     finite = np.isfinite(p)
     for i in np.flatnonzero(~finite):
@@ -461,7 +455,7 @@ def main(argv=None):
         recal = siteprotocol.recalibrate(y, p, groups, args.recalibrate, args.draws)
         analysis += "\n" + recalibration_text(recal, source, args.adapt)
     print(analysis)
-    table = metric_table(m, cal["threshold"])
+    table = metric_table(m, cal.threshold)
 
     # 3. figures, predictions.csv, metrics.json, report.html in a new folder
     out_dir = runtime.unique_dir(args.out, f"eval_{runtime.timestamp()}")
@@ -476,9 +470,8 @@ def main(argv=None):
     items = gallery(scorers, paths, images, y, p, m["pred"], m["conf"], out_dir, args.gallery,
                     device)
     notes = [f"Data: {source} ({len(y)} images)", f"Model(s): {names}",
-             f"Threshold {cal['threshold']:.4f} and temperature "
-             f"{', '.join(f'{t:.4f}' for t in cal['temperatures'])} come from the checkpoint "
-             "(fitted on labelled films held out from training)."]
+             f"Threshold {cal.threshold:.4f} and temperature {cal.temperature_words()} come from "
+             "the checkpoint (fitted on labelled films held out from training)."]
     if skipped:
         notes.append(f"Skipped {len(skipped)} unreadable file(s): "
                      + "; ".join(f"{n}: {r}" for n, r in skipped))

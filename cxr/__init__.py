@@ -13,8 +13,10 @@ module. Each module imports only those above it in this list:
     assess       every number of an evaluation on labelled images (metrics at both
                  thresholds with intervals, calibration check, errors, coverage, the
                  risk-coverage curve and AURC, the band against the least confident)
-    calib        temperature, sensitivity threshold and uncertain band
-    checkpoints  a state_dict plus plain metadata, every field checked at load; ensembles
+    calib        the Calibration: temperature(s), sensitivity threshold and uncertain band,
+                 fitted, applied, decided on and stored (no other module reads its fields)
+    checkpoints  a state_dict plus plain metadata, every field checked at load; ensemble
+                 files (members and one calibration), loaded the same way
     siteshift    typicality (the atypical flag and the far level), shift check, AdaBN
     intake       the files given to predict: each once, decoded in workers, errors as values
     predtable    the prediction tables: predict's rows, run manifest, --resume; evaluation rows

@@ -16,11 +16,10 @@ def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
     same members' probabilities at temperature 1, to see what the temperature does)."""
     from sklearn.metrics import confusion_matrix  # scikit-learn costs 1.5 s at start-up
 
-    thr = cal["threshold"]
-    lo, hi = cal["uncertain_band"]
-    pred, conf = scoring.decide(p, thr)
+    thr = cal.threshold
+    pred, conf = cal.decide(p)
     correct = pred == y
-    answered = ~((p >= lo) & (p < hi))
+    answered = cal.answered(p)
     pred_half, conf_half = scoring.decide(p, 0.5)
     conf_t1 = np.where(pred == 1, p_at_t1, 1 - p_at_t1)  # the same decisions, stated at T = 1
     return {
@@ -139,8 +138,7 @@ def record(m, cal, source, model_paths, skipped, adapted, shift, recal) -> dict:
     files, the protocol, the site-shift report and the local recalibration."""
     keep = {k: v for k, v in m.items() if k not in ("pred", "conf", "correct", "answered")}
     return json_safe({
-        "data": source, "models": [str(x) for x in model_paths], "temperatures": cal["temperatures"],
-        "threshold": cal["threshold"], "uncertain_band": cal["uncertain_band"], **keep,
+        "data": source, "models": [str(x) for x in model_paths], **cal.summary(), **keep,
         "skipped": skipped, "protocol": "label-free adaptation (AdaBN on these images)" if adapted
         else "zero-shot (nothing fitted on these images)",
         "site_shift": {k: v for k, v in (shift or {}).items() if k not in ("scores", "flag")},

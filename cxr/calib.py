@@ -1,9 +1,13 @@
 """Calibration: the temperature, the sensitivity threshold and the uncertain band, fitted
 on a patient-grouped calibration split (with simulated acquisition shift) and stored in
-the checkpoint.
+the checkpoint. One Calibration object fits, applies, decides and serialises them;
+nothing else reads their fields.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -137,7 +141,7 @@ def stressed_copies(images: np.ndarray, labels: np.ndarray, copies: int, seed: i
     torch.set_rng_state(state)
     return out, np.tile(labels, copies)
 
-def calibrate(model, x_cal, y_cal, patients, intensity: str, seed: int) -> dict:
+def calibrate(model, x_cal, y_cal, patients, intensity: str, seed: int) -> Calibration:
     """Temperature, threshold and uncertain band, fitted on shifted copies of the
     calibration split (patients that neither training nor epoch selection saw)."""
     x_sv, y_sv = stressed_copies(x_cal, y_cal, STRESS_COPIES, seed)
@@ -151,7 +155,235 @@ def calibrate(model, x_cal, y_cal, patients, intensity: str, seed: int) -> dict:
     print(f"Temperature {calibration['temperature']:.3f}, "
           f"threshold P(PNEUMONIA) >= {calibration['threshold']:.4f}, uncertain band "
           f"[{lo:.4f}, {hi:.4f})")
-    return calibration
+    return Calibration.from_dict(calibration)
+
+
+# ---------------------------------------------------------------------------------
+# The calibration a model predicts with: applied, decided on, stored and read back.
+# ---------------------------------------------------------------------------------
+
+MISSING = object()  # a field the stored calibration does not have
+
+
+class CalibrationError(ValueError):
+    """A stored calibration's field (its key, "" for the whole) that is missing, of the
+    wrong type or out of bounds: field, value (MISSING when absent) and rule."""
+
+    def __init__(self, field: str, value, rule: str):
+        super().__init__(f"{field or 'calibration'} (must be {rule})")
+        self.field, self.value, self.rule = field, value, rule
+
+
+def _number(value) -> bool:
+    """A finite int or float (a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _checked(d: dict, key: str, ok, rule: str, default=MISSING):
+    value = d.get(key, default)
+    if value is MISSING or not ok(value):
+        raise CalibrationError(key, value, "given" if value is MISSING else rule)
+    return value
+
+
+_TEMPERATURE = (lambda t: _number(t) and t > 0, "a finite number > 0")
+_THRESHOLD = (lambda t: _number(t) and 0 <= t <= 1, "a number within [0, 1]")
+_BAND = (lambda b: isinstance(b, (list, tuple)) and len(b) == 2 and all(map(_number, b))
+         and 0 <= b[0] <= b[1] <= 1 + 1e-9, "[low, high] with 0 <= low <= high <= 1")
+_SINGLE = ("temperature", "threshold", "uncertain_band")  # a checkpoint's meta.calibration
+_ENSEMBLE = ("temperatures", "ensemble_temperature", "threshold", "uncertain_band", "shared",
+             "fitted")  # an ensemble file's calibration
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """What turns a model's logits into P(PNEUMONIA), a verdict and a referral.
+
+    temperatures: one per member (a single model is one member); ensemble_temperature:
+    the mean probability's logit is divided by it (an ensemble calibrated on a shared
+    set; else 1); threshold on P(PNEUMONIA); band: the uncertain band [low, high), whose
+    films are referred; fitted: False for a model without calibration (temperature 1,
+    threshold 0.5, no band: argmax); shared: for an ensemble, whether its threshold and
+    band were fitted on one shared set (None for one model); record: the stored form as
+    read or fitted (the fit's decision, intervals, rule, fitted_on, ...)."""
+
+    temperatures: tuple = (1.0,)
+    threshold: float = 0.5
+    band: tuple = (0.5, 0.5)
+    ensemble_temperature: float = 1.0
+    fitted: bool = False
+    shared: bool | None = None
+    record: dict = field(default_factory=dict, repr=False)
+
+    # --- fitting, and the stored form --------------------------------------------
+
+    @classmethod
+    def fit(cls, logits: torch.Tensor, labels, groups=None, seed: int = 0) -> Calibration:
+        """fit_calibration on held-out logits (one model)."""
+        return cls.from_dict(fit_calibration(logits, labels, groups, seed))
+
+    @classmethod
+    def from_dict(cls, d, members: list[Calibration] | None = None) -> Calibration:
+        """The calibration stored as d (to_dict's form), every field checked
+        (CalibrationError names the first bad one). One model's (a checkpoint's
+        meta.calibration): absent fields are temperature 1, threshold 0.5 and an empty
+        band; an empty dict is an uncalibrated model. An ensemble's ("temperatures"):
+        every field is required, one temperature per member, and with members given
+        (their own calibrations), the temperatures must be theirs."""
+        if not isinstance(d, dict):
+            raise CalibrationError("", d, "a dictionary")
+        if "temperatures" not in d:
+            t = float(_checked(d, "temperature", *_TEMPERATURE, default=1.0))
+            thr = float(_checked(d, "threshold", *_THRESHOLD, default=0.5))
+            return cls((t,), thr,
+                       tuple(map(float, _checked(d, "uncertain_band", *_BAND, default=[thr, thr]))),
+                       fitted=bool(d), record=dict(d))
+        temps = _checked(d, "temperatures", lambda v: isinstance(v, list) and len(v) >= 1 and all(
+            _TEMPERATURE[0](t) for t in v) and (members is None or len(v) == len(members)),
+            "a finite number > 0 per member")
+        if members is not None and [float(t) for t in temps] != [m.temperatures[0] for m in members]:
+            raise CalibrationError("temperatures", temps, "the members' own stored temperatures")
+        flag = (lambda v: isinstance(v, bool), "true or false")
+        shared = _checked(d, "shared", *flag)
+        return cls(tuple(map(float, temps)), float(_checked(d, "threshold", *_THRESHOLD)),
+                   tuple(map(float, _checked(d, "uncertain_band", *_BAND))),
+                   float(_checked(d, "ensemble_temperature", *_TEMPERATURE)),
+                   _checked(d, "fitted", *flag), shared, dict(d))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Calibration:
+        """A checkpoint's stored calibration (meta["calibration"]; none: uncalibrated)."""
+        stored = meta.get("calibration")
+        return cls() if stored is None else cls.from_dict(stored)
+
+    @classmethod
+    def of_members(cls, members: list[Calibration]) -> Calibration:
+        """An ensemble's calibration without one fitted for it: each member's temperature,
+        the means of the members' thresholds and bands (each fitted on its own member's
+        split, so an approximation: shared False)."""
+        return cls(tuple(c.temperatures[0] for c in members),
+                   float(np.mean([c.threshold for c in members])),
+                   tuple(float(np.mean([c.band[i] for c in members])) for i in (0, 1)),
+                   fitted=all(c.fitted for c in members), shared=False)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.shared is not None
+
+    def to_dict(self) -> dict:
+        """The stored form (plain JSON types), which from_dict reads back."""
+        if self.is_ensemble:
+            core = dict(zip(_ENSEMBLE, (list(self.temperatures), self.ensemble_temperature,
+                                        self.threshold, list(self.band), self.shared, self.fitted)))
+            return {**core, **{k: v for k, v in self.record.items() if k not in core}}
+        out = dict(self.record)
+        out.update(zip(_SINGLE, (self.temperatures[0], self.threshold, list(self.band))))
+        return out
+
+    def summary(self) -> dict:
+        """The calibration in a results folder's run.json and an evaluation's metrics.json."""
+        out = {"temperatures": list(self.temperatures)}
+        if self.shared:
+            out["ensemble_temperature"] = self.ensemble_temperature
+        out.update(threshold=self.threshold, uncertain_band=list(self.band))
+        if self.is_ensemble:
+            out["shared"] = self.shared
+        return out
+
+    def columns(self) -> dict:
+        """The calibration columns of a prediction row."""
+        return {"threshold": self.threshold, "temperature": list(self.temperatures)}
+
+    def refitted(self, site: Calibration, fitted_on: str) -> Calibration:
+        """This model's calibration with site's (fitted on its P(PNEUMONIA) as logits, one
+        member) on top: its temperature multiplies the stored one (one model) or the
+        ensemble temperature (shared from then on); its threshold and band replace these."""
+        record = dict(site.record, fitted_on=fitted_on)
+        if not self.is_ensemble:
+            t = site.temperatures[0] * self.temperatures[0]
+            return replace(site, temperatures=(t,), record=record)
+        return replace(self, ensemble_temperature=site.temperatures[0] * self.ensemble_temperature,
+                       threshold=site.threshold, band=site.band, fitted=True, shared=True,
+                       record={"fitted_on": fitted_on, "details": record})
+
+    @property
+    def sensitivity_promised(self) -> float:
+        return self.record["sensitivity_promised"]
+
+    # --- applying it -----------------------------------------------------------------
+
+    def probability(self, logits: list[torch.Tensor]) -> np.ndarray:
+        """P(PNEUMONIA) from each member's logits: the mean of the members' temperature-
+        scaled ones, then its logit divided by the ensemble temperature (if not 1)."""
+        p = network.mean_probability(logits, self.temperatures)
+        if self.ensemble_temperature == 1.0:
+            return p
+        return network.probabilities(torch.from_numpy(np.c_[np.zeros(len(p)), network.logit(p)]),
+                                     self.ensemble_temperature)
+
+    def decide(self, p):
+        """(predicted class, its confidence) at the threshold."""
+        return scoring.decide(p, self.threshold)
+
+    def positive(self, p):
+        """Called PNEUMONIA (bool)."""
+        return np.asarray(p) >= self.threshold
+
+    def referred(self, p):
+        """Sent to a radiologist first by this calibration's rule: inside the band."""
+        lo, hi = self.band
+        return (p >= lo) & (p < hi)
+
+    def answered(self, p) -> np.ndarray:
+        return np.logical_not(self.referred(np.asarray(p)))
+
+    @property
+    def refers(self) -> bool:
+        """Whether the rule can refer anything (an empty band refers nothing)."""
+        return self.band[1] > self.band[0]
+
+    # --- in words ----------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """One line: what predict applies (its header)."""
+        if not self.fitted:
+            return "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no uncertain band"
+        lo, hi = self.band
+        return (f"temperature {', '.join(f'{t:.4f}' for t in self.temperatures)} | threshold "
+                f"P(PNEUMONIA) >= {self.threshold:.3f} | uncertain band [{lo:.3f}, {hi:.3f})")
+
+    def referral(self, referred: bool) -> str:
+        """Whether this calibration's rule sends a film to a radiologist first, and why."""
+        lo, hi = self.band
+        if not self.refers:
+            return "no rule of this model's (it has no uncertain band" + (
+                "" if self.fitted else ": uncalibrated") + ")"
+        if referred:
+            return (f"YES - P(PNEUMONIA) is inside the uncertain band {lo:.1%} to {hi:.1%}, chosen "
+                    "on labelled films held out from training as where this model's calls are unreliable")
+        return f"not by this model's rules (outside its uncertain band {lo:.1%} to {hi:.1%})"
+
+    def temperature_words(self, spec: str = ".4f") -> str:
+        return ", ".join(format(t, spec) for t in self.temperatures)
+
+    def rule_words(self) -> str:
+        """The referral rule, as the evaluation report names it."""
+        lo, hi = self.band
+        return f"Uncertain band [{lo:.3f}, {hi:.3f})"
+
+    def caveat(self) -> str | None:
+        """A note on how far to trust these cuts, or None."""
+        if self.shared is False:
+            return ("note: the ensemble's threshold and band are the means of its members' own, "
+                    "each fitted on a different split; fit one on a shared labelled set with "
+                    "visualize_results.py --recalibrate K --save-calibrated ENSEMBLE.pth")
+        return None
+
 
 # The referral rule: answer a film only when the model is confident enough that the error
 # among the films it answers stays at or below REFERRAL_RISK (with probability >= 1 -

@@ -1,5 +1,6 @@
 """Checkpoints: a state_dict plus plain metadata, loaded with weights_only=True, every
-field checked at load time (CheckpointError names the field); ensembles of them.
+field checked at load time (CheckpointError names the field); and ensemble files, which
+hold several such members and one calibration for them all, and load the same way.
 """
 
 from __future__ import annotations
@@ -9,14 +10,18 @@ import json
 import math
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
-from cxr import imagefiles, network, runtime
+from cxr import calib, imagefiles, network, runtime
 
 CHECKPOINT_FORMAT = "cxr-mobilenetv2/1"
+
+ENSEMBLE_FORMAT = "cxr-mobilenetv2-ensemble/1"  # members (checkpoints) and one calibration
+
+MAX_MEMBERS = 20  # an ensemble file's members (the size limit allows about 25)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mobilenet_cxr.pth"  # shipped
 
@@ -26,14 +31,67 @@ class CheckpointError(Exception):
 def save_checkpoint(path, state_dict: dict, meta: dict, typicality: dict | None = None) -> None:
     """A state_dict plus plain metadata (and the typicality statistics: tensors and
     numbers), written atomically."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
-        "meta": json.loads(json.dumps(meta)),  # plain types only
-    }
-    if typicality is not None:
-        payload["typicality"] = typicality
+    payload = {"format": CHECKPOINT_FORMAT, **_member(state_dict, meta, typicality)}
     runtime.write_atomic(path, lambda f: torch.save(payload, f))
+
+def save_ensemble(path, members, calibration: calib.Calibration, meta: dict) -> None:
+    """An ensemble file: the members [(model, its meta)] (weights, metadata, typicality
+    statistics) and the one calibration they predict with, written atomically."""
+    payload = {"format": ENSEMBLE_FORMAT, "meta": json.loads(json.dumps(meta)),
+               "members": [_member(m.state_dict(), mm, getattr(m, "typicality", None))
+                           for m, mm in members],
+               "calibration": calibration.to_dict()}
+    runtime.write_atomic(path, lambda f: torch.save(payload, f))
+
+def _member(state_dict: dict, meta: dict, typicality) -> dict:
+    out = {"state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+           "meta": json.loads(json.dumps(meta))}  # plain types only
+    if typicality is not None:
+        out["typicality"] = typicality
+    return out
+
+class Loaded(NamedTuple):
+    """A model file, loaded: members [(model in eval mode, metadata)] (one for a
+    checkpoint), the calibration they predict with, and their image size."""
+    members: list
+    calibration: calib.Calibration
+    image_size: int
+
+def load_model(path=None, device="cpu") -> Loaded:
+    """A checkpoint or an ensemble file (none: the shipped DEFAULT_MODEL), everything in
+    it checked first (check_checkpoint per member, the calibration); a bad file is
+    refused (CheckpointError, one line naming the file and the field). An ensemble
+    file's members keep their own metadata; they predict with the file's calibration."""
+    path = Path(path or DEFAULT_MODEL)
+    payload = _read(path)
+    try:
+        if not (isinstance(payload, dict) and payload.get("format") == ENSEMBLE_FORMAT):
+            members = [_built(payload, device)]
+            return Loaded(members, calibration_of(members[0][1]), _image_size(members[0][1]))
+        meta = payload.get("meta", _MISSING)
+        _require(isinstance(meta, dict), "meta", meta, "a dictionary")
+        _check_plain(meta, "meta")
+        _check_plain(payload.get("calibration"), "calibration")
+        found = payload.get("members", _MISSING)
+        _require(isinstance(found, list) and 2 <= len(found) <= MAX_MEMBERS, "members",
+                 _Count(len(found)) if isinstance(found, list) else found,
+                 f"a list of 2 to {MAX_MEMBERS} checkpoints")
+        members = []
+        for i, m in enumerate(found):
+            try:
+                _require(isinstance(m, dict), "member", m, "a dictionary")
+                members.append(_built({**m, "format": CHECKPOINT_FORMAT}, device))
+            except CheckpointError as e:
+                raise CheckpointError(f"members[{i}]: {e}") from None
+        sizes = {_image_size(m) for _, m in members}
+        if len(sizes) != 1:
+            raise CheckpointError(f"ensemble members use different image sizes {sorted(sizes)}")
+        own = [calibration_of(m) for _, m in members]
+        cal = _calibration(lambda: calib.Calibration.from_dict(
+            payload.get("calibration", _MISSING), own), "calibration")
+        return Loaded(members, cal, sizes.pop())
+    except CheckpointError as e:
+        raise CheckpointError(f"{runtime.display_name(path)}: {e}") from None
 
 def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     """Build the model from a checkpoint; returns (model in eval mode, metadata). The
@@ -42,23 +100,43 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     one, or whose model could not give a valid probability, is refused (CheckpointError,
     one line naming the file and the field)."""
     path = Path(path)
+    payload = _read(path)
+    try:
+        return _built(payload, device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{runtime.display_name(path)}: {e}") from None
+
+def _read(path: Path):
+    """torch.load(weights_only=True) of a file that is a torch.save archive of bounded
+    size; CheckpointError naming the file otherwise."""
     name = runtime.display_name(path)
     if not path.exists():
         raise CheckpointError(f"model file not found: {name}")
-    model, _ = network.build_model(pretrained=False)
     try:
         with imagefiles.open_regular(path, MAX_CHECKPOINT_BYTES, CheckpointError) as f:
             _check_archive(f)
             try:
-                payload = torch.load(f, map_location="cpu", weights_only=True)
+                return torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:  # torch.load's errors on a damaged or foreign file
                 raise CheckpointError(f"not a loadable checkpoint ({type(e).__name__})") from None
-        check_checkpoint(payload, model)
     except CheckpointError as e:
         raise CheckpointError(f"{name}: {e}") from None
+
+def _built(payload, device) -> tuple[nn.Module, dict]:
+    """(model in eval mode, metadata) of a checkpoint payload, checked first."""
+    model, _ = network.build_model(pretrained=False)
+    check_checkpoint(payload, model)
     model.load_state_dict(payload["state_dict"])
     model.typicality = payload.get("typicality")
     return model.to(device).eval(), payload["meta"]
+
+class _Count(int):
+    """A list's length in a message, instead of its (long) contents."""
+    def __repr__(self):
+        return f"a list of {int(self)}"
+
+def _image_size(meta: dict) -> int:
+    return meta["preprocessing"]["image_size"]
 
 def base_meta(image_size: int, intensity: str = "none") -> dict:
     return {
@@ -82,8 +160,6 @@ IMAGE_SIZE_RANGE = (32, 1024)  # MobileNetV2 needs 32 px; 1024 px costs ~0.3 GB 
 
 MAX_CHECKPOINT_BYTES = 256 * 2**20  # the shipped checkpoints have 10 MB
 
-MAX_CALIBRATION_BYTES = 2**20  # an ensemble's calibration file has 2 kB
-
 def check_checkpoint(payload, model: nn.Module) -> None:
     """Raises CheckpointError naming the first field of a loaded checkpoint that is
     missing, of the wrong type or out of bounds: its metadata, its weights (which must
@@ -92,11 +168,7 @@ def check_checkpoint(payload, model: nn.Module) -> None:
         raise CheckpointError(f"not a {CHECKPOINT_FORMAT} checkpoint")
     meta = payload.get("meta", _MISSING)
     _require(isinstance(meta, dict), "meta", meta, "a dictionary")
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError, RecursionError):
-        raise CheckpointError("meta holds something other than plain data (numbers, strings, "
-                              "lists and dictionaries)") from None
+    _check_plain(meta, "meta")
     _require(meta.get("class_names") == network.CLASS_NAMES, "meta.class_names",
              meta.get("class_names", _MISSING), repr(network.CLASS_NAMES))
     pre = meta.get("preprocessing", _MISSING)
@@ -106,8 +178,7 @@ def check_checkpoint(payload, model: nn.Module) -> None:
              f"an integer from {lo} to {hi}")
     _require(pre.get("intensity", "none") in network.INTENSITIES, "meta.preprocessing.intensity",
              pre.get("intensity"), f"one of {', '.join(network.INTENSITIES)}")
-    if meta.get("calibration") is not None:
-        _check_calibration(meta["calibration"], "meta.calibration.")
+    calibration_of(meta)
     for key, ok, rule in (  # read back by experiments/ (upgrade_checkpoint.py, ...)
             ("seed", _is_int, "an integer"),
             ("recipe", lambda v: isinstance(v, str), "a recipe's name"),
@@ -122,22 +193,12 @@ def check_checkpoint(payload, model: nn.Module) -> None:
     if payload.get("typicality") is not None:
         _check_typicality(payload["typicality"], model.last_channel)
 
-def _check_calibration(cal, where: str, temperature: str = "temperature") -> dict:
-    """A stored calibration's {"temperature", "threshold", "uncertain_band"} as floats
-    (absent ones: 1, 0.5 and an empty band, which is argmax); raises CheckpointError
-    naming the field (where + key) that is not a valid one."""
-    _require(isinstance(cal, dict), where.rstrip("."), cal, "a dictionary")
-    t = cal.get(temperature, 1.0)
-    _require(_is_number(t) and t > 0, where + temperature, t, "a finite number > 0")
-    thr = cal.get("threshold", 0.5)
-    _require(_is_number(thr) and 0 <= thr <= 1, where + "threshold", thr,
-             "a number within [0, 1]")
-    band = cal.get("uncertain_band", [thr, thr])
-    _require(isinstance(band, (list, tuple)) and len(band) == 2 and all(map(_is_number, band))
-             and 0 <= band[0] <= band[1] <= 1 + 1e-9, where + "uncertain_band", band,
-             "[low, high] with 0 <= low <= high <= 1")
-    return {"temperature": float(t), "threshold": float(thr),
-            "uncertain_band": [float(b) for b in band]}
+def _check_plain(value, field: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        raise CheckpointError(f"{field} holds something other than plain data (numbers, "
+                              "strings, lists and dictionaries)") from None
 
 def _check_state_dict(state, expected: dict) -> None:
     """The weights must be exactly the model's tensors (names, shapes, types), finite."""
@@ -187,7 +248,7 @@ def _check_typicality(stats, features: int) -> None:
     _require(_is_number(level) and 0 < level < 1, "typicality.level", level,
              "a number within (0, 1)")
 
-_MISSING = object()  # a field the file does not have
+_MISSING = calib.MISSING  # a field the file does not have
 
 def _require(ok: bool, field: str, value, rule: str) -> None:
     """Raises CheckpointError "<field> <value> (must be <rule>)" unless ok."""
@@ -235,70 +296,15 @@ def _check_archive(f) -> None:
                               f"{MAX_CHECKPOINT_BYTES:,} allowed")
     f.seek(0)
 
-def calibration_of(meta: dict) -> dict:
-    """A checkpoint's stored calibration: {"temperature", "threshold", "uncertain_band"}.
+def calibration_of(meta: dict) -> calib.Calibration:
+    """A checkpoint's stored calibration (calib.Calibration.from_meta); CheckpointError
+    naming the field of meta.calibration that is not a valid one."""
+    return _calibration(lambda: calib.Calibration.from_meta(meta), "meta.calibration")
 
-    A checkpoint without one (the reference recipe) predicts with argmax: temperature 1,
-    threshold 0.5 on P(PNEUMONIA), an empty uncertain band."""
-    return _check_calibration(meta.get("calibration") or {}, "meta.calibration.")
-
-def load_ensemble(paths, device="cpu", calibration_file=None) -> tuple[list, dict, int]:
-    """One or more checkpoints (none: the shipped DEFAULT_MODEL): (members [(model,
-    meta)], calibration, image size).
-
-    The calibration holds each member's temperature ("temperatures") and either the one
-    fitted for this ensemble on a shared labelled set (calibration_file, written by
-    visualize_results.py --save-calibrated; "ensemble_temperature" too) or, without
-    it, the mean of the members' thresholds and bands: each was fitted on its own
-    member's split, so that mean is an approximation ("shared": False). Raises
-    CheckpointError for a bad model or calibration file."""
-    paths = paths or [DEFAULT_MODEL]
-    members = [load_checkpoint(p, device) for p in paths]
-    cals = [calibration_of(meta) for _, meta in members]
-    sizes = {m["preprocessing"]["image_size"] for _, m in members}
-    if len(sizes) != 1:
-        raise CheckpointError(f"ensemble members use different image sizes {sorted(sizes)}")
-    calibration = {
-        "temperatures": [c["temperature"] for c in cals],
-        "threshold": float(np.mean([c["threshold"] for c in cals])),
-        "uncertain_band": [float(np.mean([c["uncertain_band"][i] for c in cals]))
-                           for i in (0, 1)],
-    }
-    if len(members) > 1:
-        calibration["shared"] = False
-    if calibration_file is not None:
-        calibration = _ensemble_calibration(calibration_file, paths, calibration)
-    return members, calibration, sizes.pop()
-
-def _ensemble_calibration(path, model_paths, members_calibration) -> dict:
-    """The calibration file (visualize_results.py --save-calibrated) for these members,
-    checked field by field; CheckpointError naming the file and the field otherwise."""
-    name = runtime.display_name(path)
+def _calibration(read, where: str) -> calib.Calibration:
+    """read(), its CalibrationError turned into the CheckpointError naming the field."""
     try:
-        with imagefiles.open_regular(path, MAX_CALIBRATION_BYTES, CheckpointError) as f:
-            saved = json.loads(f.read(MAX_CALIBRATION_BYTES + 1).decode("utf-8"))
-        _require(isinstance(saved, dict), "content", saved, "a JSON object")
-        for key in ("members", "temperatures", "ensemble_temperature", "threshold",
-                    "uncertain_band"):
-            _require(key in saved, key, _MISSING, "given")
-        members, temperatures = saved["members"], saved["temperatures"]
-        _require(isinstance(members, list) and all(
-            isinstance(m, dict) and isinstance(m.get("sha256"), str) for m in members),
-            "members", members, 'a list of {"path": ..., "sha256": ...}')
-        _require(isinstance(temperatures, list) and len(temperatures) == len(members) and all(
-            _is_number(t) and t > 0 for t in temperatures), "temperatures", temperatures,
-            "a finite number > 0 per member")
-        cal = _check_calibration(saved, "", temperature="ensemble_temperature")
-    except (ValueError, RecursionError) as e:  # JSON, UTF-8 or nesting errors
-        raise CheckpointError(f"{name}: not an ensemble calibration file ({type(e).__name__})") \
-            from None
-    except CheckpointError as e:
-        raise CheckpointError(f"{name}: {e}") from None
-    if [m["sha256"] for m in members] != [runtime.sha256_file(p) for p in model_paths]:
-        raise CheckpointError(f"{name} was fitted for other model files (or another order); "
-                              "give the --model files it names")
-    if [float(t) for t in temperatures] != members_calibration["temperatures"]:
-        raise CheckpointError(f"{name}: the members' stored temperatures differ from the file's")
-    return {"temperatures": [float(t) for t in temperatures],
-            "ensemble_temperature": cal["temperature"], "threshold": cal["threshold"],
-            "uncertain_band": cal["uncertain_band"], "shared": True}
+        return read()
+    except calib.CalibrationError as e:
+        raise CheckpointError(f"{where}{'.' + e.field if e.field else ''} {_shown(e.value)} "
+                              f"(must be {e.rule})") from None

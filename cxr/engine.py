@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
-from cxr import dataset, network, recipes, runfiles, runstate, runtime, scoring
+from cxr import calib, dataset, network, recipes, runfiles, runstate, runtime, scoring
 
 
 def load_splits(args, recipe: dict, run_dir: Path | None, rank: int, resumed=None):
@@ -173,11 +173,11 @@ def is_better(score: float, best: float, mode: str) -> bool:
 def score_logits(logits: torch.Tensor, labels, calibration=None) -> dict:
     """Validation loss (cross-entropy at temperature 1) and scoring.binary_metrics of logits:
     at the calibration's temperature and threshold, or argmax without one."""
-    cal = calibration or {"temperature": 1.0, "threshold": 0.5}
-    p = network.probabilities(logits, cal["temperature"])
-    m = scoring.binary_metrics(labels, p, cal["threshold"])
+    cal = calibration or calib.Calibration()
+    p = cal.probability([logits])
+    m = scoring.binary_metrics(labels, p, cal.threshold)
     loss = nn.functional.cross_entropy(logits, torch.as_tensor(labels)).item()
-    return {**m, "val_loss": loss, "val_f1": m["f1"], "pred": scoring.decide(p, cal["threshold"])[0]}
+    return {**m, "val_loss": loss, "val_f1": m["f1"], "pred": cal.decide(p)[0]}
 
 
 # ---------------------------------------------------------------------------------

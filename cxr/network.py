@@ -108,16 +108,10 @@ def member_logits(members, images_u8: np.ndarray, batch_size: int = 64,
            for model, meta in members]
     return tuple(map(list, zip(*out))) if features else out
 
-def mean_probability(logits: list[torch.Tensor], temperatures,
-                     ensemble_temperature: float = 1.0) -> np.ndarray:
-    """The ensemble's P(PNEUMONIA): the mean of the members' temperature-scaled ones,
-    then (an ensemble calibrated on a shared set) its logit divided by
-    ensemble_temperature."""
-    p = np.mean([probabilities(lg, t) for lg, t in zip(logits, temperatures)], axis=0)
-    if ensemble_temperature == 1.0:
-        return p
-    return probabilities(torch.from_numpy(np.c_[np.zeros(len(p)), logit(p)]),
-                         ensemble_temperature)
+def mean_probability(logits: list[torch.Tensor], temperatures) -> np.ndarray:
+    """The mean over the members of their temperature-scaled P(PNEUMONIA) (the
+    calibration a model predicts with: calib.Calibration.probability)."""
+    return np.mean([probabilities(lg, t) for lg, t in zip(logits, temperatures)], axis=0)
 
 def logit(p) -> np.ndarray:
     """log(p / (1 - p)), clipped away from 0 and 1."""

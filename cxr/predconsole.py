@@ -16,18 +16,6 @@ from .predtable import OUTSIDE
 MANY_ATYPICAL = 0.10  # above this share of a batch atypical (validation: 1%), one site warning
 
 
-def referral(row, cal) -> str:
-    """Whether the model's own rules send this image to a radiologist first, and why."""
-    lo, hi = cal["uncertain_band"]
-    if hi <= lo:
-        return "no rule of this model's (it has no uncertain band" + ("" if cal["fitted"] else
-                                                                    ": uncalibrated") + ")"
-    if row["uncertain"]:
-        return (f"YES - P(PNEUMONIA) is inside the uncertain band {lo:.1%} to {hi:.1%}, "
-                "chosen on labelled films held out from training as where this model's calls are unreliable")
-    return f"not by this model's rules (outside its uncertain band {lo:.1%} to {hi:.1%})"
-
-
 def cut_words(ratio) -> str:
     return (f"typicality {ratio:.2f} x the cut that {1 - siteshift.TYPICALITY_LEVEL:.0%} of "
             "validation films exceed")
@@ -39,11 +27,11 @@ def print_block(row, cal):
         print(f"Far outside what the model was trained on: not like a chest X-ray. No verdict: "
               f"refer ({cut_words(row['typicality'])}; no verdict above {siteshift.FAR_LEVEL:g}).")
         return
-    print(f"P(PNEUMONIA), {'' if cal['fitted'] else 'un'}calibrated: {row['prob_pneumonia']:.1%}   "
+    print(f"P(PNEUMONIA), {'' if cal.fitted else 'un'}calibrated: {row['prob_pneumonia']:.1%}   "
           "(decision: PNEUMONIA at "
-          f">= {row['threshold']:.1%})")
+          f">= {cal.threshold:.1%})")
     print(f"Prediction: {row['prediction']}")
-    print(f"Refer first: {referral(row, cal)}")
+    print(f"Refer first: {cal.referral(row['uncertain'])}")
     if row["atypical"] is True:
         print(f"Atypical for the training data ({cut_words(row['typicality'])}): check the film: "
               "the model's figures may not hold for it.")
@@ -58,20 +46,14 @@ def print_line(row):
           + ("  ATYPICAL for the training data: check" if row["atypical"] is True else ""))
 
 
-def print_header(model_paths, members, cal, model_id):
-    names = f"ensemble of {len(members)}" if len(members) > 1 else runtime.display_name(model_paths[0])
-    lo, hi = cal["uncertain_band"]
-    rules = (f"temperature {', '.join(f'{t:.4f}' for t in cal['temperatures'])} | threshold "
-             f"P(PNEUMONIA) >= {cal['threshold']:.3f} | uncertain band [{lo:.3f}, {hi:.3f})"
-             if cal["fitted"] else "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no uncertain band")
-    print(f"Model: {names} (id {model_id}) | {rules}")
+def print_header(model_path, members, cal, model_id):
+    names = runtime.display_name(model_path) + (f" (ensemble of {len(members)})" if len(members) > 1 else "")
+    print(f"Model: {names} (id {model_id}) | {cal.describe()}")
 
 
 def print_notes(members, cal):
-    if cal.get("shared") is False:
-        print("note: the ensemble's threshold and band are the means of its members' own, each "
-              "fitted on a different split; fit one on a shared labelled set with "
-              "visualize_results.py --recalibrate K --save-calibrated FILE.json")
+    if cal.caveat():
+        print(cal.caveat())
     if any(getattr(m, "typicality", None) is None for m, _ in members):
         print("note: this model has no typicality statistics, so images unlike its training data "
               "are not flagged (add them: python experiments/upgrade_checkpoint.py --typicality-for"

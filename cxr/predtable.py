@@ -27,7 +27,7 @@ try:
 except ImportError:  # Windows: no folder lock
     fcntl = None
 
-from . import imagefiles, network, runtime, scoring, siteshift
+from . import imagefiles, network, runtime, siteshift
 from .intake import resolved
 
 COLUMNS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
@@ -56,8 +56,7 @@ def result_row(path, p_pneu, cal, model_id, flag=None) -> dict:
     or None. An atypical image gets its verdict, marked; one far outside the training data
     (ratio above siteshift.FAR_LEVEL) gets no verdict and no confidence, only its
     probabilities for the record."""
-    pred, conf = scoring.decide(p_pneu, cal["threshold"])
-    lo, hi = cal["uncertain_band"]
+    pred, conf = cal.decide(p_pneu)
     atypical, typicality = (bool(flag[0]), float(flag[1])) if flag is not None else (False, None)
     outside = typicality is not None and typicality > siteshift.FAR_LEVEL
     return {
@@ -65,9 +64,8 @@ def result_row(path, p_pneu, cal, model_id, flag=None) -> dict:
         "prediction": OUTSIDE if outside else network.CLASS_NAMES[int(pred)],
         "confidence": "" if outside else round(float(conf), 6),
         "prob_normal": round(1.0 - p_pneu, 6),
-        "prob_pneumonia": round(p_pneu, 6), "uncertain": bool(lo <= p_pneu < hi),
-        "threshold": cal["threshold"],
-        "temperature": cal["temperatures"],  # one per ensemble member
+        "prob_pneumonia": round(p_pneu, 6), "uncertain": bool(cal.referred(p_pneu)),
+        **cal.columns(),  # threshold, and a temperature per member
         "error": "", "model": model_id, "resolved_path": resolved(path),
         "atypical": atypical if typicality is not None else "",
         "outside": outside if typicality is not None else "",
@@ -227,17 +225,16 @@ def done_files(out_dir: Path, json_lines: bool, retry: set[str]) -> set[str]:
 # --- the manifest and the folder ---------------------------------------------------------
 
 
-def run_manifest(model_paths, members, cal, json_lines, adapt=False) -> dict:
-    """What makes a run's rows: model files (and their id), preprocessing, calibration,
-    --adapt, --json and the table's columns."""
-    hashes = [runtime.sha256_file(p) for p in model_paths]
-    model_id = hashlib.sha256("".join(hashes).encode()).hexdigest()[:12]
+def run_manifest(model_path, members, cal, json_lines, adapt=False) -> dict:
+    """What makes a run's rows: the model file (and its id), its members' preprocessing,
+    calibration, --adapt, --json and the table's columns."""
+    digest = runtime.sha256_file(model_path)
+    model_id = hashlib.sha256(digest.encode()).hexdigest()[:12]
     return {
         "model_id": model_id,
-        "members": [{"path": str(p), "sha256": h,
-                     "preprocessing": m["preprocessing"]} for p, h, (_, m)
-                    in zip(model_paths, hashes, members)],
-        "calibration": cal,
+        "members": [{"path": str(model_path), "sha256": digest, "preprocessing": m["preprocessing"]}
+                    for _, m in members],  # an ensemble file's members: one entry each
+        "calibration": cal.summary(),
         "adapt": adapt,
         "json": json_lines,
         "columns": COLUMNS,

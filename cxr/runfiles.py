@@ -79,7 +79,8 @@ def run_meta(args, recipe: dict, metrics: dict, calibration, weights: str, valid
                 calib_fraction=args.calib_fraction if recipe["calibrate"] else None,
                 metrics=metrics, command=commands[0],
                 resumed_with=commands[1:], hardware=hardware, processes=processes,
-                wall_seconds=round(seconds, 1), calibration=calibration)
+                wall_seconds=round(seconds, 1),
+                calibration=None if calibration is None else calibration.to_dict())
     return meta
 
 

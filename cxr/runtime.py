@@ -26,6 +26,17 @@ HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 
 SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
+
+class ModelOnce(argparse.Action):
+    """--model, given once: an ensemble is one file (experiments/build_ensemble.py)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "_model_given", False):
+            parser.error(f"{option_string} is given once: build an ensemble file of several "
+                         "checkpoints with experiments/build_ensemble.py")
+        namespace._model_given = True
+        setattr(namespace, self.dest, values)
+
 def display_name(path) -> str:
     """A path as one line of plain text, safe to print and to store as a name.
 
@@ -222,7 +233,7 @@ def write_problem(path: Path, folder: bool) -> str | None:
     return None
 
 def overwrites_an_input(save, inputs) -> str | None:
-    """The input (model, calibration file or image) that the file save is, under any
+    """The input (a model file or an image) that the file save is, under any
     spelling, link or hard link; None if it is none of them."""
     try:
         st = os.stat(save)

@@ -2,12 +2,10 @@
 numbers are named beside the zero-shot ones): label-free adaptation of the members to
 these images, the shift report of a labelled folder, and local recalibration, cross-
 fitted on patient-grouped partitions of the folder, with the calibrated copy of the
-model (or an ensemble's calibration file) for predict.py.
+model (a checkpoint, or an ensemble file) for predict.py.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import torch
@@ -86,8 +84,8 @@ def site_partitions(groups, y, k: int, rng) -> list[np.ndarray]:
 def recalibrated_scores(y, logit, fit_rows, score_rows, groups, seed):
     """Fit the calibration on fit_rows; (calibration, P(PNEUMONIA) of score_rows)."""
     two = torch.tensor(np.c_[np.zeros(len(logit)), logit], dtype=torch.float32)
-    cal = calib.fit_calibration(two[fit_rows], y[fit_rows], groups[fit_rows], seed)
-    return cal, network.probabilities(two[score_rows], cal["temperature"])
+    cal = calib.Calibration.fit(two[fit_rows], y[fit_rows], groups[fit_rows], seed)
+    return cal, cal.probability([two[score_rows]])
 
 def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
     """Cross-fitted local recalibration: per draw, the images are split into groups of
@@ -100,15 +98,14 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
         rng, runs, promised = np.random.default_rng(seed), [], []
         for _ in range(draws):
             parts = site_partitions(groups, y, k, rng)
-            q, thr, band = np.zeros(len(y)), np.zeros(len(y)), np.zeros((len(y), 2))
+            q, pred, conf = np.zeros(len(y)), np.zeros(len(y), dtype=int), np.zeros(len(y))
+            referred = np.zeros(len(y), dtype=bool)
             for j, part in enumerate(parts):
                 cal, q[part] = recalibrated_scores(y, logit, parts[(j + 1) % len(parts)], part,
                                                    groups, seed)
-                thr[part], band[part] = cal["threshold"], cal["uncertain_band"]
-                promised.append(cal["sensitivity_promised"])
-            pred = (q >= thr).astype(int)
-            conf = np.where(pred == 1, q, 1 - q)
-            referred = (q >= band[:, 0]) & (q < band[:, 1])
+                pred[part], conf[part] = cal.decide(q[part])  # each part at its own calibration
+                referred[part] = cal.referred(q[part])
+                promised.append(cal.sensitivity_promised)
             m = scoring.binary_metrics(y, (pred + 0.5) / 2, 0.5)  # decisions at each row's threshold
             m["auc"] = scoring.binary_metrics(y, q, 0.5)["auc"]
             m["ece"] = scoring.expected_calibration_error(pred == y, conf)[0]
@@ -124,30 +121,26 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
 
 def save_site_model(path, members, model_paths, cal_in, y, p, groups, k, source, adapted,
                     seed=0) -> str:
-    """--save-calibrated: a calibration fitted on K images of this site (one patient-
-    grouped draw): for one model, a copy of it with that calibration; for an ensemble,
-    a JSON file for predict.py --calibration (the ensemble's calibration on one shared
-    set, instead of the mean of the members' own). Returns the line that says what it
-    wrote."""
+    """--save-calibrated: a copy of the model (a checkpoint, or an ensemble file with
+    every member) with a calibration fitted on K images of this site (one patient-grouped
+    draw) on top of its own (Calibration.refitted: for an ensemble, one calibration on a
+    shared set instead of the mean of the members' own). Returns the line that says what
+    it wrote."""
     groups = site_patients(y, groups)
     fit_rows = site_partitions(groups, y, k, np.random.default_rng(seed))[0]
-    cal, _ = recalibrated_scores(y, network.logit(p), fit_rows, fit_rows, groups, seed)
-    cal["fitted_on"] = f"{len(fit_rows)} labelled images of {source} (visualize_results.py)"
+    site, _ = recalibrated_scores(y, network.logit(p), fit_rows, fit_rows, groups, seed)
+    cal = cal_in.refitted(site, f"{len(fit_rows)} labelled images of {source} (visualize_results.py)")
+    adapted_on = source if adapted else None
     if len(members) > 1:
-        saved = {"members": [{"path": str(q), "sha256": runtime.sha256_file(q)} for q in model_paths],
-                 "temperatures": cal_in["temperatures"],
-                 "ensemble_temperature": cal["temperature"] * cal_in.get("ensemble_temperature", 1),
-                 "threshold": cal["threshold"], "uncertain_band": cal["uncertain_band"],
-                 "fitted_on": cal["fitted_on"], "details": cal}
-        text = json.dumps(saved, indent=2)
-        runtime.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-        return (f"Saved {runtime.display_name(path)}: the ensemble's calibration, fitted on "
-                f"{len(fit_rows)} images of {source} (use: predict.py --model ... --calibration "
-                f"{runtime.display_name(path)})")
-    model, meta = members[0]
-    cal["temperature"] *= checkpoints.calibration_of(meta)["temperature"]  # on top of the stored one
-    meta = dict(meta, calibration=cal, recalibrated_from=meta.get("calibration"),
-                adapted_on=source if adapted else None)
-    checkpoints.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
-    return (f"Saved {runtime.display_name(path)}: calibration fitted on {len(fit_rows)} images of "
-            f"{source}" + (" with BatchNorm statistics adapted to it" if adapted else ""))
+        checkpoints.save_ensemble(path, members, cal, {
+            "built_from": [{"path": str(q), "sha256": runtime.sha256_file(q)} for q in model_paths],
+            "adapted_on": adapted_on})
+    else:
+        model, meta = members[0]
+        meta = dict(meta, calibration=cal.to_dict(), recalibrated_from=meta.get("calibration"),
+                    adapted_on=adapted_on)
+        checkpoints.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
+    return (f"Saved {runtime.display_name(path)}: " + ("the ensemble " if len(members) > 1 else "")
+            + f"calibration fitted on {len(fit_rows)} images of {source}"
+            + (" with BatchNorm statistics adapted to it" if adapted else "")
+            + f" (use: predict.py --model {runtime.display_name(path)})")

@@ -363,7 +363,7 @@ def pneumonia_cam(model, meta, path):
     x = network.model_input(torch.from_numpy(gray)[None, None], network.intensity_of(meta))
     heat, _, probs = GradCAM(model)(x, class_idx=1)  # probs: softmax at T = 1
     logits = torch.log(torch.as_tensor(probs, dtype=torch.float64))[None]
-    p = float(network.probabilities(logits, checkpoints.calibration_of(meta)["temperature"])[0])
+    p = float(checkpoints.calibration_of(meta).probability([logits])[0])
     return gray, heat, p
 
 
@@ -464,9 +464,8 @@ def fig_reliability(args, out: Path):
         ax, cax = axes[:, col]
         model, meta = checkpoints.load_checkpoint(path)
         cal = checkpoints.calibration_of(meta)
-        p = network.probabilities(network.predict_logits(model, images, network.intensity_of(meta)),
-                                  cal["temperature"])
-        pred, conf = scoring.decide(p, cal["threshold"])
+        p = cal.probability([network.predict_logits(model, images, network.intensity_of(meta))])
+        pred, conf = cal.decide(p)
         ece, bins = scoring.expected_calibration_error(pred == y, conf)
         for lo, _hi, acc, c, n in bins:
             ax.bar(lo, acc, width, align="edge", color="tab:blue", edgecolor="k", lw=0.5)
@@ -482,13 +481,13 @@ def fig_reliability(args, out: Path):
         if below:
             ax.axvline(0.5, color="tab:red", lw=1.2, ls=":")
             ax.text(0.01, 0.98, f"left of the red line: {below} films called PNEUMONIA\n"
-                    f"with P(PNEUMONIA) between the threshold\n{cal['threshold']:.3f} and 0.5 "
+                    f"with P(PNEUMONIA) between the threshold\n{cal.threshold:.3f} and 0.5 "
                     "(confidence below 0.5)", fontsize=11, color="tab:red", va="top",
                     transform=ax.transAxes)
         ax.set_xlim(min([0.45] + [lo for lo, *_ in bins]), 1.0)
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{name}\nECE {ece:.3f}, temperature {cal['temperature']:.2f}, "
-                     f"threshold {cal['threshold']:.3f}", fontsize=12)
+        ax.set_title(f"{name}\nECE {ece:.3f}, temperature {cal.temperature_words('.2f')}, "
+                     f"threshold {cal.threshold:.3f}", fontsize=12)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=11)
         cax.set_yscale("log")

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
 
-    (model, meta), = checkpoints.load_ensemble([args.model])[0]
+    model, meta = checkpoints.load_checkpoint(args.model)
     cal = checkpoints.calibration_of(meta)
     files, labels = dataset.list_labelled(Path(args.data) / args.split)
     size, intensity = meta["preprocessing"]["image_size"], network.intensity_of(meta)
@@ -41,12 +41,11 @@ def main(argv=None) -> int:
 
     def prob(m, idx):
         out = np.empty(len(y))
-        out[idx] = network.probabilities(network.predict_logits(m, x[idx], intensity),
-                                         cal["temperature"])
+        out[idx] = cal.probability([network.predict_logits(m, x[idx], intensity)])
         return out
 
     def line(name, p):
-        m = scoring.binary_metrics(y, p, cal["threshold"])
+        m = scoring.binary_metrics(y, p, cal.threshold)
         print(f"{name:<34} acc {m['accuracy']:.4f}  sens {m['sensitivity']:.4f}  "
               f"spec {m['specificity']:.4f}")
 
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
         if previous is not None:
             print(f"  max |P - P(batch {args.batch_sizes[0]})| = {np.abs(a - previous).max():.2e}")
         previous = a
-    print(siteshift.adaptation_warning(len(y), p0 >= cal["threshold"]) or "no adaptation warning")
+    print(siteshift.adaptation_warning(len(y), cal.positive(p0)) or "no adaptation warning")
     return 0
 
 

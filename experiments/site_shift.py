@@ -41,7 +41,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cxr import checkpoints, dataset, imagefiles, network, runtime, scan, scoring, siteshift  # noqa: E402
+from cxr import checkpoints, dataset, imagefiles, network, runtime, scan, siteshift  # noqa: E402
 
 SAMPLES = ROOT.parent / "shared" / "data" / "samples"
 
@@ -131,12 +131,10 @@ def measure(path: Path, data: Path, kinds) -> dict[str, np.ndarray]:
     out = {"validation": run(splits["val"][0])[2]}
     logits, f_test, r_test = run(x_test)
     y_test = np.array(tl)[kept]
-    p = network.probabilities(logits, cal["temperature"])
-    lo, hi = cal["uncertain_band"]
+    p = cal.probability([logits])
     out |= {"test NORMAL": r_test[y_test == 0], "test PNEUMONIA": r_test[y_test == 1],
             "test:label": y_test, "test:ratio": r_test,
-            "test:decision": scoring.decide(p, cal["threshold"])[0],
-            "test:confident": ~((lo <= p) & (p < hi))}
+            "test:decision": cal.decide(p)[0], "test:confident": cal.answered(p)}
     for sub in ("fullres", "dicom"):
         files = scan.scan_folder(SAMPLES / sub)[0] if (SAMPLES / sub).is_dir() else []
         arrays = [a for a, _ in (dataset.try_load_image_array(f, size) for f in files) if a is not None]

@@ -77,7 +77,7 @@ def refit_calibration(path: Path, args) -> None:
     meta["recalibrated"] = {"command": "python " + shlex.join(sys.argv), "when": runtime.timestamp(),
                             "previous_calibration": meta["calibration"],
                             "test_metrics_with_previous": stale}
-    meta["calibration"] = calibration
+    meta["calibration"] = calibration.to_dict()
     checkpoints.save_checkpoint(path, model.state_dict(), meta, getattr(model, "typicality", None))
     print(f"Saved {runtime.display_name(path)} with the re-fitted calibration (the test figures "
           "measured with the old one are under meta['recalibrated'])")

@@ -119,24 +119,24 @@ def check(run: Path) -> dict:
     cal = checkpoints.calibration_of(meta)
     name = meta["recipe"] + "".join(f" -{a}" for a in meta.get("ablate", [])) \
         + "".join(f" +{a}" for a in meta.get("add", []))
-    print(f"{run.name} ({name}, seed {meta['seed']}, temperature {cal['temperature']:.3f}, "
-          f"threshold {cal['threshold']:.4f})", flush=True)
+    print(f"{run.name} ({name}, seed {meta['seed']}, temperature {cal.temperature_words('.3f')}, "
+          f"threshold {cal.threshold:.4f})", flush=True)
 
     def probs(images):
-        return network.probabilities(network.predict_logits(model, images, intensity), cal["temperature"])
+        return cal.probability([network.predict_logits(model, images, intensity)])
 
     out = {"run": run.name, "name": name, "seed": meta["seed"],
            "kept_val_loss": kept_epoch_loss(run, meta)}
     print(f"  kept epoch {meta['metrics']['best_epoch']}: validation loss "
           f"{out['kept_val_loss']:.4f} (training's own, at T = 1)")
-    out["validation"] = scores(probs(x), y, cal["threshold"])
+    out["validation"] = scores(probs(x), y, cal.threshold)
     xs, ys = calib.stressed_copies(x, y, calib.STRESS_COPIES, meta["seed"])
-    out["shifted"] = scores(probs(xs), ys, cal["threshold"])
+    out["shifted"] = scores(probs(xs), ys, cal.threshold)
     for key in ("validation", "shifted"):
         print(line(key, out[key]))
     fams = {}
     for fam in HELD_OUT_SHIFTS:
-        fams[fam] = scores(probs(held_out_copies(x, fam)), y, cal["threshold"])
+        fams[fam] = scores(probs(held_out_copies(x, fam)), y, cal.threshold)
         print(line(f"held-out: {fam}", fams[fam]))
     out["held_out"] = {k: float(np.mean([f[k] for f in fams.values()]))
                        for k in ("auc", "nll", "ece", "accuracy", "sensitivity", "specificity")}

@@ -324,7 +324,9 @@ def ensemble(calibrated, tmp_path_factory):
     thresholds): the calibrated model and the shipped reference model at temperature 4.
     The members' thresholds and bands are the ensemble's cuts (which fall between the ensemble's
     probabilities) shifted by -d and +d, so their mean is the ensemble's on any machine
-    and each member's threshold stays inside its own band."""
+    and each member's threshold stays inside its own band. Returns (the member files, the
+    expected figures with path: the ensemble file experiments/build_ensemble.py built of
+    them)."""
     files = calibrated.files
     second = SHIPPED_REFERENCE
     t2 = SECOND_TEMPERATURE
@@ -340,4 +342,7 @@ def ensemble(calibrated, tmp_path_factory):
     assert d > 0, (threshold, band)  # the members' thresholds differ
     # premise: the first member alone gives clearly different probabilities
     assert (abs(prob - calibrated.prob) > 0.01).sum() >= 4
-    return members, Calibrated(None, files, prob, threshold, band)
+    built = folder / "ensemble.pth"
+    run_script("experiments/build_ensemble.py", "--model", members[0], "--model", members[1],
+               "--out", built)
+    return members, Calibrated(built, files, prob, threshold, band)

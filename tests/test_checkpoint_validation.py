@@ -1,4 +1,4 @@
-"""Every field read from a checkpoint or from a --calibration file is checked when it is
+"""Every field read from a checkpoint or from an ensemble file is checked when it is
 loaded: a bad one is refused in one line naming the file and the field, before any
 size, cut or type from the file is used.
 
@@ -8,7 +8,6 @@ a user does, under a memory limit and a timeout, so that a regression that trust
 from the file fails the test instead of exhausting the machine."""
 
 import copy
-import json
 import os
 import resource
 import shutil
@@ -21,7 +20,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, script_env
 
-from cxr import checkpoints, network, runtime
+from cxr import calib, checkpoints, network, runtime
 
 REAL = ROOT / "models" / "reference_seed1.pth"  # real weights and typicality statistics
 IMAGES = [sorted((TINY / "test" / c).iterdir())[0] for c in network.CLASS_NAMES]
@@ -87,10 +86,6 @@ def put_stat(key, make):
 def calibration(**fields):
     return put("meta.calibration", {"temperature": 1.0, "threshold": 0.5,
                                     "uncertain_band": [0.4, 0.6], **fields})
-
-
-def deeply_nested(depth=100_000):
-    return "[" * depth + "]" * depth
 
 
 # (id, edit, words the one-line refusal must hold)
@@ -181,8 +176,12 @@ def test_the_shipped_checkpoints_load_unchanged():
         model, meta = checkpoints.load_checkpoint(path)
         assert meta == payload["meta"]
         assert model.typicality["cut"] == payload["typicality"]["cut"]
-        assert checkpoints.calibration_of(meta)["temperature"] == (
-            payload["meta"].get("calibration") or {}).get("temperature", 1.0)
+        assert checkpoints.calibration_of(meta).temperatures == ((
+            payload["meta"].get("calibration") or {}).get("temperature", 1.0),)
+        assert payload["format"] == checkpoints.CHECKPOINT_FORMAT
+        members, cal, size = checkpoints.load_model(path)  # the one loader of predict/visualize
+        assert [m for _, m in members] == [meta] and size == meta["preprocessing"]["image_size"]
+        assert cal.fitted == bool(meta.get("calibration"))
 
 
 def refusal(path, load=checkpoints.load_checkpoint, **kwargs) -> str:
@@ -234,61 +233,70 @@ def zip_bomb(real, tmp_path):
     return bomb
 
 
-# --- an ensemble's calibration file (predict.py / visualize_results.py --calibration) ----
+# --- an ensemble file (experiments/build_ensemble.py, visualize_results.py --save-calibrated) --
 
 
-def calibration_file(tmp_path, **fields):
-    """A calibration file for the one-member ensemble [REAL]; a field given as ... is
-    left out."""
-    content = {"members": [{"path": str(REAL), "sha256": runtime.sha256_file(REAL)}],
-               "temperatures": [1.0], "ensemble_temperature": 1.5, "threshold": 0.4,
-               "uncertain_band": [0.3, 0.6], **fields}
-    path = tmp_path / "calibration.json"
-    path.write_text(json.dumps({k: v for k, v in content.items() if v is not ...}))
-    return path
+@pytest.fixture(scope="module")
+def ensemble_file(tmp_path_factory):
+    """The payload of an ensemble file of REAL twice, with a shared calibration."""
+    members = [checkpoints.load_checkpoint(REAL) for _ in range(2)]
+    own = checkpoints.calibration_of(members[0][1])
+    cal = calib.Calibration(own.temperatures * 2, 0.4, (0.3, 0.6), 1.5, True, True)
+    path = tmp_path_factory.mktemp("ens") / "ensemble.pth"
+    checkpoints.save_ensemble(path, members, cal, {"built_from": []})
+    return torch.load(path, weights_only=True)
 
 
-def test_a_valid_calibration_file_is_used(tmp_path):
-    _, cal, _ = checkpoints.load_ensemble([REAL], calibration_file=calibration_file(tmp_path))
-    assert cal["ensemble_temperature"] == 1.5 and cal["threshold"] == 0.4
-    assert cal["uncertain_band"] == [0.3, 0.6] and cal["shared"] is True
+def test_a_valid_ensemble_file_is_used(ensemble_file, tmp_path):
+    members, cal, size = checkpoints.load_model(saved(ensemble_file, tmp_path, lambda p: None))
+    assert len(members) == 2 and size == members[0][1]["preprocessing"]["image_size"]
+    assert cal.to_dict() == ensemble_file["calibration"]
+    assert cal.ensemble_temperature == 1.5 and cal.threshold == 0.4
+    assert cal.band == (0.3, 0.6) and cal.shared is True
+    assert members[1][0].typicality["cut"] == ensemble_file["members"][1]["typicality"]["cut"]
 
 
-BAD_CALIBRATION_FILES = [
-    ("content-list", lambda p: p.write_text("[1]"), "content [1]"),
-    ("nested", lambda p: p.write_text(deeply_nested()), "RecursionError"),
-    ("not-json", lambda p: p.write_text("{"), "JSONDecodeError"),
-    ("not-utf8", lambda p: p.write_bytes(b"\xff\xfe{}"), "UnicodeDecodeError"),
-    ("too-big", lambda p: p.write_text(" " * 2 * 2**20), "more than the"),
-    ("folder", lambda p: p.mkdir(), "not a regular file"),
-    ("members-text", {"members": "abc"}, "members 'abc'"),
-    ("members-no-hash", {"members": [{"path": "x"}]}, "members [{'path': 'x'}]"),
-    ("temperatures-bool", {"temperatures": [True]}, "temperatures [True]"),
-    ("temperatures-count", {"temperatures": [1.0, 1.0]}, "temperatures [1.0, 1.0]"),
-    ("ensemble_temperature-nan", {"ensemble_temperature": NAN}, "ensemble_temperature nan"),
-    ("threshold-missing", {"threshold": None}, "threshold None"),
-    ("band-text", {"uncertain_band": "ab"}, "uncertain_band 'ab'"),
-    ("band-missing", {"uncertain_band": ...}, "uncertain_band missing"),
+def member(i, edit):
+    """An edit of member i of an ensemble file, as edit does a checkpoint's."""
+    def apply(p):
+        edit(p["members"][i])
+    return apply
+
+
+BAD_ENSEMBLE_FILES = [
+    ("content-list", lambda p: p.clear() or p.update(format=[1]), "not a cxr-mobilenetv2/1 checkpoint"),
+    ("members-text", put("members", "abc"), "members 'abc'"),
+    ("members-one", lambda p: p["members"].pop(), "members a list of 1 (must be a list of 2 to"),
+    ("member-list", lambda p: p["members"].__setitem__(1, [1]), "members[1]: member [1]"),
+    ("member-weight-nan", member(1, put_weight("classifier.1.bias", torch.full((2,), NAN))),
+     "members[1]: 1 weight tensor(s) hold NaN"),
+    ("member-image_size", member(1, put("meta.preprocessing.image_size", 30000)),
+     "members[1]: meta.preprocessing.image_size 30000"),
+    ("member-cut-nan", member(0, put("typicality.cut", NAN)), "members[0]: typicality.cut nan"),
+    ("member-calibration", member(1, calibration(threshold=2.0)),
+     "members[1]: meta.calibration.threshold 2"),
+    ("member-other-size", member(1, put("meta.preprocessing.image_size", 64)),
+     "ensemble members use different image sizes"),
+    ("calibration-missing", drop("calibration"), "calibration missing"),
+    ("temperatures-bool", put("calibration.temperatures", [True, True]),
+     "calibration.temperatures [True, True]"),
+    ("temperatures-count", put("calibration.temperatures", [1.0]), "temperatures [1.0]"),
+    ("temperatures-not-the-members", put("calibration.temperatures", [2.0, 2.0]),
+     "temperatures [2.0, 2.0] (must be the members' own stored temperatures)"),
+    ("ensemble_temperature-nan", put("calibration.ensemble_temperature", NAN), "ensemble_temperature nan"),
+    ("threshold-missing", put("calibration.threshold", None), "threshold None"),
+    ("band-text", put("calibration.uncertain_band", "ab"), "uncertain_band 'ab'"),
+    ("band-missing", drop("calibration.uncertain_band"), "uncertain_band missing"),
+    ("shared-text", put("calibration.shared", "yes"), "calibration.shared 'yes'"),
+    ("calibration-tensor", put("calibration.fitted_on", torch.zeros(3)),
+     "calibration holds something other than plain data"),
 ]
 
 
-def bad_calibration_file(tmp_path, make):
-    """make: a path to use as it is, the fields to change in a valid file, or a function
-    that makes the file."""
-    if isinstance(make, Path):
-        return make
-    if isinstance(make, dict):
-        return calibration_file(tmp_path, **make)
-    path = tmp_path / "calibration.json"
-    make(path)
-    return path
-
-
-@pytest.mark.parametrize("make, words", [c[1:] for c in BAD_CALIBRATION_FILES],
-                         ids=[c[0] for c in BAD_CALIBRATION_FILES])
-def test_a_bad_calibration_file_is_refused_naming_the_field(tmp_path, make, words):
-    path = bad_calibration_file(tmp_path, make)
-    assert words in refusal(path, lambda p: checkpoints.load_ensemble([REAL], calibration_file=p))
+@pytest.mark.parametrize("edit, words", [c[1:] for c in BAD_ENSEMBLE_FILES],
+                         ids=[c[0] for c in BAD_ENSEMBLE_FILES])
+def test_a_bad_ensemble_file_is_refused_naming_the_field(ensemble_file, tmp_path, edit, words):
+    assert words in refusal(saved(ensemble_file, tmp_path, edit), checkpoints.load_model)
 
 
 # --- the scripts, as a user runs them -----------------------------------------------------
@@ -346,14 +354,19 @@ def test_predict_refuses_a_zip_bomb_checkpoint(real, tmp_path):
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda p: p.write_text(deeply_nested()), "RecursionError"),
+    ("member-tampered", "members[1]: meta.preprocessing.image_size 30000"),
     (Path("/dev/zero"), "not a regular file"),
     (os.mkfifo, "not a regular file"),
-], ids=["nested", "dev-zero", "fifo"])
-def test_predict_refuses_a_bad_calibration_file_in_one_line(tmp_path, make, words):
-    """--calibration used to recurse without end on nested JSON, read /dev/zero without
-    end and wait forever on a FIFO."""
-    path = bad_calibration_file(tmp_path, make)
-    proc = run_predict("--model", REAL, "--calibration", path, "--out", tmp_path / "out",
-                       timeout=120)
+], ids=["member-tampered", "dev-zero", "fifo"])
+def test_predict_refuses_a_bad_ensemble_file_in_one_line(ensemble_file, tmp_path, make, words):
+    """A model file that would read /dev/zero without end or wait forever on a FIFO, or
+    an ensemble file with one member's field tampered with, is refused in one line."""
+    if isinstance(make, Path):
+        path = make
+    elif make == "member-tampered":
+        path = saved(ensemble_file, tmp_path, member(1, put("meta.preprocessing.image_size", 30000)))
+    else:
+        path = tmp_path / "fifo.pth"
+        make(path)
+    proc = run_predict("--model", path, "--out", tmp_path / "out", timeout=120)
     refused_in_one_line(proc, path, words)

@@ -74,3 +74,50 @@ def test_the_reading_fits_the_lab():
     assert readme <= 1500, f"README.md: {readme} words, at most 1,500"
     total = readme + sum(words(p) for p in (ROOT / "docs").glob("*.md"))
     assert total <= 12000, f"README.md and docs/*.md: {total} words, at most 12,000"
+
+
+CALIBRATION_FIELDS = {"temperature", "temperatures", "threshold", "uncertain_band",
+                      "ensemble_temperature"}
+ONLY_CALIBRATION = {"temperatures", "uncertain_band", "ensemble_temperature"}  # no other key's name
+CALIBRATION_ATTRIBUTES = {"band", "temperatures", "ensemble_temperature"}  # Calibration's own
+
+
+def calibration_reads(source: str) -> list[str]:
+    """Where code reads a calibration's fields itself, not through calib.Calibration's
+    methods: a string naming a field only a calibration has, a subscript or .get() of a
+    field on something named like a calibration (cal, calibration, cal_in, ...), or one
+    of the Calibration attributes that the referral rule keeps to itself."""
+    def cal_like(node):
+        return "cal" in ast.unparse(node).lower()
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and node.value in ONLY_CALIBRATION:
+            found.append(f"line {node.lineno}: {node.value!r}")
+        elif (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+              and node.slice.value in CALIBRATION_FIELDS and cal_like(node.value)):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "get" and node.args and isinstance(node.args[0], ast.Constant)
+              and node.args[0].value in CALIBRATION_FIELDS and cal_like(node.func.value)):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Attribute) and node.attr in CALIBRATION_ATTRIBUTES:
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_only_calib_reads_calibration_fields():
+    """One Calibration object (cxr/calib.py) fits, applies, decides and serialises: no
+    other module, script, experiment or docs builder reads the fields of a calibration,
+    so that a new referral rule changes cxr/calib.py alone."""
+    for planted in ('lo, hi = cal["uncertain_band"]', "t = cal.temperatures[0]",
+                    'thr = calibration.get("threshold", 0.5)', 'meta["calibration"]["temperature"]',
+                    "lo, hi = cal_in.band"):
+        assert calibration_reads(planted), planted  # the check sees each kind of read
+    assert not calibration_reads('cal.decide(p); cal.threshold; row["threshold"]')
+    files = [*ROOT.glob("*.py"), *(ROOT / "cxr").glob("*.py"), *(ROOT / "experiments").glob("*.py"),
+             *(ROOT / "docs").glob("*.py")]
+    for path in files:
+        if path != ROOT / "cxr" / "calib.py":
+            reads = calibration_reads(path.read_text())
+            assert not reads, f"{path.relative_to(ROOT)} reads calibration fields: {reads}"

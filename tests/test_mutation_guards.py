@@ -188,7 +188,7 @@ def test_typicality_is_the_mahalanobis_distance_under_the_shrunk_precision(dims)
 def adapted_and_trained(model_path, images, batch_size):
     """In-process: (P(PNEUMONIA) of the AdaBN-adapted model, typicality / cut of the
     trained model, the same ratio on the adapted model's features)."""
-    members, cal, _ = checkpoints.load_ensemble([model_path])
+    members, cal, _ = checkpoints.load_model(model_path)
     (model, meta), = members
     adapted = siteshift.adapt_batchnorm(model, images, network.intensity_of(meta), batch_size)
     logits, adapted_feats = network.predict_logits(adapted, images, network.intensity_of(meta),
@@ -197,7 +197,7 @@ def adapted_and_trained(model_path, images, batch_size):
     stats = model.typicality
     ratio = siteshift.typicality_score(feats.numpy(), stats) / stats["cut"]
     adapted_ratio = siteshift.typicality_score(adapted_feats.numpy(), stats) / stats["cut"]
-    return network.probabilities(logits, cal["temperatures"][0]), ratio, adapted_ratio, feats
+    return cal.probability([logits]), ratio, adapted_ratio, feats
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +267,8 @@ def patient_evaluation(model_path, tmp_path_factory):
                "--bootstrap", 100, "--recalibrate", 10, "--draws", 2, "--gallery", 0)
     metrics = json.loads((run_folder(out) / "metrics.json").read_text())
     paths, y, images = labelled_images(TEST64)
-    members, cal, _ = checkpoints.load_ensemble([model_path])
-    p = network.mean_probability(network.member_logits(members, images), cal["temperatures"])
+    members, cal, _ = checkpoints.load_model(model_path)
+    p = cal.probability(network.member_logits(members, images))
     groups = np.array([dataset.patient_id(q) for q in paths])
     assert len(several_films(paths)) >= 8
     return metrics, y, p, groups, cal
@@ -297,8 +297,8 @@ def test_recalibrate_partitions_the_folder_by_patient(patient_evaluation):
 def test_the_evaluation_bootstrap_resamples_patients(patient_evaluation):
     metrics, y, p, groups, cal = patient_evaluation
     assert metrics["bootstrap"] == "by patient"
-    expected = scoring.bootstrap_ci(y, p, cal["threshold"], 100, groups=groups)
-    assert expected != scoring.bootstrap_ci(y, p, cal["threshold"], 100)
+    expected = scoring.bootstrap_ci(y, p, cal.threshold, 100, groups=groups)
+    assert expected != scoring.bootstrap_ci(y, p, cal.threshold, 100)
     for k, interval in expected.items():
         assert metrics["ci95_at_threshold"][k] == pytest.approx(interval, abs=1e-9), k
 

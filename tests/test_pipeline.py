@@ -134,7 +134,9 @@ def test_ensemble_averages_members(model_path, tmp_path):
     img = TINY / "test" / "NORMAL" / sorted(p.name for p in (TINY / "test" / "NORMAL").iterdir())[0]
     one = run_script("predict.py", "--model", model_path, "--image", img, "--json",
                      "--out", tmp_path / "a")
-    two = run_script("predict.py", "--model", model_path, "--model", model_path, "--image",
+    run_script("experiments/build_ensemble.py", "--model", model_path, "--model", model_path,
+               "--out", tmp_path / "twice.pth")
+    two = run_script("predict.py", "--model", tmp_path / "twice.pth", "--image",
                      img, "--json", "--out", tmp_path / "b")
     assert "ensemble of 2" in two.stdout and one.returncode == 0
     a = json.loads((run_folder(tmp_path / "a") / "predictions.jsonl").read_text())
@@ -226,3 +228,16 @@ def test_validation_check_scores_held_out_shifts(selection_run):
     history = json.loads(history_file.read_text())["history"]
     kept = max(history, key=lambda h: (h["val_f1"], -h["epoch"]))
     assert kept_loss == pytest.approx(kept["val_loss"], abs=5e-5)
+
+
+@pytest.mark.parametrize("script", ["predict.py", "visualize_results.py"])
+def test_model_is_given_once(script, capsys):
+    """An ensemble is one file: a second --model is refused (it used to add a member),
+    never silently dropped."""
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--model", "a.pth", "--model", "b.pth", "--image", "x.png"])
+    assert e.value.code == 2
+    assert "--model is given once: build an ensemble file" in capsys.readouterr().err

@@ -128,8 +128,8 @@ def test_ensemble_of_two_different_checkpoints_averages_them(ensemble, tmp_path)
     """Guards against an ensemble that silently uses only its first member (or one
     temperature for both): the mean of the members' own temperature-scaled
     probabilities, decided at the mean of their thresholds and bands."""
-    paths, expected = ensemble
-    proc = run_script("predict.py", "--model", paths[0], "--model", paths[1], "--dir",
+    _, expected = ensemble
+    proc = run_script("predict.py", "--model", expected.path, "--dir",
                       TINY / "test", "--quiet", "--out", tmp_path / "p")
     assert "ensemble of 2" in proc.stdout
     rows = by_name(run_folder(tmp_path / "p") / "predictions.csv")
@@ -139,9 +139,9 @@ def test_ensemble_of_two_different_checkpoints_averages_them(ensemble, tmp_path)
 
 
 def test_visualize_ensemble_averages_them(ensemble, tmp_path):
-    paths, expected = ensemble
+    _, expected = ensemble
     out = tmp_path / "v_parent"
-    run_script("visualize_results.py", "--model", paths[0], "--model", paths[1], "--split",
+    run_script("visualize_results.py", "--model", expected.path, "--split",
                TINY / "test", "--out", out, "--bootstrap", 20, "--gallery", 0)
     out = run_folder(out)
     check_rows(by_name(out / "predictions.csv"), expected)

@@ -247,7 +247,7 @@ def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
     assert row["sensitivity_promised"] in (0.5, pytest.approx(2 / 3), 0.75)
     assert "K = 4: too few pneumonia films per fit" in proc.stdout
     _, meta = checkpoints.load_checkpoint(site)
-    cal = checkpoints.calibration_of(meta)
+    cal = checkpoints.calibration_of(meta).to_dict()
     assert "labelled images of" in meta["calibration"]["fitted_on"]
     assert meta["recalibrated_from"]["threshold"] == pytest.approx(calibrated.threshold)
     # the site's temperature acts on top of the stored one (it was fitted on probabilities
@@ -318,24 +318,25 @@ def test_predict_adapt_is_recorded_and_resume_must_match(model_path, tmp_path):
 
 def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
     """Without a shared calibration an ensemble averages its members' thresholds (each
-    fitted on its own split) and says so; --save-calibrated FILE.json fits one
-    calibration for the ensemble's probability, which predict --calibration uses, and
-    refuses for other model files."""
-    paths, _ = ensemble
-    models = [a for p in paths for a in ("--model", p)]
-    proc = run_script("predict.py", *models, "--dir", TINY / "test", "--out", tmp_path / "a",
-                      "--quiet")
+    fitted on its own split) and says so; --save-calibrated ENSEMBLE.pth fits one
+    calibration for the ensemble's probability, inside a copy of the ensemble file that
+    predict uses, and refuses to load with its members' temperatures changed."""
+    paths, built = ensemble
+    proc = run_script("predict.py", "--model", built.path, "--dir", TINY / "test", "--out",
+                      tmp_path / "a", "--quiet")
     assert "means of its members' own" in proc.stdout
-    saved = tmp_path / "ensemble.json"
-    run_script("visualize_results.py", *models, "--split", TINY / "test", "--out", tmp_path,
-               "--bootstrap", 20, "--recalibrate", 4, "--draws", 2, "--save-calibrated", saved)
-    cal = json.loads(saved.read_text())
-    assert [m["sha256"] for m in cal["members"]] == [cc_sha(p) for p in paths]
+    saved = tmp_path / "ensemble_site.pth"
+    run_script("visualize_results.py", "--model", built.path, "--split", TINY / "test", "--out",
+               tmp_path, "--bootstrap", 20, "--recalibrate", 4, "--draws", 2, "--save-calibrated", saved)
+    payload = torch.load(saved, weights_only=True)
+    cal = payload["calibration"]
+    assert [m["sha256"] for m in payload["meta"]["built_from"]] == [cc_sha(built.path)]
+    assert cal["shared"] is True and "labelled images of" in cal["fitted_on"]
     # on 16 images the fitted temperature may not be kept (T = 1): set one far from 1, so
     # that predict must apply it
     cal["ensemble_temperature"] = 2.5
-    saved.write_text(json.dumps(cal))
-    proc = run_script("predict.py", *models, "--calibration", saved, "--dir", TINY / "test",
+    torch.save(payload, saved)
+    proc = run_script("predict.py", "--model", saved, "--dir", TINY / "test",
                       "--out", tmp_path / "b", "--quiet")
     assert f"threshold P(PNEUMONIA) >= {cal['threshold']:.3f}" in proc.stdout
     assert "means of its members' own" not in proc.stdout
@@ -344,12 +345,14 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
     members = [checkpoints.load_checkpoint(p) for p in paths]
     size = members[0][1]["preprocessing"]["image_size"]
     x = np.stack([dataset.load_image_array(r["resolved_path"], size) for r in rows])
-    expect = network.mean_probability(network.member_logits(members, x), cal["temperatures"],
-                                 cal["ensemble_temperature"])
+    p = network.mean_probability(network.member_logits(members, x), cal["temperatures"])
+    expect = network.probabilities(torch.from_numpy(np.c_[np.zeros(len(p)), network.logit(p)]), 2.5)
     assert np.allclose([float(r["prob_pneumonia"]) for r in rows], expect, atol=2e-6)
-    proc = run_script("predict.py", "--model", paths[1], "--model", paths[0], "--calibration",
-                      saved, "--image", x_file(), "--out", tmp_path / "c", check=False)
-    assert proc.returncode != 0 and "fitted for other model files" in proc.stderr
+    cal["temperatures"] = cal["temperatures"][::-1]  # not the members' own any more
+    torch.save(payload, saved)
+    proc = run_script("predict.py", "--model", saved, "--image", x_file(), "--out",
+                      tmp_path / "c", check=False)
+    assert proc.returncode != 0 and "members' own stored temperatures" in proc.stderr
 
 
 def cc_sha(path):

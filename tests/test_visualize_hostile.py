@@ -173,15 +173,27 @@ def test_save_calibrated_never_overwrites_an_input(spelling, tmp_path):
     assert spelling != "a symlink to the model" or target.is_symlink()
 
 
-def test_an_ensemble_adapted_and_saved_is_refused_before_the_work(tmp_path):
-    """--adapt with --save-calibrated writes one adapted model: with two models it used
-    to stop after the whole evaluation, before report.html."""
-    proc = visualize("--model", SHIPPED, "--model", ROOT / "models" / "reference_seed1.pth",
-                     "--split", TINY / "test", "--adapt", "--recalibrate", 4,
-                     "--save-calibrated", tmp_path / "site.json", out=tmp_path / "ev")
-    refused_up_front(proc, "visualize_results.py: error: --save-calibrated with --adapt",
-                     tmp_path / "ev")
-    assert proc.returncode == 2
+def test_an_ensemble_adapted_and_saved_keeps_every_adapted_member(tmp_path):
+    """--adapt with --save-calibrated on an ensemble file writes an ensemble file of every
+    member with its BatchNorm statistics adapted (and the site's shared calibration),
+    which loads like any model file."""
+    import torch
+
+    from cxr import checkpoints
+
+    built = tmp_path / "ens.pth"
+    run_script("experiments/build_ensemble.py", "--model", SHIPPED, "--model",
+               ROOT / "models" / "reference_seed1.pth", "--out", built)
+    proc = visualize("--model", built, "--split", TINY / "test", "--adapt", "--recalibrate", 4,
+                     "--save-calibrated", tmp_path / "site.pth", out=tmp_path / "ev")
+    assert proc.returncode == 0, proc.stderr
+    members, cal, _ = checkpoints.load_model(tmp_path / "site.pth")
+    before, _, _ = checkpoints.load_model(built)
+    assert len(members) == 2 and cal.shared is True
+    for (m, _), (b, _) in zip(members, before):
+        moved = [k for k, v in m.state_dict().items() if "running_mean" in k
+                 and not torch.equal(v, b.state_dict()[k])]
+        assert moved  # each member's BatchNorm statistics were adapted
 
 
 # ---------------------------------------------------------------------------------
