@@ -198,17 +198,17 @@ def plot_reliability(rows, ece, path):
 
 def plot_risk_coverage(y, m, refers, path):
     fig, ax = plt.subplots(figsize=(6, 5.6))
-    ok, conf, bl = m["correct"], m["conf"], (m["band_vs_least_confident"] if refers else {})
+    ok, conf, bl = m["correct"], m["conf"], (m["referral_vs_least_confident"] if refers else {})
     ax.plot(*assess.risk_coverage_curve(ok, conf), "k", lw=2,
             label=f"all films (AURC {m['aurc']:.3f}, oracle {m['aurc_oracle']:.3f})")
     for k, (name, colour) in enumerate(zip(network.CLASS_NAMES, ("tab:blue", "tab:orange"))):
-        if (y == k).any():  # x: the share of this class answered; circle: the band's point
+        if (y == k).any():  # x: the share of this class answered; circle: the rule's point
             ax.plot(*assess.risk_coverage_curve(ok[y == k], conf[y == k]), c=colour, label=f"true {name}")
-            for s in [bl["band"]["per_class"][name]] if bl else []:
+            for s in [bl["rule"]["per_class"][name]] if bl else []:
                 ax.plot(s["coverage"], s["risk"], "o", color=colour, mfc="none", ms=8)
-    for key, mark in (("band", "o"), ("least_confident", "s")) if bl else ():  # red: the two rules
+    for key, mark in (("rule", "o"), ("least_confident", "s")) if bl else ():  # red: the two rules
         ax.plot(bl[key]["coverage"], bl[key]["risk"], mark, color="tab:red", ms=8,
-                label=f"{'stored uncertain band' if key == 'band' else 'refer the least confident'}: "
+                label=f"{'referral rule' if key == 'rule' else 'refer the least confident'}: "
                       f"risk {bl[key]['risk']:.3f} at coverage {bl[key]['coverage']:.1%}")
     ax.set(xlabel="coverage (share of films answered)", ylabel="risk (error among the answered)",
            title="Risk-coverage: answer the most confident first")
@@ -239,7 +239,7 @@ def gallery(members, paths, images, y, p, pred, conf, out_dir, n, device):
 def write_html(path, title, metrics_rows, analysis, figures, items, notes):
     e, read = html.escape, {"accuracy_coverage.png": "Read the figure: the error among the films answered "
         "when only the most confident are (right: all); the lower on the left, the better confidence ranks "
-        "the errors last. Colours: per true class (its coverage; circle: the band). Red: the stored band "
+        "the errors last. Colours: per true class (its coverage; circle: the referral rule). Red: the rule "
         "and, at its coverage, referring the least confident."}
     rows = "".join(f"<tr><td>{e(k)}</td>" + "".join(f"<td>{e(v)}</td>" for v in vals) + "</tr>"
                    for k, vals in metrics_rows)
@@ -362,7 +362,7 @@ def analysis_text(m, cal, source, names) -> str:
         f"  Mean confidence of errors: {m['error_conf_mean']:.4f}\n"
         f"  Median confidence of errors: {m['error_conf_median']:.4f}\n"
         f"  Errors with confidence > {scoring.CONFIDENT}: {m['confident_error_share'] * 100:.1f}%\n"
-        f"\n{cal.rule_words()}: {int((~m['answered']).sum())} images referred, "
+        f"\nReferral: {cal.rule_words()}\n  {int((~m['answered']).sum())} images referred, "
         f"accuracy on the other {int(m['answered'].sum())} ({m['coverage']:.1%} coverage): "
         f"{m['accuracy_answered'] * 100:.2f}%\n"
         f"Referred per class: " + ", ".join(f"{k} {fmt(v, '.1%')}"

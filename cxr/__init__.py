@@ -12,15 +12,17 @@ module. Each module imports only those above it in this list:
     scoring      the one metrics module: decisions, accuracy / AUC, ECE, bootstrap
     assess       every number of an evaluation on labelled images (metrics at both
                  thresholds with intervals, calibration check, errors, coverage, the
-                 risk-coverage curve and AURC, the band against the least confident)
-    calib        the Calibration: temperature(s), sensitivity threshold and uncertain band,
+                 risk-coverage curve and AURC, the referral rule's promise against what
+                 was measured, and against referring the least confident)
+    selective    the referral rule: the confidence cut with a guaranteed risk (SGR)
+    calib        the Calibration: temperature(s), sensitivity threshold and referral rule,
                  fitted, applied, decided on and stored (no other module reads its fields)
     checkpoints  a state_dict plus plain metadata, every field checked at load; ensemble
                  files (members and one calibration), loaded the same way
     siteshift    typicality (the atypical flag and the far level), shift check, AdaBN
     intake       the files given to predict: each once, decoded in workers, errors as values
     predtable    the prediction tables: predict's rows, run manifest, --resume; evaluation rows
-    predconsole  what predict prints: per film (verdict, referral, the atypical warning), per batch
+    predconsole  what predict prints: per film (verdict, answer or refer and why), per batch
     siteprotocol the site protocols: AdaBN of the members, a labelled folder's shift
                  report, cross-fitted local recalibration, the model calibrated on K
                  images of the site

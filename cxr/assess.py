@@ -1,7 +1,7 @@
 """Every number of an evaluation on labelled images, from labels and probabilities:
 metrics at the stored threshold and at 0.5 with bootstrap intervals, the calibration
-check, error analysis, the uncertain band's coverage and referrals per class; and
-those numbers as plain JSON.
+check, error analysis, the referral rule's coverage and error per class beside what it
+promised; and those numbers as plain JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
     answered = cal.answered(p)
     pred_half, conf_half = scoring.decide(p, 0.5)
     conf_t1 = np.where(pred == 1, p_at_t1, 1 - p_at_t1)  # the same decisions, stated at T = 1
+    ece = scoring.expected_calibration_error(correct, conf)[0]
     return {
         "n": int(len(y)), "counts": np.bincount(y, minlength=2).tolist(),
         "pred": pred, "conf": conf, "correct": correct, "answered": answered,
@@ -30,11 +31,11 @@ def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
         "ci95_at_threshold": scoring.bootstrap_ci(y, p, thr, n_boot, groups=groups),
         "bootstrap": "by patient" if groups is not None else "by image",
         "ece_at_0.5": scoring.expected_calibration_error(pred_half == y, conf_half)[0],
-        "ece": scoring.expected_calibration_error(correct, conf)[0],
+        "ece": ece,
         "calibration_check": {
             "ece_variant": f"top-label, {scoring.ECE_BINS} equal-width bins, correct = the decision "
                            "at the stored threshold",
-            "ece": scoring.expected_calibration_error(correct, conf)[0],
+            "ece": ece,
             "ece_at_T1": scoring.expected_calibration_error(correct, conf_t1)[0],
             "classwise_ece": scoring.classwise_ece(y, p),
             "classwise_ece_at_T1": scoring.classwise_ece(y, p_at_t1),
@@ -45,7 +46,7 @@ def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
         "referral_rate": {name: float((~answered)[y == k].mean()) if (y == k).any()
                           else float("nan") for k, name in enumerate(network.CLASS_NAMES)},
         "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
-        **risk_coverage(y, correct, conf, answered),
+        **risk_coverage(y, correct, conf, answered, cal.referral),
     }
 
 def risk_coverage_curve(correct, conf):
@@ -92,21 +93,22 @@ def selective(y, correct, answered) -> dict:
         name: {"coverage": float(answered[y == k].mean()) if (y == k).any() else float("nan"),
                "risk": risk(answered & (y == k))} for k, name in enumerate(network.CLASS_NAMES)}}
 
-def risk_coverage(y, correct, conf, answered) -> dict:
+def risk_coverage(y, correct, conf, answered, referral=None) -> dict:
     """The risk-coverage summary of an evaluation: AURC beside the oracle AURC and the
-    error at full coverage, overall and per true class, and the stored uncertain band
-    (films answered = outside it) against "refer the least confident" at equal coverage."""
+    error at full coverage, overall and per true class; the referral rule (films answered:
+    confidence at or above its cut) against "refer the least confident" at equal coverage;
+    and, with the rule's record (referral), what it promised beside what these films show."""
     y, correct, conf = np.asarray(y), np.asarray(correct, dtype=bool), np.asarray(conf, dtype=float)
     lc = least_confident_referred(conf, int(answered.sum()))
-    band, least = selective(y, correct, answered), selective(y, correct, lc)
-    n, eb, el = int(answered.sum()), int((~correct[answered]).sum()), int((~correct[lc]).sum())
-    better = ("the stored band" if eb < el else "referring the least confident" if el < eb
+    rule, least = selective(y, correct, answered), selective(y, correct, lc)
+    n, er, el = int(answered.sum()), int((~correct[answered]).sum()), int((~correct[lc]).sum())
+    better = ("the referral rule" if er < el else "referring the least confident" if el < er
               else "neither")
-    verdict = (f"At equal coverage ({n} of {len(y)} films answered), the stored band leaves "
-               f"{eb} error{'s' * (eb != 1)} among them, referring the least confident films {el}: "
-               + (f"{better} is better on these films." if eb != el else "both are equally good."))
+    verdict = (f"At equal coverage ({n} of {len(y)} films answered), the referral rule leaves "
+               f"{er} error{'s' * (er != 1)} among them, referring the least confident films {el}: "
+               + (f"{better} is better on these films." if er != el else "both are equally good."))
     if n == len(y):
-        verdict = "The stored band refers no film here: there is nothing to compare."
+        verdict = "The referral rule refers no film here: there is nothing to compare."
     return {"aurc": aurc(correct, conf), "aurc_oracle": aurc_oracle(correct),
             "risk_full_coverage": float((~correct).mean()),
             "risk_coverage_by_class": {
@@ -114,23 +116,43 @@ def risk_coverage(y, correct, conf, answered) -> dict:
                        "aurc_oracle": aurc_oracle(correct[y == k]),
                        "risk_full_coverage": float((~correct[y == k]).mean())}
                 if (y == k).any() else None for k, name in enumerate(network.CLASS_NAMES)},
-            "band_vs_least_confident": {"answered": n, "band": band, "least_confident": least,
-                                        "better": better, "verdict": verdict}}
+            "referral_vs_least_confident": {"answered": n, "rule": rule, "least_confident": least,
+                                            "better": better, "verdict": verdict},
+            "referral_promise": promise_kept(rule, referral)}
+
+def promise_kept(measured, referral) -> dict | None:
+    """The referral rule's promise (error among answered films <= its target, with
+    probability >= 1 - delta, on films like those it was fitted on) beside the error
+    measured here; None without a rule."""
+    if referral is None:
+        return None
+    risk, target = measured["risk"], referral["target_risk"]
+    seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered" if np.isfinite(risk)
+            else "here no film was answered")
+    holds = bool(np.isfinite(risk) and risk <= target)
+    words = (f"promised <= {target:.0%} error among answered films (with probability >= "
+             f"{1 - referral['delta']:.0%}, on films like the {referral['films']} it was fitted on); "
+             + seen + (": within the promise" if holds else
+                       ": these films differ from those (another site?)" if np.isfinite(risk) else ""))
+    return {"target_risk": target, "delta": referral["delta"], "measured_risk": risk,
+            "coverage": measured["coverage"], "within_promise": holds, "verdict": words}
 
 def risk_coverage_text(m) -> str:
     """The risk-coverage lines of the console and the report, from evaluate's numbers."""
     def cell(s):
         return f"{s['risk']:.2%} on {s['coverage']:.1%}" if np.isfinite(s["risk"]) else "none answered"
 
-    bl = m["band_vs_least_confident"]
+    bl = m["referral_vs_least_confident"]
     lines = [f"Risk-coverage (the most confident answered first): AURC {m['aurc']:.4f}, oracle AURC "
              f"{m['aurc_oracle']:.4f}, error at full coverage {m['risk_full_coverage']:.4f}",
              "  Error among the answered films, on the share answered:"]
-    for name, s in (("stored uncertain band", bl["band"]),
-                    ("refer the least confident", bl["least_confident"])):
+    for name, s in (("referral rule", bl["rule"]), ("refer the least confident", bl["least_confident"])):
         lines.append(f"    {name:<26} all {cell(s)}; " + ", ".join(
             f"{c} {cell(v)}" for c, v in s["per_class"].items() if np.isfinite(v["coverage"])))
-    return "\n".join([*lines, f"  {bl['verdict']}"]) + "\n"
+    promise = m["referral_promise"]
+    return "\n".join([*lines, f"  {bl['verdict']}",
+                      f"  Referral rule: {promise['verdict']}" if promise else
+                      "  No referral rule (uncalibrated, or fitted before the rule existed)."]) + "\n"
 
 def record(m, cal, source, model_paths, skipped, adapted, shift, recal) -> dict:
     """metrics.json of an evaluation (plain JSON): where the numbers come from, the

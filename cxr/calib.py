@@ -1,7 +1,6 @@
-"""Calibration: the temperature, the sensitivity threshold and the uncertain band, fitted
-on a patient-grouped calibration split (with simulated acquisition shift) and stored in
-the checkpoint. One Calibration object fits, applies, decides and serialises them;
-nothing else reads their fields.
+"""Calibration: the temperature, the sensitivity threshold and the referral rule, fitted
+on a patient-grouped calibration split and stored in the checkpoint. One Calibration
+object fits, applies, decides and serialises them; nothing else reads their fields.
 """
 
 from __future__ import annotations
@@ -14,26 +13,26 @@ import torch
 from torch import nn
 
 from cxr import network, scoring
+from cxr.selective import REFERRAL_DELTA, REFERRAL_RISK, fit_referral
 
 # Calibration rule of the recipes that calibrate (fitted on validation data only)
 TARGET_SENSITIVITY = 0.97  # the threshold: expected sensitivity on new films >= this
 
-BAND_LEVEL = 0.995  # uncertain band: between the sensitivity- and specificity-0.995 cuts
-
-# Metrics
 TEMPERATURE_RANGE = (0.25, 4.0)  # a fitted temperature is bounded (a floor of 0.05 collapsed
+# the cuts of a separable validation set)
 
-# the band of a separable validation set to [1, 1))
-BOOTSTRAP_CUTS = 200  # resamples whose median sets the threshold and the band
+BOOTSTRAP_CUTS = 200  # resamples whose median sets the threshold
 
-def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0) -> dict:
-    """Temperature, threshold and uncertain band from held-out data (never test).
+def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0, films=None) -> dict:
+    """Temperature, threshold and referral rule from held-out data (never test).
 
     Temperature: minimum NLL on a grid within TEMPERATURE_RANGE, kept only if it also
     lowers the NLL on groups it was not fitted on (5-fold, grouped cross-fitting), else
-    1. Threshold (cuts()) and band: medians over BOOTSTRAP_CUTS group-resamples, so one
-    or two images cannot set them. groups: an id per row (patient, or an image and its
-    shifted copies); default one per row."""
+    1. Threshold (threshold_rank()): the median over BOOTSTRAP_CUTS group-resamples, so
+    one or two images cannot set it. groups: an id per row (patient, or an image and its
+    shifted copies); default one per row. Referral rule (fit_referral()): on films, (logits,
+    labels) of one row per film (default: these rows), at the fitted temperature and
+    threshold."""
     from sklearn.model_selection import GroupKFold
 
     labels = np.asarray(labels)
@@ -53,23 +52,21 @@ def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0) ->
     draws = []
     for idx in scoring.resample_indices(len(labels), BOOTSTRAP_CUTS, seed, groups):
         if len(np.unique(labels[idx])) == 2:
-            draws.append(cuts(p[idx], labels[idx]))
-    threshold, lo, hi = np.median(draws, axis=0)
-    band = [threshold, threshold] if hi <= lo else [min(lo, threshold), max(hi, threshold)]
-    spread = np.percentile(draws, [2.5, 97.5], axis=0)
+            draws.append(sensitivity_cut(p[idx], labels[idx]))
+    threshold = float(np.median(draws))
+    film_logits, film_labels = films if films is not None else (logits, labels)
+    pred, conf = scoring.decide(network.probabilities(film_logits, temperature), threshold)
     n = len(labels)
     return {
-        "temperature": float(temperature), "threshold": float(threshold),
+        "temperature": float(temperature), "threshold": threshold,
         "sensitivity_promised": threshold_rank(int((labels == 1).sum()))[1],
-        "uncertain_band": [float(b) for b in band],
+        "referral": fit_referral(conf, pred == np.asarray(film_labels)),
         "temperature_fitted": float(fitted), "temperature_kept": bool(keep),
         "temperature_decision": (
             f"temperature {fitted:.3f} fitted; cross-fitted NLL {nll_t / n:.4f} vs "
             f"{nll_1 / n:.4f} at T = 1: " + ("kept" if keep else "not kept, T = 1")),
         "nll_cross_fitted": {"fitted": nll_t / n, "T1": nll_1 / n},
-        "threshold_interval": [float(v) for v in spread[:, 0]],
-        "band_low_interval": [float(v) for v in spread[:, 1]],
-        "band_high_interval": [float(v) for v in spread[:, 2]],
+        "threshold_interval": [float(v) for v in np.percentile(draws, [2.5, 97.5])],
         "nll_at_temperature": nn.functional.cross_entropy(logits / temperature, y).item(),
         "nll_at_1": nn.functional.cross_entropy(logits, y).item(),
     }
@@ -79,27 +76,22 @@ def threshold_rank(n_positive: int) -> tuple[int, float]:
     n_positive pneumonia scores it is fitted on. Split-conformal rank: a new pneumonia
     film exchangeable with them falls below the j-th lowest with probability
     (j + 1) / (n + 1), so j = floor(alpha (n + 1)) - 1 keeps the expected sensitivity on
-    new films >= TARGET_SENSITIVITY. ("Sensitivity >= 0.97 on the fitted films" lets
-    floor(alpha n) fall below and promises less: 0.968 for 62 films.) Below
-    1 / alpha - 1 films no rank keeps it: j = 0, and the promise says how far short.
-    The promise counts rows as films: where rows are clustered (shifted copies of one
-    film, several films of one patient) it is nominal, and only the sensitivity measured
-    on other films (recalibration is cross-fitted) checks it."""
+    new films >= TARGET_SENSITIVITY, on average over calibration sets (a given fit may
+    fall short). ("Sensitivity >= 0.97 on the fitted films" lets floor(alpha n) fall
+    below and promises less: 0.968 for 62 films.) Below 1 / alpha - 1 films no rank keeps
+    it: j = 0, and the promise says how far short. The promise counts rows as films:
+    where rows are clustered (shifted copies of one film, several films of one patient)
+    it is nominal, and only the sensitivity measured on other films (recalibration is
+    cross-fitted) checks it."""
     alpha = 1 - TARGET_SENSITIVITY
     j = max(0, int(np.floor(alpha * (n_positive + 1) + 1e-9)) - 1)
     return j, 1 - (j + 1) / (n_positive + 1)
 
-def cuts(p, labels) -> tuple[float, float, float]:
-    """(threshold, band low, band high) on P(PNEUMONIA): the threshold of
-    threshold_rank() (expected sensitivity on new films >= TARGET_SENSITIVITY); the
-    highest with sensitivity >= BAND_LEVEL on these films; the lowest with specificity
-    >= BAND_LEVEL on them."""
-    p, labels = np.asarray(p), np.asarray(labels)
-    pos, neg = np.sort(p[labels == 1]), np.sort(p[labels == 0])
-    threshold = float(pos[threshold_rank(len(pos))[0]])
-    lo = float(pos[int(np.floor((1 - BAND_LEVEL) * len(pos)))])
-    hi = float(np.nextafter(neg[min(len(neg) - 1, int(np.ceil(BAND_LEVEL * len(neg))) - 1)], 1))
-    return threshold, lo, hi
+def sensitivity_cut(p, labels) -> float:
+    """The threshold on P(PNEUMONIA) of threshold_rank(): expected sensitivity on new films
+    >= TARGET_SENSITIVITY."""
+    pos = np.sort(np.asarray(p)[np.asarray(labels) == 1])
+    return float(pos[threshold_rank(len(pos))[0]])
 
 def _fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     grid = np.exp(np.linspace(*np.log(TEMPERATURE_RANGE), 400))
@@ -113,9 +105,10 @@ CALIBRATION_RULE = (  # in words, stored with every calibration a run fits
     f"simulated acquisition shift: temperature by min NLL within "
     f"[{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], kept only if it lowers "
     f"the cross-fitted NLL, else 1; threshold (expected sensitivity on new films >= "
-    f"{TARGET_SENSITIVITY}, split-conformal rank) and uncertain band (between the sensitivity-"
-    f"{BAND_LEVEL} and specificity-{BAND_LEVEL} cuts) as medians over "
-    f"patient-grouped bootstrap resamples")
+    f"{TARGET_SENSITIVITY} on average over calibration sets, split-conformal rank) as the "
+    f"median over patient-grouped bootstrap resamples; referral rule on the unshifted "
+    f"calibration films (SGR: error among answered films <= {REFERRAL_RISK:.0%} with "
+    f"probability >= {1 - REFERRAL_DELTA:.0%})")
 
 def stress_transform(size: int):
     """Simulated acquisition shift for calibration: exposure, contrast, gamma, field of
@@ -142,20 +135,23 @@ def stressed_copies(images: np.ndarray, labels: np.ndarray, copies: int, seed: i
     return out, np.tile(labels, copies)
 
 def calibrate(model, x_cal, y_cal, patients, intensity: str, seed: int) -> Calibration:
-    """Temperature, threshold and uncertain band, fitted on shifted copies of the
-    calibration split (patients that neither training nor epoch selection saw)."""
+    """Temperature and threshold fitted on shifted copies of the calibration split
+    (patients that neither training nor epoch selection saw), the referral rule on its
+    films as they are."""
     x_sv, y_sv = stressed_copies(x_cal, y_cal, STRESS_COPIES, seed)
     groups = np.tile(patients, STRESS_COPIES)  # a patient's images and copies stay together
-    calibration = fit_calibration(network.predict_logits(model, x_sv, intensity), y_sv, groups, seed)
+    films = (network.predict_logits(model, x_cal, intensity), y_cal)
+    calibration = fit_calibration(network.predict_logits(model, x_sv, intensity), y_sv, groups,
+                                  seed, films)
     calibration["fitted_on"] = (f"{STRESS_COPIES} shifted copies of the {len(y_cal)} "
-                                "calibration-split images (stress_transform)")
+                                "calibration-split images (stress_transform); the referral rule "
+                                "on the images themselves")
     calibration["rule"] = CALIBRATION_RULE
-    lo, hi = calibration["uncertain_band"]
+    cal = Calibration.from_dict(calibration)
     print(f"\nCalibration on the shifted calibration split: {calibration['temperature_decision']}")
-    print(f"Temperature {calibration['temperature']:.3f}, "
-          f"threshold P(PNEUMONIA) >= {calibration['threshold']:.4f}, uncertain band "
-          f"[{lo:.4f}, {hi:.4f})")
-    return Calibration.from_dict(calibration)
+    print(f"Temperature {cal.temperatures[0]:.3f}, threshold P(PNEUMONIA) >= {cal.threshold:.4f}; "
+          f"{cal.rule_words()}")
+    return cal
 
 
 # ---------------------------------------------------------------------------------
@@ -193,11 +189,33 @@ def _checked(d: dict, key: str, ok, rule: str, default=MISSING):
 
 _TEMPERATURE = (lambda t: _number(t) and t > 0, "a finite number > 0")
 _THRESHOLD = (lambda t: _number(t) and 0 <= t <= 1, "a number within [0, 1]")
-_BAND = (lambda b: isinstance(b, (list, tuple)) and len(b) == 2 and all(map(_number, b))
-         and 0 <= b[0] <= b[1] <= 1 + 1e-9, "[low, high] with 0 <= low <= high <= 1")
-_SINGLE = ("temperature", "threshold", "uncertain_band")  # a checkpoint's meta.calibration
-_ENSEMBLE = ("temperatures", "ensemble_temperature", "threshold", "uncertain_band", "shared",
+_REFERRAL = {  # the stored referral rule's fields (fit_referral), each with its check
+    "min_confidence": (lambda v: _number(v) and 0 <= v <= 2, "a number within [0, 2]"),
+    "target_risk": (lambda v: _number(v) and 0 < v < 1, "a number within (0, 1)"),
+    "delta": (lambda v: _number(v) and 0 < v < 1, "a number within (0, 1)"),
+    "films": (lambda v: _number(v) and v >= 0, "a count"),
+    "answered": (lambda v: _number(v) and v >= 0, "a count"),
+    "bound": (lambda v: _number(v) and 0 <= v <= 1, "a number within [0, 1]")}
+_SINGLE = ("temperature", "threshold", "referral")  # a checkpoint's meta.calibration
+_ENSEMBLE = ("temperatures", "ensemble_temperature", "threshold", "referral", "shared",
              "fitted")  # an ensemble file's calibration
+
+
+def _referral(d: dict, required: bool):
+    """The stored referral rule (None: the calibration has none), every field checked."""
+    rule = d.get("referral", MISSING if required else None)
+    if rule is MISSING or rule is None:
+        if rule is MISSING:
+            raise CalibrationError("referral", rule, "given (null for none)")
+        return None
+    if not isinstance(rule, dict):
+        raise CalibrationError("referral", rule, "a dictionary")
+    for key, (ok, words) in _REFERRAL.items():
+        try:
+            _checked(rule, key, ok, words)
+        except CalibrationError as e:
+            raise CalibrationError(f"referral.{key}", e.value, e.rule) from None
+    return dict(rule)
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,15 +224,16 @@ class Calibration:
 
     temperatures: one per member (a single model is one member); ensemble_temperature:
     the mean probability's logit is divided by it (an ensemble calibrated on a shared
-    set; else 1); threshold on P(PNEUMONIA); band: the uncertain band [low, high), whose
-    films are referred; fitted: False for a model without calibration (temperature 1,
-    threshold 0.5, no band: argmax); shared: for an ensemble, whether its threshold and
-    band were fitted on one shared set (None for one model); record: the stored form as
-    read or fitted (the fit's decision, intervals, rule, fitted_on, ...)."""
+    set; else 1); threshold on P(PNEUMONIA); referral: the referral rule (fit_referral's
+    record: films whose confidence is below its min_confidence are referred; None: no
+    rule); fitted: False for a model without calibration (temperature 1, threshold 0.5,
+    no rule: argmax); shared: for an ensemble, whether its threshold and rule were fitted
+    on one shared set (None for one model); record: the stored form as read or fitted
+    (the fit's decision, intervals, rule, fitted_on, ...)."""
 
     temperatures: tuple = (1.0,)
     threshold: float = 0.5
-    band: tuple = (0.5, 0.5)
+    referral: dict | None = None
     ensemble_temperature: float = 1.0
     fitted: bool = False
     shared: bool | None = None
@@ -231,18 +250,17 @@ class Calibration:
     def from_dict(cls, d, members: list[Calibration] | None = None) -> Calibration:
         """The calibration stored as d (to_dict's form), every field checked
         (CalibrationError names the first bad one). One model's (a checkpoint's
-        meta.calibration): absent fields are temperature 1, threshold 0.5 and an empty
-        band; an empty dict is an uncalibrated model. An ensemble's ("temperatures"):
-        every field is required, one temperature per member, and with members given
-        (their own calibrations), the temperatures must be theirs."""
+        meta.calibration): absent fields are temperature 1, threshold 0.5 and no referral
+        rule (a calibration fitted before the rule existed has none); an empty dict is an
+        uncalibrated model. An ensemble's ("temperatures"): every field is required, one
+        temperature per member, and with members given (their own calibrations), the
+        temperatures must be theirs."""
         if not isinstance(d, dict):
             raise CalibrationError("", d, "a dictionary")
         if "temperatures" not in d:
             t = float(_checked(d, "temperature", *_TEMPERATURE, default=1.0))
             thr = float(_checked(d, "threshold", *_THRESHOLD, default=0.5))
-            return cls((t,), thr,
-                       tuple(map(float, _checked(d, "uncertain_band", *_BAND, default=[thr, thr]))),
-                       fitted=bool(d), record=dict(d))
+            return cls((t,), thr, _referral(d, required=False), fitted=bool(d), record=dict(d))
         temps = _checked(d, "temperatures", lambda v: isinstance(v, list) and len(v) >= 1 and all(
             _TEMPERATURE[0](t) for t in v) and (members is None or len(v) == len(members)),
             "a finite number > 0 per member")
@@ -251,7 +269,7 @@ class Calibration:
         flag = (lambda v: isinstance(v, bool), "true or false")
         shared = _checked(d, "shared", *flag)
         return cls(tuple(map(float, temps)), float(_checked(d, "threshold", *_THRESHOLD)),
-                   tuple(map(float, _checked(d, "uncertain_band", *_BAND))),
+                   _referral(d, required=True),
                    float(_checked(d, "ensemble_temperature", *_TEMPERATURE)),
                    _checked(d, "fitted", *flag), shared, dict(d))
 
@@ -264,11 +282,13 @@ class Calibration:
     @classmethod
     def of_members(cls, members: list[Calibration]) -> Calibration:
         """An ensemble's calibration without one fitted for it: each member's temperature,
-        the means of the members' thresholds and bands (each fitted on its own member's
-        split, so an approximation: shared False)."""
+        the mean of the members' thresholds and the strictest of their referral rules
+        (each fitted on its own member's split, so an approximation: shared False)."""
+        rules = [c.referral for c in members]
+        rule = (None if None in rules else
+                dict(max(rules, key=lambda r: r["min_confidence"]), approximate=True))
         return cls(tuple(c.temperatures[0] for c in members),
-                   float(np.mean([c.threshold for c in members])),
-                   tuple(float(np.mean([c.band[i] for c in members])) for i in (0, 1)),
+                   float(np.mean([c.threshold for c in members])), rule,
                    fitted=all(c.fitted for c in members), shared=False)
 
     @property
@@ -279,10 +299,12 @@ class Calibration:
         """The stored form (plain JSON types), which from_dict reads back."""
         if self.is_ensemble:
             core = dict(zip(_ENSEMBLE, (list(self.temperatures), self.ensemble_temperature,
-                                        self.threshold, list(self.band), self.shared, self.fitted)))
+                                        self.threshold, self.referral, self.shared, self.fitted)))
             return {**core, **{k: v for k, v in self.record.items() if k not in core}}
         out = dict(self.record)
-        out.update(zip(_SINGLE, (self.temperatures[0], self.threshold, list(self.band))))
+        out.update(zip(_SINGLE, (self.temperatures[0], self.threshold, self.referral)))
+        if self.referral is None:
+            del out["referral"]
         return out
 
     def summary(self) -> dict:
@@ -290,7 +312,7 @@ class Calibration:
         out = {"temperatures": list(self.temperatures)}
         if self.shared:
             out["ensemble_temperature"] = self.ensemble_temperature
-        out.update(threshold=self.threshold, uncertain_band=list(self.band))
+        out.update(threshold=self.threshold, referral=self.referral)
         if self.is_ensemble:
             out["shared"] = self.shared
         return out
@@ -302,13 +324,14 @@ class Calibration:
     def refitted(self, site: Calibration, fitted_on: str) -> Calibration:
         """This model's calibration with site's (fitted on its P(PNEUMONIA) as logits, one
         member) on top: its temperature multiplies the stored one (one model) or the
-        ensemble temperature (shared from then on); its threshold and band replace these."""
+        ensemble temperature (shared from then on); its threshold and referral rule
+        replace these."""
         record = dict(site.record, fitted_on=fitted_on)
         if not self.is_ensemble:
             t = site.temperatures[0] * self.temperatures[0]
             return replace(site, temperatures=(t,), record=record)
         return replace(self, ensemble_temperature=site.temperatures[0] * self.ensemble_temperature,
-                       threshold=site.threshold, band=site.band, fitted=True, shared=True,
+                       threshold=site.threshold, referral=site.referral, fitted=True, shared=True,
                        record={"fitted_on": fitted_on, "details": record})
 
     @property
@@ -335,101 +358,83 @@ class Calibration:
         return np.asarray(p) >= self.threshold
 
     def referred(self, p):
-        """Sent to a radiologist first by this calibration's rule: inside the band."""
-        lo, hi = self.band
-        return (p >= lo) & (p < hi)
+        """Sent to a radiologist first by the referral rule: the confidence of the call is
+        below the rule's cut (nothing, without a rule)."""
+        conf = self.decide(p)[1]
+        if self.referral is None:
+            return np.zeros(np.shape(conf), dtype=bool)
+        return conf < self.referral["min_confidence"]
 
     def answered(self, p) -> np.ndarray:
         return np.logical_not(self.referred(np.asarray(p)))
 
     @property
     def refers(self) -> bool:
-        """Whether the rule can refer anything (an empty band refers nothing)."""
-        return self.band[1] > self.band[0]
+        """Whether there is a referral rule."""
+        return self.referral is not None
 
     # --- in words ----------------------------------------------------------------------
+
+    def promise(self) -> str:
+        """What the referral rule promises, in words ("" without one)."""
+        r = self.referral
+        if r is None:
+            return ""
+        return (f"error among answered films <= {r['target_risk']:.0%} with probability "
+                f">= {1 - r['delta']:.0%}, on films like the {r['films']} it was fitted on")
 
     def describe(self) -> str:
         """One line: what predict applies (its header)."""
         if not self.fitted:
-            return "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no uncertain band"
-        lo, hi = self.band
-        return (f"temperature {', '.join(f'{t:.4f}' for t in self.temperatures)} | threshold "
-                f"P(PNEUMONIA) >= {self.threshold:.3f} | uncertain band [{lo:.3f}, {hi:.3f})")
+            return "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no referral rule"
+        return (f"temperature {self.temperature_words()} | threshold P(PNEUMONIA) >= "
+                f"{self.threshold:.3f} | {self.rule_words(short=True)}")
 
-    def referral(self, referred: bool) -> str:
-        """Whether this calibration's rule sends a film to a radiologist first, and why."""
-        lo, hi = self.band
-        if not self.refers:
-            return "no rule of this model's (it has no uncertain band" + (
-                "" if self.fitted else ": uncalibrated") + ")"
-        if referred:
-            return (f"YES - P(PNEUMONIA) is inside the uncertain band {lo:.1%} to {hi:.1%}, chosen "
-                    "on labelled films held out from training as where this model's calls are unreliable")
-        return f"not by this model's rules (outside its uncertain band {lo:.1%} to {hi:.1%})"
+    def why_referred(self, p) -> str:
+        """Why the rule refers a film with probability p, in plain words."""
+        r, conf = self.referral, float(self.decide(p)[1])
+        if r["min_confidence"] > 1:
+            return ("no confidence level could be certified on this model's calibration films, "
+                    "so it refers every film")
+        return (f"the model is not sure enough ({conf:.1%} for its call; it answers from "
+                f"{r['min_confidence']:.1%}, where its error among answered films stays <= "
+                f"{r['target_risk']:.0%})")
+
+    def threshold_words(self) -> str:
+        """The threshold's promise, as what it is."""
+        if not self.fitted:
+            return "PNEUMONIA when P(PNEUMONIA) >= 50% (uncalibrated: no promise)"
+        share = self.record.get("sensitivity_promised")
+        promise = (f" catches >= {share:.1%} of pneumonias on average over calibration sets like "
+                   "the one it was fitted on (a given set can fall short)" if share else "")
+        return f"PNEUMONIA when P(PNEUMONIA) >= {self.threshold:.1%}" + (":" + promise if share else "")
 
     def temperature_words(self, spec: str = ".4f") -> str:
         return ", ".join(format(t, spec) for t in self.temperatures)
 
-    def rule_words(self) -> str:
-        """The referral rule, as the evaluation report names it."""
-        lo, hi = self.band
-        return f"Uncertain band [{lo:.3f}, {hi:.3f})"
+    def rule_words(self, short: bool = False) -> str:
+        """The referral rule, as the header, the report and training name it."""
+        r = self.referral
+        if r is None:
+            return "no referral rule"
+        if r["min_confidence"] > 1:
+            return (f"referral rule: refers every film (no cut certified {r['target_risk']:.0%} "
+                    f"on {r['films']} films)")
+        if short:
+            return (f"answers when confidence >= {r['min_confidence']:.3f} (error among answered "
+                    f"<= {r['target_risk']:.0%})")
+        return (f"referral rule: answer when the confidence of the call is >= "
+                f"{r['min_confidence']:.4f} (SGR: {self.promise()}; {r['answered']} of them "
+                f"answered, bound {r['bound']:.2%})")
 
     def caveat(self) -> str | None:
         """A note on how far to trust these cuts, or None."""
         if self.shared is False:
-            return ("note: the ensemble's threshold and band are the means of its members' own, "
-                    "each fitted on a different split; fit one on a shared labelled set with "
-                    "visualize_results.py --recalibrate K --save-calibrated ENSEMBLE.pth")
+            return ("note: the ensemble's threshold is the mean of its members' own and its "
+                    "referral rule the strictest of theirs, each fitted on a different split; "
+                    "fit them on a shared labelled set with visualize_results.py --recalibrate K "
+                    "--save-calibrated ENSEMBLE.pth")
+        if self.fitted and self.referral is None:
+            return ("note: this model's calibration has no referral rule (fitted before it "
+                    "existed): python experiments/upgrade_checkpoint.py --calibrate-for MODEL")
         return None
-
-
-# The referral rule: answer a film only when the model is confident enough that the error
-# among the films it answers stays at or below REFERRAL_RISK (with probability >= 1 -
-# REFERRAL_DELTA over calibration sets like the one it was fitted on).
-REFERRAL_RISK = 0.04  # the smallest of 1-5% that the shipped model's 522 calibration films certify
-
-REFERRAL_DELTA = 0.10
-
-def risk_bound(errors: int, n: int, delta: float) -> float:
-    """The largest error rate under which errors or fewer of n films would still be seen
-    with probability >= delta (the binomial tail inversion B* of SGR, i.e. the one-sided
-    Clopper-Pearson upper bound at level 1 - delta); 1 when nothing is answered."""
-    from scipy.stats import beta  # scipy is installed with scikit-learn
-
-    if n == 0 or errors >= n:
-        return 1.0
-    return float(beta.ppf(1 - delta, errors + 1, n - errors))
-
-def fit_referral(conf, correct, risk: float = REFERRAL_RISK, delta: float = REFERRAL_DELTA) -> dict:
-    """The confidence cut of selective classification with guaranteed risk (SGR: Geifman &
-    El-Yaniv 2017, "Selective classification for deep neural networks", Algorithm 1).
-
-    conf: the calibrated probability of the decided class, per labelled film; correct:
-    whether the decision was right. Binary search over the sorted confidences for
-    ceil(log2 m) steps; at each tested cut, the bound of risk_bound() at delta / steps on
-    the films answered (confidence >= cut). The cut kept is the one of largest coverage
-    whose bound is below risk: then, with probability >= 1 - delta, the error among the
-    answered films of new films like these is <= risk. None meets it: min_confidence is
-    above 1 (every film referred). The films are counted as independent."""
-    conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=bool)
-    m = len(conf)
-    ranked = np.sort(conf)
-    steps = max(1, int(np.ceil(np.log2(m)))) if m > 1 else 1
-    lo, hi, kept = 0, m - 1, None
-    for _ in range(steps if m else 0):
-        z = int(np.ceil((lo + hi) / 2))
-        cut = float(ranked[z])
-        answered = conf >= cut
-        n, errors = int(answered.sum()), int((~correct[answered]).sum())
-        bound = risk_bound(errors, n, delta / steps)
-        if bound < risk:
-            if kept is None or n > kept["answered"]:
-                kept = {"min_confidence": cut, "answered": n, "errors": errors, "bound": bound}
-            hi = z
-        else:
-            lo = z
-    kept = kept or {"min_confidence": 2.0, "answered": 0, "errors": 0, "bound": 1.0}
-    return {"rule": "SGR (Geifman & El-Yaniv 2017)", "target_risk": risk, "delta": delta,
-            "films": m, "coverage_fitted": kept["answered"] / m if m else 0.0, **kept}

@@ -7,8 +7,9 @@ it like any checkpoint (--model ENSEMBLE.pth).
         --model models/reference_seed1.pth --out ensemble.pth
 
 The ensemble's P(PNEUMONIA) is the mean of its members' temperature-scaled ones. Its
-threshold and uncertain band are here the means of the members' own, each fitted on its
-own member's split: an approximation, which predict says in a note. To fit one on a
+threshold is here the mean of the members' own and its referral rule the strictest of
+theirs, each fitted on its own member's split: an approximation, which predict says in a
+note. To fit one on a
 shared labelled set: visualize_results.py --model ensemble.pth --recalibrate K
 --save-calibrated calibrated.pth.
 """

@@ -8,7 +8,7 @@ metadata, so --data must be the data it was trained on).
 
 --typicality-for adds the typicality statistics (the out-of-distribution flag), from the
 run's train/validation split. --calibrate-for re-fits the calibration (temperature,
-threshold, uncertain band) on the run's calibration split; the old calibration and the
+threshold, referral rule) on the run's calibration split; the old calibration and the
 test figures measured with it move to meta["recalibrated"]. The checkpoint is rewritten
 in place.
 """

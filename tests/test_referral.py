@@ -1,21 +1,21 @@
-"""The referral rule: selective classification with guaranteed risk (cxr.calib.fit_referral)."""
+"""The referral rule: selective classification with guaranteed risk (cxr.selective.fit_referral)."""
 
 import numpy as np
 import pytest
 
-from cxr import calib
+from cxr import selective
 
 
 @pytest.mark.parametrize("n", [1, 20, 500])
 def test_bound_without_errors_is_the_exact_binomial_tail(n):
     # P(0 errors in n | rate b) = (1 - b)^n = delta  <=>  b = 1 - delta^(1/n)
-    assert calib.risk_bound(0, n, 0.05) == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-9)
+    assert selective.risk_bound(0, n, 0.05) == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-9)
 
 
 def test_bound_lies_above_the_observed_rate_and_shrinks_with_more_films():
-    assert calib.risk_bound(4, 100, 0.1) > 0.04
-    assert calib.risk_bound(40, 1000, 0.1) < calib.risk_bound(4, 100, 0.1)
-    assert calib.risk_bound(0, 0, 0.1) == 1.0 and calib.risk_bound(5, 5, 0.1) == 1.0
+    assert selective.risk_bound(4, 100, 0.1) > 0.04
+    assert selective.risk_bound(40, 1000, 0.1) < selective.risk_bound(4, 100, 0.1)
+    assert selective.risk_bound(0, 0, 0.1) == 1.0 and selective.risk_bound(5, 5, 0.1) == 1.0
 
 
 def _films(n, rng):
@@ -27,18 +27,18 @@ def _films(n, rng):
 
 def test_the_cut_answers_exactly_the_films_at_or_above_it_and_certifies_the_target():
     conf, correct = _films(2000, np.random.default_rng(0))
-    r = calib.fit_referral(conf, correct, risk=0.02, delta=0.1)
+    r = selective.fit_referral(conf, correct, risk=0.02, delta=0.1)
     answered = conf >= r["min_confidence"]
     assert r["answered"] == answered.sum() and r["errors"] == (~correct[answered]).sum()
     assert 0.3 < r["coverage_fitted"] < 1 and r["bound"] < 0.02
-    assert r["bound"] == calib.risk_bound(r["errors"], r["answered"], 0.1 / np.ceil(np.log2(2000)))
+    assert r["bound"] == selective.risk_bound(r["errors"], r["answered"], 0.1 / np.ceil(np.log2(2000)))
 
 
 def test_too_few_films_to_certify_refer_every_film():
     conf, correct = _films(40, np.random.default_rng(1))
-    r = calib.fit_referral(conf, correct, risk=0.02, delta=0.1)
+    r = selective.fit_referral(conf, correct, risk=0.02, delta=0.1)
     assert r["min_confidence"] > 1 and r["answered"] == 0
-    assert calib.fit_referral([], [], 0.02, 0.1)["answered"] == 0
+    assert selective.fit_referral([], [], 0.02, 0.1)["answered"] == 0
 
 
 def test_the_promise_holds_over_calibration_sets():
@@ -50,7 +50,7 @@ def test_the_promise_holds_over_calibration_sets():
     over = over_plain = 0
     for _ in range(200):
         conf, correct = _films(300, rng)
-        cut = calib.fit_referral(conf, correct, risk=0.05, delta=0.1)["min_confidence"]
+        cut = selective.fit_referral(conf, correct, risk=0.05, delta=0.1)["min_confidence"]
         answered = new_conf >= cut
         over += answered.any() and (~new_correct[answered]).mean() > 0.05
         order = np.sort(conf)  # the most films whose error on the fitted films is <= 5%

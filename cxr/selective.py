@@ -1,0 +1,58 @@
+"""The referral rule: selective classification with a guaranteed risk. A film is answered
+only when the confidence of the call is at or above a cut fitted on labelled films so
+that the error among the films answered stays at or below a stated level, with a stated
+probability over the sets it could have been fitted on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The referral rule: answer a film only when the model is confident enough that the error
+# among the films it answers stays at or below REFERRAL_RISK, with probability >= 1 -
+# REFERRAL_DELTA over calibration sets like the one it was fitted on (fit_referral).
+REFERRAL_RISK = 0.04  # the smallest of 1-5% that the shipped model's 522 calibration films certify
+
+REFERRAL_DELTA = 0.10
+
+def risk_bound(errors: int, n: int, delta: float) -> float:
+    """The largest error rate under which errors or fewer of n films would still be seen
+    with probability >= delta (the binomial tail inversion B* of SGR, i.e. the one-sided
+    Clopper-Pearson upper bound at level 1 - delta); 1 when nothing is answered."""
+    from scipy.stats import beta  # scipy is installed with scikit-learn
+
+    if n == 0 or errors >= n:
+        return 1.0
+    return float(beta.ppf(1 - delta, errors + 1, n - errors))
+
+def fit_referral(conf, correct, risk: float = REFERRAL_RISK, delta: float = REFERRAL_DELTA) -> dict:
+    """The confidence cut of selective classification with guaranteed risk (SGR: Geifman &
+    El-Yaniv 2017, "Selective classification for deep neural networks", Algorithm 1).
+
+    conf: the calibrated probability of the decided class, per labelled film; correct:
+    whether the decision was right. Binary search over the sorted confidences for
+    ceil(log2 m) steps; at each tested cut, the bound of risk_bound() at delta / steps on
+    the films answered (confidence >= cut). The cut kept is the one of largest coverage
+    whose bound is below risk: then, with probability >= 1 - delta, the error among the
+    answered films of new films like these is <= risk. None meets it: min_confidence is
+    above 1 (every film referred). The films are counted as independent."""
+    conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=bool)
+    m = len(conf)
+    ranked = np.sort(conf)
+    steps = max(1, int(np.ceil(np.log2(m)))) if m > 1 else 1
+    lo, hi, kept = 0, m - 1, None
+    for _ in range(steps if m else 0):
+        z = int(np.ceil((lo + hi) / 2))
+        cut = float(ranked[z])
+        answered = conf >= cut
+        n, errors = int(answered.sum()), int((~correct[answered]).sum())
+        bound = risk_bound(errors, n, delta / steps)
+        if bound < risk:
+            if kept is None or n > kept["answered"]:
+                kept = {"min_confidence": cut, "answered": n, "errors": errors, "bound": bound}
+            hi = z
+        else:
+            lo = z
+    kept = kept or {"min_confidence": 2.0, "answered": 0, "errors": 0, "bound": 1.0}
+    return {"rule": "SGR (Geifman & El-Yaniv 2017)", "target_risk": risk, "delta": delta,
+            "films": m, "coverage_fitted": kept["answered"] / m if m else 0.0, **kept}
