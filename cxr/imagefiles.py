@@ -35,6 +35,8 @@ MIN_NEIGHBOUR_CORR = (0.5, 0.35)  # neighbouring pixels, neighbouring blocks
 
 MAX_COLOURED_SHARE = 0.25  # share of a 32 x 32 thumbnail's pixels with chroma > 16
 
+FILM_LAYOUT = None  # set by the rule (experiments/radiograph_checks.py)
+
 class ImageReadError(Exception):
     """A file that cannot be used as an X-ray; the message names the file."""
 
@@ -135,14 +137,32 @@ def check_structure(gray: np.ndarray) -> None:
     if sd < MIN_GREY_SD:
         raise ImageReadError(f"blank image (grey-level spread {sd:.1f}, a radiograph has "
                              f"more than {MIN_GREY_SD:g}): nothing to judge")
-    k = max(1, min(a.shape) // 32)  # a 32 x 32 grid of blocks (7 x 7 px at 224 px)
-    h, w = (a.shape[0] // k) * k, (a.shape[1] // k) * k
-    blocks = a[:h, :w].reshape(h // k, k, w // k, k).mean((1, 3))
+    blocks = block_means(a, 32)  # a 32 x 32 grid of blocks (7 x 7 px at 224 px)
     for img, floor in zip((a, blocks), MIN_NEIGHBOUR_CORR):
         corr = float(np.corrcoef(img[:, :-1].ravel(), img[:, 1:].ravel())[0, 1])
         if not corr >= floor:
             raise ImageReadError(f"looks like noise, not a radiograph (neighbouring pixels "
                                  f"correlate {corr:.2f}, in a radiograph above {floor:g})")
+
+def block_means(a: np.ndarray, grid: int) -> np.ndarray:
+    """The means of a grid x grid array of equal blocks (the edge rows and columns that do
+    not fill a block are left out)."""
+    k = max(1, min(a.shape) // grid)
+    h, w = (a.shape[0] // k) * k, (a.shape[1] // k) * k
+    return a[:h, :w].reshape(h // k, k, w // k, k).mean((1, 3))
+
+def film_statistics(gray: np.ndarray, layout=None) -> tuple[float, float]:
+    """(layout, detail) of an image: the correlation of its 8 x 8 block means with those
+    of the average chest film (layout, default FILM_LAYOUT), and the share of its
+    grey-level variance finer than a 32 x 32 grid of blocks (detail)."""
+    a = gray.astype(np.float64)
+    b = block_means(a, 8).ravel()
+    t = np.asarray(FILM_LAYOUT if layout is None else layout, dtype=np.float64).ravel()
+    b, t = b - b.mean(), t - t.mean()
+    norm = float(np.linalg.norm(b) * np.linalg.norm(t))
+    var = float(a.var())
+    return (float(b @ t) / norm if norm > 0 else 0.0,
+            1 - float(block_means(a, 32).var()) / var if var > 0 else 0.0)
 
 def _is_dicom(path: Path) -> bool:
     """Whether a file found in a folder is a DICOM: by its extension, or by the DICM

@@ -6,17 +6,18 @@ non-radiographs only; then measured on test and the samples (experiments/LOG.md)
     python experiments/site_shift.py --data DATA --model models/mobilenet_cxr.pth --save-ratios outputs/ratios
     python experiments/radiograph_checks.py --data DATA --load-ratios outputs/ratios
 
-Candidate statistics of the 224 px grey image the model sees (higher = more like a
-chest film): symmetry (correlation of the 32 x 32 block means with their left-right
-mirror), spread (entropy in bits of the grey-level histogram in 32 bins), coarseness
-(share of the grey-level variance the 32 x 32 block means keep). Each one's floor lies
-below every film of the model's own splits; the rule (choose) picks the design.
+The statistics (cxr.imagefiles.film_statistics, on the 224 px grey image the model
+sees; higher = more like a chest film): layout, the correlation of the image's 8 x 8
+block means with those of the model's average film; detail, the share of its grey-level
+variance finer than a 32 x 32 grid of blocks. The rule (choose): no verdict when the
+typicality ratio is above 1 AND layout or detail is below its 1% quantile over the
+model's films, rounded down to two significant digits (unrounded if the rounding breaks
+the check: >= 99% of the non-radiographs stopped, <= 2% of validation).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -24,74 +25,48 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cxr import checkpoints, dataset, network, runtime, scan  # noqa: E402
+from cxr import checkpoints, dataset, imagefiles, network, runtime, scan  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "experiments"))
 from site_shift import SAMPLES, non_radiographs, refused  # noqa: E402
 
-NAMES = ("symmetry", "spread", "coarseness")
+NAMES = ("layout", "detail")
 
 
-def blocks_of(a: np.ndarray, grid: int = 32) -> np.ndarray:
-    k = max(1, min(a.shape) // grid)
-    h, w = (a.shape[0] // k) * k, (a.shape[1] // k) * k
-    return a[:h, :w].reshape(h // k, k, w // k, k).mean((1, 3))
+def mean_layout(images: np.ndarray) -> np.ndarray:
+    """The average film's 8 x 8 block means, rounded to integers."""
+    return np.round(np.mean([imagefiles.block_means(im.astype(np.float64), 8) for im in images],
+                            axis=0)).astype(int)
 
 
-def candidate_stats(images: np.ndarray) -> dict[str, np.ndarray]:
-    out = {n: [] for n in NAMES}
-    for im in images:
-        a = im.astype(np.float64)
-        b = blocks_of(a)
-        m = b[:, ::-1]
-        sym = np.corrcoef(b.ravel(), m.ravel())[0, 1] if b.std() > 0 else 0.0
-        out["symmetry"].append(0.0 if not np.isfinite(sym) else sym)
-        hist = np.bincount(im.ravel() // 8, minlength=32) / im.size
-        hist = hist[hist > 0]
-        out["spread"].append(float(-(hist * np.log2(hist)).sum()))
-        out["coarseness"].append(float(b.var() / a.var()) if a.var() > 0 else 0.0)
-    return {n: np.array(v) for n, v in out.items()}
+def candidate_stats(images: np.ndarray, layout) -> dict[str, np.ndarray]:
+    pairs = np.array([imagefiles.film_statistics(im, layout) for im in images]).reshape(-1, 2)
+    return {"layout": pairs[:, 0], "detail": pairs[:, 1]}
 
 
-def floor_of(values: np.ndarray) -> float:
-    """Below every film: min - 10% of (median - min), rounded down to two decimals."""
-    lo, med = float(values.min()), float(np.median(values))
-    return float(np.floor((lo - 0.1 * (med - lo)) * 100) / 100)
+def floor_2_digits(x: float) -> float:
+    """x rounded down to two significant digits."""
+    unit = 10.0 ** (np.floor(np.log10(abs(x))) - 1)
+    return float(round(np.floor(x / unit) * unit, 10))
 
 
 def choose(t_stats, n_stats, n_refused, n_ratio, v_stats, v_ratio):
-    """The pre-registered rule (experiments/LOG.md): design A (new structure checks, no
-    silence from typicality) if one or two candidates stop >= 99% of the non-radiographs
-    with the present checks; else design B (no verdict when atypical AND a candidate
-    below its 1% quantile of the model's films), if it stops >= 99% of them with at most
-    2% of validation; else C (no change)."""
-    floors = {n: floor_of(t_stats[n]) for n in NAMES}
-    print("floors (below every film of the model's own splits): "
-          + ", ".join(f"{n} {f:g} (min {t_stats[n].min():.3f}, median {np.median(t_stats[n]):.3f})"
-                      for n, f in floors.items()))
-    for size in (1, 2):
-        best = None
-        for combo in itertools.combinations(NAMES, size):
-            stop = n_refused.copy()
-            for n in combo:
-                stop |= n_stats[n] < floors[n]
-            print(f"  A {'+'.join(combo):<24} non-radiographs stopped {stop.mean():.1%}")
-            if stop.mean() >= 0.99 and (best is None or stop.mean() > best[1]):
-                best = (combo, stop.mean())
-        if best:
-            return "A", {n: floors[n] for n in best[0]}
+    """The round-2 rule of experiments/LOG.md: floors (the 1% quantiles over the model's
+    films, rounded down to two digits, else unrounded) if they stop >= 99% of the
+    non-radiographs with at most 2% of validation; else None (no change)."""
     quant = {n: float(np.quantile(t_stats[n], 0.01)) for n in NAMES}
-    best = None
-    for n in NAMES:
-        stop = n_refused | ((n_ratio > 1) & (n_stats[n] < quant[n]))
-        v = np.mean((v_ratio > 1) & (v_stats[n] < quant[n]))
-        print(f"  B {n:<24} 1% quantile {quant[n]:.4f}: non-radiographs stopped {stop.mean():.1%}, "
-              f"validation {v:.2%}")
-        if stop.mean() >= 0.99 and v <= 0.02 and (best is None or stop.mean() > best[1]):
-            best = (n, stop.mean())
-    if best:
-        return "B", {best[0]: quant[best[0]]}
-    return "C", {}
+    for floors in ({n: floor_2_digits(q) for n, q in quant.items()}, quant):
+        n_stop = n_refused | ((n_ratio > 1) & weak(n_stats, floors))
+        v_stop = (v_ratio > 1) & weak(v_stats, floors)
+        print(f"  floors {floors}: non-radiographs stopped {n_stop.mean():.1%}, validation "
+              f"{v_stop.mean():.2%}, model's films weak {weak(t_stats, floors).mean():.2%}")
+        if n_stop.mean() >= 0.99 and v_stop.mean() <= 0.02:
+            return floors
+    return None
+
+
+def weak(stats, floors) -> np.ndarray:
+    return np.any([stats[n] < floors[n] for n in NAMES], axis=0)
 
 
 def share(flags) -> str:
@@ -112,31 +87,30 @@ def main():
     splits = dataset.checkpoint_splits(meta, args.data)[0]
     t_images = np.concatenate([splits[s][0] for s in splits])
     print(f"model's own films: {len(t_images)} ({', '.join(f'{s} {len(splits[s][0])}' for s in splits)})")
-    t_stats = candidate_stats(t_images)
-    v_stats = candidate_stats(splits["val"][0])
+    layout = mean_layout(t_images)
+    print(f"the average film's 8 x 8 layout: {layout.tolist()}")
+    t_stats = candidate_stats(t_images, layout)
+    v_stats = candidate_stats(splits["val"][0], layout)
     kinds = non_radiographs(network.IMAGE_SIZE)
     n_images = np.concatenate(list(kinds.values()))
     n_kind = np.concatenate([[k] * len(v) for k, v in kinds.items()])
     n_refused = np.concatenate([refused(v) for v in kinds.values()])
     n_ratio = np.concatenate([ratios[f"non-radiograph:{k}"] for k in kinds])
-    n_stats = candidate_stats(n_images)
-    design, checks = choose(t_stats, n_stats, n_refused, n_ratio, v_stats, ratios["validation"])
-    print(f"design {design}, checks {checks}")
-    if args.choose_only or design == "C":
+    n_stats = candidate_stats(n_images, layout)
+    floors = choose(t_stats, n_stats, n_refused, n_ratio, v_stats, ratios["validation"])
+    print(f"floors chosen: {floors}")
+    if args.choose_only or floors is None:
         return
 
     def stopped(stats, ratio, refused_=None):
-        weak = np.zeros(len(ratio), bool)
-        for n, f in checks.items():
-            weak |= stats[n] < f
-        stop = weak if design == "A" else weak & (ratio > 1)
+        stop = weak(stats, floors) & (ratio > 1)
         return stop if refused_ is None else stop | refused_
 
     size = meta["preprocessing"]["image_size"]
     _, _, (tp, tl), _ = dataset.checkpoint_splits(meta, args.data)
     x_test, kept, _ = dataset.decode_all(tp, size, ".cache", "test")
     y = np.array(tl)[kept]
-    test_stats = candidate_stats(x_test)
+    test_stats = candidate_stats(x_test, layout)
     sets = {"validation": (v_stats, ratios["validation"]),
             "test NORMAL": ({n: v[y == 0] for n, v in test_stats.items()}, ratios["test NORMAL"]),
             "test PNEUMONIA": ({n: v[y == 1] for n, v in test_stats.items()}, ratios["test PNEUMONIA"])}
@@ -144,8 +118,8 @@ def main():
         files = scan.scan_folder(SAMPLES / sub)[0] if (SAMPLES / sub).is_dir() else []
         arrays = [a for a, _ in (dataset.try_load_image_array(f, size) for f in files) if a is not None]
         if arrays:
-            sets[f"samples/{sub}"] = (candidate_stats(np.stack(arrays)), ratios[f"samples/{sub}"])
-    print(f"  {'images':<26} {'atypical (ratio > 1)':>20} | stopped (design {design})")
+            sets[f"samples/{sub}"] = (candidate_stats(np.stack(arrays), layout), ratios[f"samples/{sub}"])
+    print(f"  {'images':<26} {'atypical (ratio > 1)':>20} | stopped (refused, or atypical and weak)")
     for name, (stats, r) in sets.items():
         print(f"    {name:<24} {share(r > 1):>20} | {share(stopped(stats, r))}")
     n_stop = stopped(n_stats, n_ratio, n_refused)
@@ -157,8 +131,8 @@ def main():
     confident = correct & ratios["test:confident"]
     print(f"  test: {correct.sum()} correct NORMAL calls ({confident.sum()} confident): atypical "
           f"{(correct & (ratios['test:ratio'] > 1)).sum()}, silenced {(correct & t_stop).sum()} "
-          f"({(confident & t_stop).sum()} confident); test films refused by the new check "
-          f"{int(sum((test_stats[n] < f).sum() for n, f in checks.items()))}")
+          f"({(confident & t_stop).sum()} confident); test films weak (atypical or not) "
+          f"{weak(test_stats, floors).sum()} of {len(x_test)}")
     val = stopped(v_stats, ratios["validation"]).mean()
     met = (correct & t_stop).sum() == 0 and n_stop.mean() >= 0.99 and val <= 0.02
     print(f"  acceptance: correct NORMAL calls silenced {(correct & t_stop).sum()} (0) | "
