@@ -15,7 +15,7 @@ module. Each module imports only those above it in this list:
                  risk-coverage curve and AURC, the band against the least confident)
     calib        temperature, sensitivity threshold and uncertain band
     checkpoints  a state_dict plus plain metadata, every field checked at load; ensembles
-    siteshift    typicality (the atypical flag and the far level), shift check, AdaBN
+    siteshift    typicality (the atypical flag), shift check, AdaBN
     intake       the files given to predict: each once, decoded in workers, errors as values
     predtable    the prediction tables: predict's rows, run manifest, --resume; evaluation rows
     predconsole  what predict prints: per film (verdict, referral, the atypical warning), per batch

@@ -35,7 +35,19 @@ MIN_NEIGHBOUR_CORR = (0.5, 0.35)  # neighbouring pixels, neighbouring blocks
 
 MAX_COLOURED_SHARE = 0.25  # share of a 32 x 32 thumbnail's pixels with chroma > 16
 
-FILM_LAYOUT = None  # set by the rule (experiments/radiograph_checks.py)
+# What a chest film has that a picture of something else lacks: the layout of the average
+# film (dark lungs either side of a bright midline) and fine detail (ribs, vessels, grain).
+# FILM_LAYOUT: the 8 x 8 block means of the shipped model's 5,216 training films (its
+# train, validation and calibration splits), rounded. 99% of those films correlate with
+# it at 0.59 or more and keep at least 2.3% of their grey-level variance in detail finer
+# than a 32 x 32 grid (experiments/radiograph_checks.py). predict.py withholds the
+# verdict only from an atypical image that is below either (unlike_a_film).
+FILM_LAYOUT = ((77, 103, 127, 158, 158, 126, 101, 73), (76, 128, 137, 154, 154, 138, 126, 74),
+               (63, 132, 118, 153, 159, 124, 131, 62), (55, 126, 110, 163, 174, 129, 127, 53),
+               (52, 115, 113, 171, 182, 145, 119, 50), (50, 106, 115, 169, 183, 152, 111, 48),
+               (52, 128, 159, 182, 185, 162, 119, 48), (59, 160, 186, 193, 190, 177, 149, 54))
+
+MIN_LAYOUT, MIN_DETAIL = 0.59, 0.023
 
 class ImageReadError(Exception):
     """A file that cannot be used as an X-ray; the message names the file."""
@@ -163,6 +175,18 @@ def film_statistics(gray: np.ndarray, layout=None) -> tuple[float, float]:
     var = float(a.var())
     return (float(b @ t) / norm if norm > 0 else 0.0,
             1 - float(block_means(a, 32).var()) / var if var > 0 else 0.0)
+
+def unlike_a_film(gray: np.ndarray) -> str | None:
+    """Why an image does not look like a chest film (its layout or its detail below what
+    99% of the training films have), or None. Not a refusal on its own: see FILM_LAYOUT."""
+    layout, detail = film_statistics(gray)
+    if layout < MIN_LAYOUT:
+        return (f"laid out unlike a chest film (correlation {layout:.2f} with the average "
+                f"film; 99% of training films {MIN_LAYOUT:g} or more)")
+    if detail < MIN_DETAIL:
+        return (f"too little fine detail for a radiograph ({detail:.1%} of its variance; "
+                f"99% of training films {MIN_DETAIL:.1%} or more)")
+    return None
 
 def _is_dicom(path: Path) -> bool:
     """Whether a file found in a folder is a DICOM: by its extension, or by the DICM

@@ -99,6 +99,10 @@ def main():
     n_stats = candidate_stats(n_images, layout)
     floors = choose(t_stats, n_stats, n_refused, n_ratio, v_stats, ratios["validation"])
     print(f"floors chosen: {floors}")
+    stored = ({"layout": imagefiles.MIN_LAYOUT, "detail": imagefiles.MIN_DETAIL},
+              np.array(imagefiles.FILM_LAYOUT).tolist())
+    print("cxr.imagefiles holds " + ("the same" if stored == (floors, layout.tolist()) else
+                                     f"OTHER values: {stored}"))
     if args.choose_only or floors is None:
         return
 
