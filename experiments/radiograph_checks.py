@@ -5,6 +5,7 @@ non-radiographs only; then measured on test and the samples (experiments/LOG.md)
 
     python experiments/site_shift.py --data DATA --model models/mobilenet_cxr.pth --save-ratios outputs/ratios
     python experiments/radiograph_checks.py --data DATA --load-ratios outputs/ratios
+    python experiments/radiograph_checks.py --data DATA --load-ratios R --model M --stored
 
 The statistics (cxr.imagefiles.film_statistics, on the 224 px grey image the model
 sees; higher = more like a chest film): layout, the correlation of the image's 8 x 8
@@ -79,6 +80,8 @@ def main():
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--load-ratios", type=Path, required=True, metavar="NPZ")
     p.add_argument("--choose-only", action="store_true", help="stop before test and the samples")
+    p.add_argument("--stored", action="store_true",
+                   help="measure the levels stored in cxr.imagefiles instead of choosing (another model)")
     args = p.parse_args()
     runtime.pick_device("cpu")
     _, meta = checkpoints.load_checkpoint(args.model)
@@ -87,7 +90,7 @@ def main():
     splits = dataset.checkpoint_splits(meta, args.data)[0]
     t_images = np.concatenate([splits[s][0] for s in splits])
     print(f"model's own films: {len(t_images)} ({', '.join(f'{s} {len(splits[s][0])}' for s in splits)})")
-    layout = mean_layout(t_images)
+    layout = np.array(imagefiles.FILM_LAYOUT) if args.stored else mean_layout(t_images)
     print(f"the average film's 8 x 8 layout: {layout.tolist()}")
     t_stats = candidate_stats(t_images, layout)
     v_stats = candidate_stats(splits["val"][0], layout)
@@ -97,7 +100,8 @@ def main():
     n_refused = np.concatenate([refused(v) for v in kinds.values()])
     n_ratio = np.concatenate([ratios[f"non-radiograph:{k}"] for k in kinds])
     n_stats = candidate_stats(n_images, layout)
-    floors = choose(t_stats, n_stats, n_refused, n_ratio, v_stats, ratios["validation"])
+    floors = ({"layout": imagefiles.MIN_LAYOUT, "detail": imagefiles.MIN_DETAIL} if args.stored
+              else choose(t_stats, n_stats, n_refused, n_ratio, v_stats, ratios["validation"]))
     print(f"floors chosen: {floors}")
     stored = ({"layout": imagefiles.MIN_LAYOUT, "detail": imagefiles.MIN_DETAIL},
               np.array(imagefiles.FILM_LAYOUT).tolist())
