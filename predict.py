@@ -17,8 +17,9 @@ computed, so a killed run loses nothing and --resume redoes only the files that 
 escaped; CSV cells cannot act as formulas. This is decision support, not a diagnosis.
 
 A film unlike the training data (typicality above the model's cut) gets its verdict with
-a warning ("atypical"); only one far beyond it, not like a chest X-ray, gets none
-(OUTSIDE). What is printed: cxr/predconsole.py.
+a warning ("atypical"); only an atypical image that is also not laid out or grained like
+a chest film (cxr.imagefiles.unlike_a_film) gets none (OUTSIDE). What is printed:
+cxr/predconsole.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxr import checkpoints, dataset, intake, network, predconsole, predtable, runtime, siteshift
+from cxr import checkpoints, dataset, imagefiles, intake, network, predconsole, predtable, runtime, siteshift
 from gradcam import GradCAM, figure_path, save_figure
 
 
@@ -121,6 +122,8 @@ def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]
     x = np.stack([a for _, a in good])
     logits, feats = network.member_logits(members, x, len(good), features=True)
     flags = siteshift.outside_distribution(members, feats)
+    unlike = [flags is not None and bool(flags[0][k]) and imagefiles.unlike_a_film(a) is not None
+              for k, (_, a) in enumerate(good)]  # only an atypical image needs the look
     if scorers is not members:
         logits = network.member_logits(scorers, x, len(good))
     probs = cal.probability(logits)
@@ -130,7 +133,7 @@ def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]
                                           "(NaN or infinity): no verdict", model_id)
         else:
             rows[i] = predtable.result_row(todo[i], float(p), cal, model_id,
-                                           None if flags is None else (flags[0][k], flags[1][k]))
+                                           None if flags is None else (flags[0][k], flags[1][k], unlike[k]))
     return rows
 
 

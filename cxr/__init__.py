@@ -19,7 +19,7 @@ module. Each module imports only those above it in this list:
                  fitted, applied, decided on and stored (no other module reads its fields)
     checkpoints  a state_dict plus plain metadata, every field checked at load; ensemble
                  files (members and one calibration), loaded the same way
-    siteshift    typicality (the atypical flag and the far level), shift check, AdaBN
+    siteshift    typicality (the atypical flag), shift check, AdaBN
     intake       the files given to predict: each once, decoded in workers, errors as values
     predtable    the prediction tables: predict's rows, run manifest, --resume; evaluation rows
     predconsole  what predict prints: per film (verdict, answer or refer and why), per batch

@@ -35,6 +35,20 @@ MIN_NEIGHBOUR_CORR = (0.5, 0.35)  # neighbouring pixels, neighbouring blocks
 
 MAX_COLOURED_SHARE = 0.25  # share of a 32 x 32 thumbnail's pixels with chroma > 16
 
+# What a chest film has that a picture of something else lacks: the layout of the average
+# film (dark lungs either side of a bright midline) and fine detail (ribs, vessels, grain).
+# FILM_LAYOUT: the 8 x 8 block means of the shipped model's 5,216 training films (its
+# train, validation and calibration splits), rounded. 99% of those films correlate with
+# it at 0.59 or more and keep at least 2.3% of their grey-level variance in detail finer
+# than a 32 x 32 grid (experiments/radiograph_checks.py). predict.py withholds the
+# verdict only from an atypical image that is below either (unlike_a_film).
+FILM_LAYOUT = ((77, 103, 127, 158, 158, 126, 101, 73), (76, 128, 137, 154, 154, 138, 126, 74),
+               (63, 132, 118, 153, 159, 124, 131, 62), (55, 126, 110, 163, 174, 129, 127, 53),
+               (52, 115, 113, 171, 182, 145, 119, 50), (50, 106, 115, 169, 183, 152, 111, 48),
+               (52, 128, 159, 182, 185, 162, 119, 48), (59, 160, 186, 193, 190, 177, 149, 54))
+
+MIN_LAYOUT, MIN_DETAIL = 0.59, 0.023
+
 class ImageReadError(Exception):
     """A file that cannot be used as an X-ray; the message names the file."""
 
@@ -135,14 +149,44 @@ def check_structure(gray: np.ndarray) -> None:
     if sd < MIN_GREY_SD:
         raise ImageReadError(f"blank image (grey-level spread {sd:.1f}, a radiograph has "
                              f"more than {MIN_GREY_SD:g}): nothing to judge")
-    k = max(1, min(a.shape) // 32)  # a 32 x 32 grid of blocks (7 x 7 px at 224 px)
-    h, w = (a.shape[0] // k) * k, (a.shape[1] // k) * k
-    blocks = a[:h, :w].reshape(h // k, k, w // k, k).mean((1, 3))
+    blocks = block_means(a, 32)  # a 32 x 32 grid of blocks (7 x 7 px at 224 px)
     for img, floor in zip((a, blocks), MIN_NEIGHBOUR_CORR):
         corr = float(np.corrcoef(img[:, :-1].ravel(), img[:, 1:].ravel())[0, 1])
         if not corr >= floor:
             raise ImageReadError(f"looks like noise, not a radiograph (neighbouring pixels "
                                  f"correlate {corr:.2f}, in a radiograph above {floor:g})")
+
+def block_means(a: np.ndarray, grid: int) -> np.ndarray:
+    """The means of a grid x grid array of equal blocks (the edge rows and columns that do
+    not fill a block are left out)."""
+    k = max(1, min(a.shape) // grid)
+    h, w = (a.shape[0] // k) * k, (a.shape[1] // k) * k
+    return a[:h, :w].reshape(h // k, k, w // k, k).mean((1, 3))
+
+def film_statistics(gray: np.ndarray, layout=None) -> tuple[float, float]:
+    """(layout, detail) of an image: the correlation of its 8 x 8 block means with those
+    of the average chest film (layout, default FILM_LAYOUT), and the share of its
+    grey-level variance finer than a 32 x 32 grid of blocks (detail)."""
+    a = gray.astype(np.float64)
+    b = block_means(a, 8).ravel()
+    t = np.asarray(FILM_LAYOUT if layout is None else layout, dtype=np.float64).ravel()
+    b, t = b - b.mean(), t - t.mean()
+    norm = float(np.linalg.norm(b) * np.linalg.norm(t))
+    var = float(a.var())
+    return (float(b @ t) / norm if norm > 0 else 0.0,
+            1 - float(block_means(a, 32).var()) / var if var > 0 else 0.0)
+
+def unlike_a_film(gray: np.ndarray) -> str | None:
+    """Why an image does not look like a chest film (its layout or its detail below what
+    99% of the training films have), or None. Not a refusal on its own: see FILM_LAYOUT."""
+    layout, detail = film_statistics(gray)
+    if layout < MIN_LAYOUT:
+        return (f"laid out unlike a chest film (correlation {layout:.2f} with the average "
+                f"film; 99% of training films {MIN_LAYOUT:g} or more)")
+    if detail < MIN_DETAIL:
+        return (f"too little fine detail for a radiograph ({detail:.1%} of its variance; "
+                f"99% of training films {MIN_DETAIL:.1%} or more)")
+    return None
 
 def _is_dicom(path: Path) -> bool:
     """Whether a file found in a folder is a DICOM: by its extension, or by the DICM

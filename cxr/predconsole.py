@@ -2,9 +2,9 @@
 batch's summary.
 
 A film whose typicality ratio (typicality / the model's cut, siteshift.outside_distribution)
-is above 1 is *atypical*: its verdict is given, with a warning. Only a ratio above
-siteshift.FAR_LEVEL (far outside anything the model was trained on: not a chest film)
-withholds it (prediction OUTSIDE). A batch with more than MANY_ATYPICAL of its films
+is above 1 is *atypical*: its verdict is given, with a warning. Only an atypical image
+that is also unlike a chest film (imagefiles.unlike_a_film: its layout or its fine detail)
+gets none (prediction OUTSIDE). A batch with more than MANY_ATYPICAL of its films
 atypical gets one warning that it looks like another site's films.
 """
 
@@ -24,8 +24,8 @@ def cut_words(ratio) -> str:
 def print_block(row, cal):
     print(f"\nImage: {row['file']}")
     if row["prediction"] == OUTSIDE:
-        print(f"Far outside what the model was trained on: not like a chest X-ray. No verdict: "
-              f"refer ({cut_words(row['typicality'])}; no verdict above {siteshift.FAR_LEVEL:g}).")
+        print(f"Not like a chest X-ray: atypical for the training data ({cut_words(row['typicality'])}) "
+              "and unlike a chest film in layout or fine detail. No verdict: refer.")
         return
     print(f"P(PNEUMONIA), {'' if cal.fitted else 'un'}calibrated: {row['prob_pneumonia']:.1%}   "
           "(decision: PNEUMONIA at "
@@ -39,7 +39,7 @@ def print_block(row, cal):
 
 def print_line(row):
     if row["prediction"] == OUTSIDE:
-        print(f"{row['file']}: REFER: far outside what the model was trained on (no verdict)")
+        print(f"{row['file']}: REFER: not like a chest X-ray (no verdict)")
         return
     print(f"{row['file']}: {row['prediction']} (P(PNEUMONIA) {row['prob_pneumonia']:.1%})"
           + ("  REFER: uncertain" if row["uncertain"] else "")
@@ -66,8 +66,8 @@ def print_summary(n_ok, n_atypical, n_far, skipped, where):
     given none."""
     print(f"\nPredicted {n_ok} image(s); results in {runtime.display_name(where)}")
     if n_far:
-        print(f"No verdict for {n_far} of {n_ok} image(s): far outside what the model was trained "
-              "on (not chest X-rays?)")
+        print(f"No verdict for {n_far} of {n_ok} image(s): atypical and unlike a chest film in "
+              "layout or fine detail (not chest X-rays?)")
     if n_atypical:
         share = n_atypical / n_ok
         many = share > MANY_ATYPICAL

@@ -27,17 +27,17 @@ try:
 except ImportError:  # Windows: no folder lock
     fcntl = None
 
-from . import imagefiles, network, runtime, siteshift
+from . import imagefiles, network, runtime
 from .intake import resolved
 
 COLUMNS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
            "uncertain", "threshold", "temperature", "error", "model", "resolved_path",
            "atypical", "outside", "typicality"]
 """typicality: the film's typicality / the model's cut (the highest over an ensemble's
-members); atypical: above 1, the verdict is given with a warning; outside: above
-siteshift.FAR_LEVEL, far outside the training data: no verdict. All three empty for a
-model without typicality statistics."""
-OUTSIDE = "OUTSIDE"  # the prediction column of an image far outside the training data: no verdict
+members); atypical: above 1, the verdict is given with a warning; outside: atypical and
+unlike a chest film (imagefiles.unlike_a_film), not a radiograph: no verdict. All three
+empty for a model without typicality statistics."""
+OUTSIDE = "OUTSIDE"  # the prediction column of an image that is not like a chest film: no verdict
 CSV_NAME, JSONL_NAME = "predictions.csv", "predictions.jsonl"
 MANIFEST = "run.json"  # what made this folder's rows: --resume must match it
 MAX_MANIFEST_BYTES = 1 << 20
@@ -52,13 +52,14 @@ class TableError(Exception):
 
 
 def result_row(path, p_pneu, cal, model_id, flag=None) -> dict:
-    """A verdict row. flag: (atypical, typicality / cut) from siteshift.outside_distribution,
-    or None. An atypical image gets its verdict, marked; one far outside the training data
-    (ratio above siteshift.FAR_LEVEL) gets no verdict and no confidence, only its
-    probabilities for the record."""
+    """A verdict row. flag: (atypical, typicality / cut) from siteshift.outside_distribution
+    and whether the image is unlike a chest film (imagefiles.unlike_a_film), or None. An
+    atypical image gets its verdict, marked; one that is atypical and unlike a chest film
+    gets no verdict and no confidence, only its probabilities for the record."""
     pred, conf = cal.decide(p_pneu)
-    atypical, typicality = (bool(flag[0]), float(flag[1])) if flag is not None else (False, None)
-    outside = typicality is not None and typicality > siteshift.FAR_LEVEL
+    atypical, typicality, unlike = ((bool(flag[0]), float(flag[1]), bool(flag[2]))
+                                    if flag is not None else (False, None, False))
+    outside = atypical and unlike
     return {
         "file": runtime.display_name(path),
         "prediction": OUTSIDE if outside else network.CLASS_NAMES[int(pred)],

@@ -2,8 +2,8 @@
 domain-classifier shift check, and label-free BatchNorm adaptation (AdaBN).
 
 A film whose typicality / cut ratio is above 1 is *atypical* (1% of validation films by
-construction): predict.py gives its verdict with a warning. Above FAR_LEVEL it is far
-outside the training data and gets no verdict.
+construction): predict.py gives its verdict with a warning. Only an atypical image that is
+also unlike a chest film (imagefiles.unlike_a_film: layout, fine detail) gets no verdict.
 """
 
 from __future__ import annotations
@@ -17,15 +17,6 @@ from cxr import network
 TYPICALITY_DIMS = 64
 
 TYPICALITY_LEVEL = 0.99
-
-# The ratio above which predict.py gives no verdict. Measured on the shipped
-# models/mobilenet_cxr.pth (python experiments/site_shift.py, far_level_by_rule): 99% of
-# the 177 generated non-radiographs that pass the structure checks lie at or above 1.197
-# (which rounds down to 1.1, leaving 3 of 521 validation films above it), so by the rule
-# the level is the smallest with at most 0.5% of validation above it: 1.102275, the 3rd
-# highest of the 521 validation films, kept here rounded up. The ratio is relative to each
-# checkpoint's own cut, so it applies to every checkpoint.
-FAR_LEVEL = 1.1023
 
 REFERENCE_SAMPLE = 1000  # validation images kept (as PCA features) for the domain check
 
@@ -109,7 +100,7 @@ def shift_verdict(auc: float) -> str:
 
 def outside_distribution(members, feats: list[torch.Tensor]):
     """(atypical, ratio) per image: ratio = the highest over the members of typicality
-    score / cut; atypical when above 1 (far outside the training data: above FAR_LEVEL).
+    score / cut; atypical when above 1.
     None when a member has no typicality statistics."""
     if any(getattr(model, "typicality", None) is None for model, _ in members):
         return None

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Site shift, the atypical flag and the far level, measured (docs/results.md).
+"""Site shift and the atypical flag, measured (docs/results.md).
 
     python experiments/site_shift.py --data DATA                     # both shipped models
     python experiments/site_shift.py --data DATA --save-ratios outputs/ratios
@@ -10,22 +10,20 @@ For each checkpoint (which must hold typicality statistics: train_cxray.py adds 
 the end of a run, experiments/upgrade_checkpoint.py --typicality-for adds them to an old
 checkpoint), takes every image's typicality ratio (typicality / the model's cut) and
 prints the share *atypical* (ratio above 1: predict.py gives the verdict with a warning)
-and the share *stopped* (refused by the structure checks before the model, or ratio
-above the far level cxr.siteshift.FAR_LEVEL: no verdict), for:
+for the sets below (which of them get no verdict: experiments/radiograph_checks.py, from
+the ratios saved here):
   - validation (the model's own split, rebuilt from its seed): about 1% atypical by
     construction;
   - test NORMAL and test PNEUMONIA (labels only to split the shares), and how many
-    correct NORMAL calls are atypical and how many the far level silences;
+    correct NORMAL calls are atypical;
   - the full-resolution and DICOM samples (../shared/data/samples, when present);
   - inputs that are not chest X-rays, generated here: blank and noise images (which
     predict.py refuses before the model sees them), scikit-learn's two bundled sample
     photographs as random greyscale crops, upsampled handwritten digits, gradients and
     checkerboards.
-It also prints the far level that its rule (far_level_by_rule) gives from the
-validation films and the non-radiographs alone, and the acceptance figures. Then the
-domain classifier (5-fold logistic regression, ROC AUC) between the model's validation
-images and the test images, overall and per class; with --imagenet also on frozen
-ImageNet MobileNetV2 features between train and test images per class.
+Then the domain classifier (5-fold logistic regression, ROC AUC) between the model's
+validation images and the test images, overall and per class; with --imagenet also on
+frozen ImageNet MobileNetV2 features between train and test images per class.
 
 Nothing is fitted on test for any decision: the test images are only measured.
 """
@@ -152,62 +150,26 @@ def measure(path: Path, data: Path, kinds) -> dict[str, np.ndarray]:
     return out
 
 
-def floor_2_digits(x: float) -> float:
-    """The largest number of two significant digits below x."""
-    unit = 10.0 ** (np.floor(np.log10(x)) - 1)
-    r = np.floor(x / unit) * unit
-    return float(round(r - unit if r >= x else r, 10))
-
-
-def far_level_by_rule(val: np.ndarray, passing: np.ndarray) -> tuple[float, str]:
-    """The far level's rule: the largest r of two significant
-    digits with at least 99% of the non-radiographs that pass the structure checks above
-    it; it must leave at most 0.5% of validation above it, else the smallest r that does."""
-    allowed = int(np.floor(0.01 * len(passing)))  # non-radiographs that may lie at or below r
-    edge = float(np.sort(passing)[allowed])
-    r = floor_2_digits(edge)
-    how = (f"{1 - allowed / len(passing):.0%} of the {len(passing)} non-radiographs that pass "
-           f"the structure checks lie at or above {edge:.3f}, rounded down {r:g}; validation "
-           f"above {r:g}: {np.mean(val > r):.2%}")
-    if np.mean(val > r) <= 0.005:
-        return r, how + " (at most 0.5%): kept"
-    k = int(np.floor(0.005 * len(val)))
-    r = float(np.sort(val)[::-1][k])
-    return r, how + (" > 0.5%: the populations overlap; the smallest level with at most 0.5% "
-                     f"of validation above it instead ({k} of {len(val)} above)")
-
-
-def report(path, out: dict, far: float) -> None:
-    """Shares atypical (ratio > 1) and stopped (refused, or ratio > far), per set, and
-    the acceptance figures."""
+def report(path, out: dict) -> None:
+    """Shares atypical (ratio > 1) per set, and of the non-radiographs those refused by
+    the structure checks. Which images get no verdict: experiments/radiograph_checks.py."""
     kinds = [k.split(":", 1)[1] for k in out if k.startswith("non-radiograph:")]
     nonrad = np.concatenate([out[f"non-radiograph:{k}"] for k in kinds])
     gone = np.concatenate([out[f"refused:{k}"] for k in kinds])
-    rule, how = far_level_by_rule(out["validation"], nonrad[~gone])
     print(f"\n{path}")
-    print(f"  far level by the rule: {rule:.6g} ({how})")
-    print(f"  far level used: {far:g} x the cut (cxr.siteshift.FAR_LEVEL {siteshift.FAR_LEVEL:g})")
-    print(f"  {'images':<26} {'atypical (ratio > 1)':>20} | stopped (refused, or ratio > {far:g})")
+    print(f"  {'images':<26} {'atypical (ratio > 1)':>20} | refused by the structure checks")
     for name in ["validation", "test NORMAL", "test PNEUMONIA", "samples/fullres", "samples/dicom"]:
         if name in out:
-            print(f"    {name:<24} {share(out[name] > 1):>20} | {share(out[name] > far)}")
+            print(f"    {name:<24} {share(out[name] > 1):>20} |")
     for k in kinds:
-        r, refused_ = out[f"non-radiograph:{k}"], out[f"refused:{k}"]
-        print(f"    {k:<24} {share(r > 1):>20} | {share(refused_ | (r > far))}")
-    stopped_nonrad = gone | (nonrad > far)
-    print(f"    {'all non-radiographs':<24} {share(nonrad > 1):>20} | {share(stopped_nonrad)}")
+        print(f"    {k:<24} {share(out[f'non-radiograph:{k}'] > 1):>20} | {share(out[f'refused:{k}'])}")
+    print(f"    {'all non-radiographs':<24} {share(nonrad > 1):>20} | {share(gone)}")
     y, d, r = out["test:label"], out["test:decision"], out["test:ratio"]
     correct = (y == 0) & (d == 0)
     confident = correct & out["test:confident"]
     print(f"  test: {correct.sum()} correct NORMAL calls ({confident.sum()} confident, outside the "
           f"uncertain band): atypical {(correct & (r > 1)).sum()} ({(confident & (r > 1)).sum()} "
-          f"confident), silenced by the far level {(correct & (r > far)).sum()}; largest ratio "
-          f"of a test film {r.max():.3f}")
-    silenced, stopped = (correct & (r > far)).sum(), stopped_nonrad.mean()
-    val = np.mean(out["validation"] > far)
-    met = silenced == 0 and stopped >= 0.99 and val <= 0.02
-    print(f"  acceptance: correct NORMAL calls silenced {silenced} (0) | non-radiographs stopped "
-          f"{stopped:.1%} (>= 99%) | validation stopped {val:.1%} (<= 2%): {'met' if met else 'NOT met'}")
+          f"confident); largest ratio of a test film {r.max():.3f}")
 
 
 def imagenet_domain(data: Path, per_class: int, seed: int = 0):
@@ -236,8 +198,6 @@ def main():
     p.add_argument("--model", action="append", type=Path,
                    help="checkpoint (repeatable; default: the two shipped models)")
     p.add_argument("--data", type=Path, default=ROOT / "chest_xray")
-    p.add_argument("--far-level", type=float, default=siteshift.FAR_LEVEL,
-                   help="typicality / cut above which no verdict is given")
     p.add_argument("--save-ratios", type=Path, metavar="NPZ",
                    help="also write every image's ratio (one file per model: NPZ.<model>.npz)")
     p.add_argument("--load-ratios", type=Path, metavar="NPZ",
@@ -259,7 +219,7 @@ def main():
             out = measure(path, args.data, kinds)
             if args.save_ratios:
                 np.savez(f"{args.save_ratios}.{path.stem}.npz", **out)
-        report(runtime.display_name(path), out, args.far_level)
+        report(runtime.display_name(path), out)
     if args.imagenet:
         imagenet_domain(args.data, args.per_class)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CAL_TEMPERATURE, ROOT, TINY, run_folder, run_script, tiny_test_files
+from conftest import CAL_TEMPERATURE, DATA, ROOT, TINY, run_folder, run_script, tiny_test_files
 from PIL import Image
 
-from cxr import calib, checkpoints, dataset, network, runtime, siteshift
+from cxr import calib, checkpoints, dataset, imagefiles, network, runtime, scan, siteshift
 
 SHIPPED = ROOT / "models" / "mobilenet_cxr.pth"
 
@@ -26,9 +26,8 @@ def grey_photo(path):
 
 
 def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
-    """A grey photograph passes the structure checks (it is neither blank nor noise), so
-    only the typicality ratio, far above the far level, stands between it and a confident
-    verdict."""
+    """A grey photograph passes the structure checks (it is neither blank nor noise): it is
+    atypical, and not laid out like a chest film, so it gets no verdict."""
     photo = grey_photo(tmp_path / "photo.png")
     film = ROOT / "examples" / "NORMAL2-IM-0337-0001.jpeg"
     proc = run_script("predict.py", "--image", photo, "--image", film, "--out", tmp_path)
@@ -36,7 +35,7 @@ def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
     block = proc.stdout.split("Image: ")
     photo_block = next(b for b in block if b.startswith(str(photo)))
     film_block = next(b for b in block if b.startswith(str(film)))
-    assert "Far outside what the model was trained on: not like a chest X-ray" in photo_block
+    assert "Not like a chest X-ray: atypical for the training data" in photo_block
     assert "Prediction:" not in photo_block
     assert "Prediction: NORMAL" in film_block
     rows = {r.split(",")[0]: r for r in
@@ -59,8 +58,7 @@ def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
 # --- atypical is a warning, not a silence: injected ratios, so they hold on any machine ---
 
 
-MID = 1 + (siteshift.FAR_LEVEL - 1) / 2  # atypical, not far
-FAR = siteshift.FAR_LEVEL * 2
+MID, FAR = 1.05, 5.0  # atypical; far beyond the cut (the largest ratio of a test film: 1.42)
 
 
 def inject_ratios(monkeypatch, ratios):
@@ -77,58 +75,110 @@ def read_rows(parent):
         return list(csv.DictReader(f))
 
 
-def test_an_atypical_film_gets_its_verdict_and_a_warning_a_far_one_none(tmp_path, monkeypatch,
+def unlike(path):
+    return imagefiles.unlike_a_film(dataset.load_image_array(path)) is not None
+
+
+def pictures(folder):
+    """16 grey pictures that are not chest films: the two sample photographs, turned and
+    mirrored."""
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir()
+    for i, photo in enumerate(load_sample_images().images):
+        grey = Image.fromarray(photo).convert("L")
+        for turn in range(4):
+            for flip in (False, True):
+                im = grey.rotate(90 * turn, expand=True)
+                (im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im).save(
+                    folder / f"photo{i}_{turn}{int(flip)}.png")
+    return folder
+
+
+def test_chest_films_look_like_films_and_pictures_do_not():
+    """The look that, with typicality, withholds a verdict: the full-resolution films
+    (another hospital's adult DICOMs aside) pass it; photographs, upsampled digits, a
+    gradient and a checkerboard fail it, each with a one-line reason."""
+    from sklearn.datasets import load_digits, load_sample_images
+
+    films = [*sorted((ROOT / "examples").glob("*.jpeg")), *scan.list_images(DATA / "fullres")]
+    assert len(films) == 6
+    for f in films:
+        assert imagefiles.unlike_a_film(dataset.load_image_array(f)) is None, f.name
+    ramp = np.linspace(0, 255, 224)
+    cells = (np.indices((224, 224)) // 32).sum(0) % 2 * 200 + 28
+    others = [np.asarray(Image.fromarray(p).convert("L").resize((224, 224))) for p in
+              load_sample_images().images]
+    others += [np.asarray(Image.fromarray((d * 16).astype(np.uint8)).resize((224, 224),
+                                                                        Image.Resampling.BILINEAR))
+               for d in load_digits().images[:5]]
+    others += [np.add.outer(ramp, ramp).astype(np.uint8) // 2, cells.astype(np.uint8)]
+    for a in others:
+        reason = imagefiles.unlike_a_film(a)
+        assert reason and "\n" not in reason and ("laid out" in reason or "fine detail" in reason)
+
+
+def test_an_atypical_film_gets_its_verdict_and_a_warning_a_picture_none(tmp_path, monkeypatch,
                                                                         capsys):
-    """Ratio above 1 but not above FAR_LEVEL: a verdict (prediction, confidence, band,
-    Grad-CAM), marked atypical in the row and warned in the block. Above FAR_LEVEL: no
-    verdict. At or below 1: no mark, no warning."""
+    """A chest film with ratio above 1, however far: a verdict (prediction, confidence,
+    band, Grad-CAM), marked atypical in the row and warned in the block. An atypical
+    picture that is not laid out like a chest film: no verdict, and one line naming it.
+    At or below 1: no mark, no warning."""
     import predict
 
-    films = [ROOT / "examples" / n for n in ("NORMAL2-IM-0337-0001.jpeg", "IM-0001-0001.jpeg",
-                                             "person10_virus_35.jpeg")]
-    ratios = [0.5, MID, FAR]
-    inject_ratios(monkeypatch, ratios)
-    argv = [a for f in films for a in ("--image", str(f))]
-    assert predict.main([*argv, "--gradcam", "--workers", "0", "--out", str(tmp_path)]) == 0
+    typical_f, far_f = (ROOT / "examples" / n for n in ("NORMAL2-IM-0337-0001.jpeg",
+                                                         "person10_virus_35.jpeg"))
+    photo_f = grey_photo(tmp_path / "photo.png")
+    assert not unlike(far_f) and unlike(photo_f)  # the premises
+    inject_ratios(monkeypatch, [0.5, FAR, MID])
+    argv = [a for f in (typical_f, far_f, photo_f) for a in ("--image", str(f))]
+    assert predict.main([*argv, "--gradcam", "--workers", "0", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    typical, atypical, far = sorted(read_rows(tmp_path), key=lambda r: float(r["typicality"]))
-    assert [float(r["typicality"]) for r in (typical, atypical, far)] == pytest.approx(ratios, abs=1e-4)
-    for r in (typical, atypical):
+    rows = {Path(r["file"]).name: r for r in read_rows(tmp_path / "o")}
+    typical, far, photo = (rows[f.name] for f in (typical_f, far_f, photo_f))
+    assert [float(r["typicality"]) for r in (typical, far, photo)] == pytest.approx([0.5, FAR, MID])
+    for r in (typical, far):
         assert r["prediction"] in network.CLASS_NAMES and float(r["confidence"]) >= 0.5
     assert (typical["atypical"], typical["outside"]) == ("False", "False")
-    assert (atypical["atypical"], atypical["outside"]) == ("True", "False")
-    assert (far["prediction"], far["confidence"]) == ("OUTSIDE", "")
-    assert (far["atypical"], far["outside"]) == ("True", "True")
+    assert (far["atypical"], far["outside"]) == ("True", "False")
+    assert (photo["prediction"], photo["confidence"]) == ("OUTSIDE", "")
+    assert (photo["atypical"], photo["outside"]) == ("True", "True")
     blocks = {b.split("\n")[0]: b for b in out.split("Image: ")[1:]}
-    assert f"Atypical for the training data (typicality {MID:.2f} x the cut" in blocks[atypical["file"]]
-    assert f"Prediction: {atypical['prediction']}" in blocks[atypical["file"]]
+    assert f"Atypical for the training data (typicality {FAR:.2f} x the cut" in blocks[far["file"]]
+    assert f"Prediction: {far['prediction']}" in blocks[far["file"]]
     assert "Atypical" not in blocks[typical["file"]]
-    assert "No verdict" in blocks[far["file"]] and "Prediction:" not in blocks[far["file"]]
-    gradcams = {p.name for p in run_folder(tmp_path).glob("*_gradcam.png")}
-    assert gradcams == {f"{Path(r['file']).stem}_gradcam.png" for r in (typical, atypical)}
+    assert "No verdict" in blocks[photo["file"]] and "Prediction:" not in blocks[photo["file"]]
+    assert "Not like a chest X-ray" in blocks[photo["file"]]
+    gradcams = {p.name for p in run_folder(tmp_path / "o").glob("*_gradcam.png")}
+    assert gradcams == {f"{Path(r['file']).stem}_gradcam.png" for r in (typical, far)}
     assert "No verdict for 1 of 3 image(s)" in out
     predict.main([*argv, "--quiet", "--workers", "0", "--out", str(tmp_path / "q")])
     lines = {ln.split(": ")[0]: ln for ln in capsys.readouterr().out.splitlines()}
-    assert f"{atypical['prediction']} (P(PNEUMONIA)" in lines[atypical["file"]]
-    assert "ATYPICAL for the training data: check" in lines[atypical["file"]]
+    assert f"{far['prediction']} (P(PNEUMONIA)" in lines[far["file"]]
+    assert "ATYPICAL for the training data: check" in lines[far["file"]]
     assert "ATYPICAL" not in lines[typical["file"]]
-    assert "no verdict" in lines[far["file"]]
+    assert lines[photo["file"]] == f"{photo['file']}: REFER: not like a chest X-ray (no verdict)"
 
 
-@pytest.mark.parametrize("ratios, site_warning", [
-    ([MID] + [0.5] * 15, False),  # 1 of 16 (6%) atypical: counted, no warning
-    ([MID, MID] + [0.5] * 14, True),  # 2 of 16 (12.5%): above MANY_ATYPICAL, warned once
-    ([FAR] * 16, False),  # all far outside: not another site's films
+@pytest.mark.parametrize("folder, ratios, site_warning", [
+    ("tiny", [MID] + [0.5] * 15, False),  # 1 of 16 (6%) atypical: counted, no warning
+    ("tiny", [MID, MID] + [0.5] * 14, True),  # 2 of 16 (12.5%): above MANY_ATYPICAL, warned once
+    ("tiny", [FAR] * 16, True),  # all far beyond the cut: the films get verdicts and the warning
+    ("pictures", [FAR] * 16, False),  # all pictures: no verdict, not another site's films
 ])
 def test_a_batch_with_many_atypical_films_is_warned_once_of_another_site(
-        ratios, site_warning, tmp_path, monkeypatch, capsys):
+        folder, ratios, site_warning, tmp_path, monkeypatch, capsys):
     import predict
 
+    folder = TINY / "test" if folder == "tiny" else pictures(tmp_path / "pictures")
+    files = scan.list_images(folder)
+    looks = [unlike(f) for f in files]
+    n_atypical = sum(r > 1 and not u for r, u in zip(ratios, looks))
+    n_far = sum(r > 1 and u for r, u in zip(ratios, looks))
+    assert (n_atypical, n_far) != (0, 0) and (n_far == 16) == (folder.name == "pictures")
     inject_ratios(monkeypatch, ratios)
-    predict.main(["--dir", str(TINY / "test"), "--quiet", "--workers", "0", "--out", str(tmp_path)])
+    predict.main(["--dir", str(folder), "--quiet", "--workers", "0", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
-    n_atypical = sum(1 < r <= siteshift.FAR_LEVEL for r in ratios)
-    n_far = sum(r > siteshift.FAR_LEVEL for r in ratios)
     assert out.count("looks like another site") == int(site_warning)
     if site_warning:
         line = next(ln for ln in out.splitlines() if "looks like another site" in ln)
@@ -136,8 +186,10 @@ def test_a_batch_with_many_atypical_films_is_warned_once_of_another_site(
         assert "visualize_results.py --recalibrate" in line and "--adapt" in line
     if n_atypical:
         assert f"{n_atypical} of 16 image(s) ({n_atypical / 16:.0%}) are atypical" in out
-    assert ("No verdict for 16 of 16 image(s)" in out) == bool(n_far)
-    assert sum(r["atypical"] == "True" for r in read_rows(tmp_path)) == n_atypical + n_far
+    assert (f"No verdict for {n_far} of 16 image(s)" in out) == bool(n_far)
+    rows = read_rows(tmp_path / "o")
+    assert sum(r["atypical"] == "True" for r in rows) == n_atypical + n_far
+    assert sum(r["prediction"] == "OUTSIDE" for r in rows) == n_far
 
 
 def test_typicality_for_rebuilds_the_statistics_the_run_stored(trained_run, tmp_path):
