@@ -209,7 +209,7 @@ def main(argv=None):
             n_ok += 1
             n_far += row["outside"] is True
             n_atypical += row["atypical"] is True and row["outside"] is not True
-            predconsole.print_line(row) if args.quiet else predconsole.print_block(row, cal)
+            predconsole.print_line(row, cal) if args.quiet else predconsole.print_block(row, cal)
             if cam is not None and row["prediction"] != predtable.OUTSIDE:
                 explain(cam, arrays[i], row, members, device, out_dir, todo[i], explained)
 

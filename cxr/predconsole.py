@@ -1,5 +1,5 @@
-"""What predict.py prints: the header and notes, one block (or line) per film, and the
-batch's summary.
+"""What predict.py prints: the header and notes, one line per film (the verdict, the
+probability, and "answer" or "refer, because ..."), and the batch's summary.
 
 A film whose typicality ratio (typicality / the model's cut, siteshift.outside_distribution)
 is above 1 is *atypical*: its verdict is given, with a warning. Only an atypical image
@@ -16,34 +16,25 @@ from .predtable import OUTSIDE
 MANY_ATYPICAL = 0.10  # above this share of a batch atypical (validation: 1%), one site warning
 
 
-def cut_words(ratio) -> str:
-    return (f"typicality {ratio:.2f} x the cut that {1 - siteshift.TYPICALITY_LEVEL:.0%} of "
-            "validation films exceed")
+def verdict(row, cal) -> str:
+    """One film in one line: the verdict, the probability, and "answer" or "refer, because"
+    the reason in plain words."""
+    if row["prediction"] == OUTSIDE:
+        return f"no verdict - refer, because it is {row['reason']}"
+    head = (f"{row['prediction']}, P(PNEUMONIA) {row['prob_pneumonia']:.1%} "
+            f"({'calibrated' if cal.fitted else 'uncalibrated'})")
+    if row["refer"]:
+        return f"{head} - refer, because {row['reason']}"
+    return f"{head} - " + ("answer" if cal.refers else "no referral rule (uncalibrated model)")
 
 
 def print_block(row, cal):
     print(f"\nImage: {row['file']}")
-    if row["prediction"] == OUTSIDE:
-        print(f"Not like a chest X-ray: atypical for the training data ({cut_words(row['typicality'])}) "
-              "and unlike a chest film in layout or fine detail. No verdict: refer.")
-        return
-    print(f"P(PNEUMONIA), {'' if cal.fitted else 'un'}calibrated: {row['prob_pneumonia']:.1%}   "
-          "(decision: PNEUMONIA at "
-          f">= {cal.threshold:.1%})")
-    print(f"Prediction: {row['prediction']}")
-    print(f"Refer first: {cal.referral(row['uncertain'])}")
-    if row["atypical"] is True:
-        print(f"Atypical for the training data ({cut_words(row['typicality'])}): check the film: "
-              "the model's figures may not hold for it.")
+    print(verdict(row, cal))
 
 
-def print_line(row):
-    if row["prediction"] == OUTSIDE:
-        print(f"{row['file']}: REFER: not like a chest X-ray (no verdict)")
-        return
-    print(f"{row['file']}: {row['prediction']} (P(PNEUMONIA) {row['prob_pneumonia']:.1%})"
-          + ("  REFER: uncertain" if row["uncertain"] else "")
-          + ("  ATYPICAL for the training data: check" if row["atypical"] is True else ""))
+def print_line(row, cal):
+    print(f"{row['file']}: {verdict(row, cal)}")
 
 
 def print_header(model_path, members, cal, model_id):
@@ -52,6 +43,9 @@ def print_header(model_path, members, cal, model_id):
 
 
 def print_notes(members, cal):
+    print(f"Threshold: {cal.threshold_words()}")
+    if cal.refers:
+        print(f"Referral: {cal.rule_words()}")
     if cal.caveat():
         print(cal.caveat())
     if any(getattr(m, "typicality", None) is None for m, _ in members):

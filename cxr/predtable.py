@@ -27,13 +27,15 @@ try:
 except ImportError:  # Windows: no folder lock
     fcntl = None
 
-from . import imagefiles, network, runtime
+from . import imagefiles, network, runtime, siteshift
 from .intake import resolved
 
 COLUMNS = ["file", "prediction", "confidence", "prob_normal", "prob_pneumonia",
-           "uncertain", "threshold", "temperature", "error", "model", "resolved_path",
+           "refer", "reason", "threshold", "temperature", "error", "model", "resolved_path",
            "atypical", "outside", "typicality"]
-"""typicality: the film's typicality / the model's cut (the highest over an ensemble's
+"""refer: whether the film goes to a radiologist first; reason: why, in plain words (below
+the referral rule's confidence, atypical, not like a chest X-ray), empty when answered.
+typicality: the film's typicality / the model's cut (the highest over an ensemble's
 members); atypical: above 1, the verdict is given with a warning; outside: atypical and
 unlike a chest film (imagefiles.unlike_a_film), not a radiograph: no verdict. All three
 empty for a model without typicality statistics."""
@@ -60,12 +62,19 @@ def result_row(path, p_pneu, cal, model_id, flag=None) -> dict:
     atypical, typicality, unlike = ((bool(flag[0]), float(flag[1]), bool(flag[2]))
                                     if flag is not None else (False, None, False))
     outside = atypical and unlike
+    reasons = [("not like a chest X-ray (atypical for the training data, and unlike a chest film "
+                "in layout or fine detail)") if outside else
+               (f"the film is unlike those the model learnt from (typicality {typicality:.2f} x the "
+                f"cut that {1 - siteshift.TYPICALITY_LEVEL:.0%} of validation films exceed): its "
+                "figures may not hold for it") if atypical else "",
+               "" if outside or not cal.referred(p_pneu) else cal.why_referred(p_pneu)]
+    reason = "; ".join(r for r in reasons if r)
     return {
         "file": runtime.display_name(path),
         "prediction": OUTSIDE if outside else network.CLASS_NAMES[int(pred)],
         "confidence": "" if outside else round(float(conf), 6),
         "prob_normal": round(1.0 - p_pneu, 6),
-        "prob_pneumonia": round(p_pneu, 6), "uncertain": bool(cal.referred(p_pneu)),
+        "prob_pneumonia": round(p_pneu, 6), "refer": bool(reason), "reason": reason,
         **cal.columns(),  # threshold, and a temperature per member
         "error": "", "model": model_id, "resolved_path": resolved(path),
         "atypical": atypical if typicality is not None else "",
@@ -343,21 +352,21 @@ def resume_run_folder(out_dir: Path, manifest: dict, retry: set[str]) -> tuple[s
 # --- the evaluation table of visualize_results.py ----------------------------------------
 
 EVALUATION_COLUMNS = ["file", "label", "prediction", "prob_pneumonia", "confidence", "correct",
-                      "uncertain"]
+                      "referred"]
 """file: the image (runtime.display_name); label, prediction: class names; prob_pneumonia:
 the calibrated P(PNEUMONIA) and confidence: the probability of the predicted class, both
-with 6 decimals; correct: 1 if prediction == label, else 0; uncertain: 1 if the film is
-inside the uncertain band (referred), else 0."""
+with 6 decimals; correct: 1 if prediction == label, else 0; referred: 1 if the referral rule
+sends the film to a radiologist first (its confidence is below the rule's cut), else 0."""
 
 
-def write_evaluation_table(path, paths, labels, probs, decisions, confidences, uncertain) -> None:
+def write_evaluation_table(path, paths, labels, probs, decisions, confidences, referred) -> None:
     """predictions.csv of an evaluation, EVALUATION_COLUMNS, one row per image: labels
-    and decisions as class indices, uncertain as truth values. No cell can act as a
+    and decisions as class indices, referred as truth values. No cell can act as a
     spreadsheet formula; the file is replaced whole or not at all."""
     rows = [dict(zip(EVALUATION_COLUMNS, EVALUATION_COLUMNS))]
-    for f, y, p, d, c, u in zip(paths, labels, probs, decisions, confidences, uncertain, strict=True):
+    for f, y, p, d, c, u in zip(paths, labels, probs, decisions, confidences, referred, strict=True):
         rows.append({"file": runtime.display_name(f), "label": network.CLASS_NAMES[y],
                      "prediction": network.CLASS_NAMES[d], "prob_pneumonia": f"{p:.6f}",
-                     "confidence": f"{c:.6f}", "correct": int(d == y), "uncertain": int(bool(u))})
+                     "confidence": f"{c:.6f}", "correct": int(d == y), "referred": int(bool(u))})
     text = csv_text(rows, EVALUATION_COLUMNS)
     runtime.write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -167,8 +167,8 @@ def report(path, out: dict) -> None:
     y, d, r = out["test:label"], out["test:decision"], out["test:ratio"]
     correct = (y == 0) & (d == 0)
     confident = correct & out["test:confident"]
-    print(f"  test: {correct.sum()} correct NORMAL calls ({confident.sum()} confident, outside the "
-          f"uncertain band): atypical {(correct & (r > 1)).sum()} ({(confident & (r > 1)).sum()} "
+    print(f"  test: {correct.sum()} correct NORMAL calls ({confident.sum()} confident, answered by the "
+          f"referral rule): atypical {(correct & (r > 1)).sum()} ({(confident & (r > 1)).sum()} "
           f"confident); largest ratio of a test film {r.max():.3f}")
 
 
