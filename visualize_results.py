@@ -362,7 +362,7 @@ def analysis_text(m, cal, source, names) -> str:
         f"  Mean confidence of errors: {m['error_conf_mean']:.4f}\n"
         f"  Median confidence of errors: {m['error_conf_median']:.4f}\n"
         f"  Errors with confidence > {scoring.CONFIDENT}: {m['confident_error_share'] * 100:.1f}%\n"
-        f"\nReferral: {cal.rule_words()}\n  {int((~m['answered']).sum())} images referred, "
+        f"\nReferral rule: {cal.rule_words()}\n  {int((~m['answered']).sum())} images referred, "
         f"accuracy on the other {int(m['answered'].sum())} ({m['coverage']:.1%} coverage): "
         f"{m['accuracy_answered'] * 100:.2f}%\n"
         f"Referred per class: " + ", ".join(f"{k} {fmt(v, '.1%')}"

@@ -89,7 +89,8 @@ def selective(y, correct, answered) -> dict:
     """Coverage and selective risk of a set of answered films, overall and per true class."""
     def risk(m):
         return float((~correct[m]).mean()) if m.any() else float("nan")
-    return {"coverage": float(answered.mean()), "risk": risk(answered), "per_class": {
+    return {"coverage": float(answered.mean()), "answered": int(answered.sum()),
+            "risk": risk(answered), "per_class": {
         name: {"coverage": float(answered[y == k].mean()) if (y == k).any() else float("nan"),
                "risk": risk(answered & (y == k))} for k, name in enumerate(network.CLASS_NAMES)}}
 
@@ -123,19 +124,32 @@ def risk_coverage(y, correct, conf, answered, referral=None) -> dict:
 def promise_kept(measured, referral) -> dict | None:
     """The referral rule's promise (error among answered films <= its target, with
     probability >= 1 - delta, on films like those it was fitted on) beside the error
-    measured here; None without a rule."""
+    measured here, and whether the excess, if any, is beyond chance (one-sided binomial
+    test of the errors among the answered films at the target rate, p < 0.05); None
+    without a rule."""
+    from scipy.stats import binom  # scipy is installed with scikit-learn
+
     if referral is None:
         return None
-    risk, target = measured["risk"], referral["target_risk"]
-    seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered" if np.isfinite(risk)
-            else "here no film was answered")
-    holds = bool(np.isfinite(risk) and risk <= target)
+    risk, target, n = measured["risk"], referral["target_risk"], measured["answered"]
+    errors = int(round(risk * n)) if n else 0
+    p_value = float(binom.sf(errors - 1, n, target)) if n else float("nan")
+    if not n:
+        seen = "here no film was answered"
+    elif risk <= target:
+        seen = f"here {risk:.1%} on the {measured['coverage']:.1%} answered: within the promise"
+    elif p_value < 0.05:
+        seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered, above it beyond chance "
+                f"(p = {p_value:.2g}): these films differ from those (another site?)")
+    else:
+        seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered, above it but within "
+                f"chance for {n} films (p = {p_value:.2g})")
     words = (f"promised <= {target:.0%} error among answered films (with probability >= "
              f"{1 - referral['delta']:.0%}, on films like the {referral['films']} it was fitted on); "
-             + seen + (": within the promise" if holds else
-                       ": these films differ from those (another site?)" if np.isfinite(risk) else ""))
+             + seen)
     return {"target_risk": target, "delta": referral["delta"], "measured_risk": risk,
-            "coverage": measured["coverage"], "within_promise": holds, "verdict": words}
+            "coverage": measured["coverage"], "answered": n, "p_value_above_target": p_value,
+            "within_promise": bool(n and risk <= target), "verdict": words}
 
 def risk_coverage_text(m) -> str:
     """The risk-coverage lines of the console and the report, from evaluate's numbers."""

@@ -150,7 +150,7 @@ def calibrate(model, x_cal, y_cal, patients, intensity: str, seed: int) -> Calib
     cal = Calibration.from_dict(calibration)
     print(f"\nCalibration on the shifted calibration split: {calibration['temperature_decision']}")
     print(f"Temperature {cal.temperatures[0]:.3f}, threshold P(PNEUMONIA) >= {cal.threshold:.4f}; "
-          f"{cal.rule_words()}")
+          f"referral rule: {cal.rule_words()}")
     return cal
 
 
@@ -413,19 +413,18 @@ class Calibration:
         return ", ".join(format(t, spec) for t in self.temperatures)
 
     def rule_words(self, short: bool = False) -> str:
-        """The referral rule, as the header, the report and training name it."""
+        """The referral rule, as the header (short), the report and training name it."""
         r = self.referral
         if r is None:
-            return "no referral rule"
+            return "no referral rule" if short else "none"
         if r["min_confidence"] > 1:
-            return (f"referral rule: refers every film (no cut certified {r['target_risk']:.0%} "
-                    f"on {r['films']} films)")
+            return (f"refers every film (no confidence cut certified {r['target_risk']:.0%} on "
+                    f"{r['films']} films)")
         if short:
             return (f"answers when confidence >= {r['min_confidence']:.3f} (error among answered "
                     f"<= {r['target_risk']:.0%})")
-        return (f"referral rule: answer when the confidence of the call is >= "
-                f"{r['min_confidence']:.4f} (SGR: {self.promise()}; {r['answered']} of them "
-                f"answered, bound {r['bound']:.2%})")
+        return (f"answer when the confidence of the call is >= {r['min_confidence']:.4f} (SGR: "
+                f"{self.promise()}; {r['answered']} of them answered, bound {r['bound']:.2%})")
 
     def caveat(self) -> str | None:
         """A note on how far to trust these cuts, or None."""

@@ -45,7 +45,7 @@ def print_header(model_path, members, cal, model_id):
 def print_notes(members, cal):
     print(f"Threshold: {cal.threshold_words()}")
     if cal.refers:
-        print(f"Referral: {cal.rule_words()}")
+        print(f"Referral rule: {cal.rule_words()}")
     if cal.caveat():
         print(cal.caveat())
     if any(getattr(m, "typicality", None) is None for m, _ in members):
