@@ -50,6 +50,7 @@ from cxr import (  # noqa: E402
     predtable,
     runtime,
     scoring,
+    selective,
     siteprotocol,
     siteshift,
 )
@@ -316,16 +317,19 @@ def recalibration_text(rows, source, adapted: bool = False) -> str:
     lines = [f"Local recalibration on {source}{after} (cross-fitted: each image scored by a "
              "calibration fitted on K images of other patients; mean +/- sd over draws):",
              "    K  draws  accuracy        sensitivity     specificity     ECE     "
-             "referred N / P"]
+             "referred N / P   answered, error among them"]
     for r in rows:
         m, s = r["mean"], r["sd"]
         lines.append(f"  {r['K']:>3}  {r['draws']:>5}  {m['accuracy']:.3f} +/- {s['accuracy']:.3f}"
                      f"  {m['sensitivity']:.3f} +/- {s['sensitivity']:.3f}  {m['specificity']:.3f}"
                      f" +/- {s['specificity']:.3f}  {m['ece']:.3f}   {m['referred_NORMAL']:.1%} / "
-                     f"{m['referred_PNEUMONIA']:.1%}")
+                     f"{m['referred_PNEUMONIA']:.1%}   {m['answered']:.1%}, "
+                     + fmt(r["risk_answered"], ".1%", "none answered"))
     short = [r for r in rows if r["sensitivity_promised"] < calib.TARGET_SENSITIVITY]
-    lines.append(f"  Threshold rule: expected sensitivity >= {calib.TARGET_SENSITIVITY} on new "
-                 "films of this site (split-conformal rank of the pneumonia scores).")
+    lines.append(f"  Threshold rule: sensitivity >= {calib.TARGET_SENSITIVITY} on new films of this "
+                 "site on average over fits (split-conformal rank; one fit can fall short). Referral "
+                 f"rule: refit on each K films (error among answered <= {selective.REFERRAL_RISK:.0%}, "
+                 "90% sure; with too few films none is certified and every film is referred).")
     for r in short:
         lines.append(f"  K = {r['K']}: too few pneumonia films per fit for that promise; the "
                      f"lowest pneumonia score promises only {r['sensitivity_promised']:.3f}.")

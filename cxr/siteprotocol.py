@@ -91,11 +91,13 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
     """Cross-fitted local recalibration: per draw, the images are split into groups of
     about K (whole patients); each group is scored by the calibration fitted on the next
     group, so no image is scored by a calibration that saw it. Mean and spread over
-    draws of the metrics at the fitted threshold."""
+    draws of the metrics at the fitted threshold and of the share each fitted referral
+    rule refers; the error among the films answered, pooled over the draws."""
     logit, groups = network.logit(p), site_patients(y, groups)
     rows = []
     for k in ks:
         rng, runs, promised = np.random.default_rng(seed), [], []
+        errors = answered = 0  # pooled over the draws: the error among the films answered
         for _ in range(draws):
             parts = site_partitions(groups, y, k, rng)
             q, pred, conf = np.zeros(len(y)), np.zeros(len(y), dtype=int), np.zeros(len(y))
@@ -112,9 +114,13 @@ def recalibrate(y, p, groups, ks, draws: int, seed: int = 0) -> list[dict]:
             m["nll"] = scoring.log_loss(y, q)
             for c, name in enumerate(network.CLASS_NAMES):
                 m[f"referred_{name}"] = float(referred[y == c].mean())
+            m["answered"] = float((~referred).mean())
+            errors += int(((pred != y) & ~referred).sum())
+            answered += int((~referred).sum())
             runs.append(m)
         keys = runs[0].keys()
         rows.append({"K": k, "draws": len(runs), "sensitivity_promised": min(promised),
+                     "risk_answered": errors / answered if answered else float("nan"),
                      "mean": {key: float(np.mean([r[key] for r in runs])) for key in keys},
                      "sd": {key: float(np.std([r[key] for r in runs])) for key in keys}})
     return rows
