@@ -385,8 +385,12 @@ class Calibration:
 
     def describe(self) -> str:
         """One line: what predict applies (its header)."""
-        if not self.fitted:
+        if not self.fitted and self.threshold == 0.5 and self.temperatures == (1.0,) * len(self.temperatures):
             return "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no referral rule"
+        if not self.fitted:  # an ensemble of calibrated and uncalibrated members
+            return (f"members not all calibrated: temperature {self.temperature_words()} | "
+                    f"threshold P(PNEUMONIA) >= {self.threshold:.3f} (the members' mean) | "
+                    f"{self.rule_words(short=True)}")
         return (f"temperature {self.temperature_words()} | threshold P(PNEUMONIA) >= "
                 f"{self.threshold:.3f} | {self.rule_words(short=True)}")
 
@@ -403,7 +407,7 @@ class Calibration:
     def threshold_words(self) -> str:
         """The threshold's promise, as what it is."""
         if not self.fitted:
-            return "PNEUMONIA when P(PNEUMONIA) >= 50% (uncalibrated: no promise)"
+            return f"PNEUMONIA when P(PNEUMONIA) >= {self.threshold:.1%} (not calibrated: no promise)"
         share = self.record.get("sensitivity_promised")
         promise = (f" catches >= {share:.1%} of pneumonias on average over calibration sets like "
                    "the one it was fitted on (a given set can fall short)" if share else "")
