@@ -28,6 +28,7 @@ from conftest import (
     run_script,
     scaled_probability,
     tiny_test_files,
+    with_calibration,
 )
 from PIL import Image
 
@@ -94,6 +95,29 @@ def test_predict_applies_the_stored_temperature_threshold_and_referral_rule(cali
         (line,) = [v for v in proc.stdout.splitlines() if f"{f.name}: " in v]
         assert (f"refer, because {LOW_CONFIDENCE}" in line) == calibrated.expected(f.name)[1], line
     assert proc.stdout.count(LOW_CONFIDENCE) == calibrated.referred().sum()
+
+
+def test_a_calibration_fitted_before_the_referral_rule_refers_nothing_and_says_how_to_fit_one(
+        calibrated, tmp_path):
+    """A checkpoint whose calibration has the old uncertain band and no referral rule:
+    predict applies its temperature and threshold, refers no film for low confidence
+    (the band is not read as a rule), and prints the note telling how to fit the rule."""
+    old = with_calibration(SHIPPED, tmp_path / "old.pth", CAL_TEMPERATURE, calibrated.threshold,
+                           {"uncertain_band": [0.0, 1.0]})  # a band that holds every film
+    proc = run_script("predict.py", "--model", old, "--dir", TINY / "test", "--quiet",
+                      "--out", tmp_path / "p")
+    assert "has no referral rule (fitted before it existed)" in proc.stdout
+    assert "python experiments/upgrade_checkpoint.py --calibrate-for MODEL" in proc.stdout
+    assert "| no referral rule" in proc.stdout and "Referral rule:" not in proc.stdout
+    rows = by_name(run_folder(tmp_path / "p") / "predictions.csv")
+    for i, f in enumerate(calibrated.files):
+        row = rows[f.name]
+        assert row["prediction"] == calibrated.expected(f.name)[0]
+        assert abs(float(row["prob_pneumonia"]) - calibrated.prob[i]) < TOL
+        assert LOW_CONFIDENCE not in row["reason"]
+        assert truthy(row["refer"]) == truthy(row["atypical"])
+    assert proc.stdout.count("(calibrated) - no referral rule\n") == sum(
+        not truthy(r["atypical"]) for r in rows.values())
 
 
 def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
