@@ -25,7 +25,8 @@ def verdict(row, cal) -> str:
             f"({'calibrated' if cal.fitted else 'uncalibrated'})")
     if row["refer"]:
         return f"{head} - refer, because {row['reason']}"
-    return f"{head} - " + ("answer" if cal.refers else "no referral rule (uncalibrated model)")
+    return f"{head} - " + ("answer" if cal.refers else "no referral rule" + (
+        "" if cal.fitted else " (uncalibrated model)"))
 
 
 def print_block(row, cal):

@@ -238,42 +238,81 @@ def scaled_probability(logits, temperature):
     return (logits / temperature).softmax(1)[:, 1].numpy()
 
 
-def cut_between(probs, margin=2e-4, near=0.04):
-    """A threshold and an uncertain band that fall between the given probabilities.
-
-    The threshold is the midpoint of two neighbouring probabilities at most `near`
-    apart (both images land within near/2 of it), as far from 0.5 as possible; the band
-    [lo, hi) holds the two images below and the two above it, its ends also midpoints.
-    No probability lies within `margin` of a cut, so decisions do not hinge on the last
-    bits of a float."""
+def cuts_between(probs, margin=2e-4, near=0.04):
+    """Thresholds that fall between the given probabilities, farthest from 0.5 first:
+    midpoints of two neighbouring probabilities at most `near` apart (both images land
+    within near/2 of it), with at least three probabilities below and two above. No
+    probability lies within `margin` of one, so decisions do not hinge on the last bits
+    of a float."""
     import numpy as np
 
     q = np.sort(np.asarray(probs, dtype=float))
-    best = None
-    for k in range(3, len(q) - 2):
-        if margin * 2 < q[k] - q[k - 1] <= near:
-            mid = (q[k - 1] + q[k]) / 2
-            if best is None or abs(mid - 0.5) > abs(best[1] - 0.5):
-                best = (k, mid)
-    assert best is not None, f"no two neighbouring probabilities close enough: {q}"
-    k, threshold = best
-    lo, hi = (q[k - 3] + q[k - 2]) / 2, (q[k + 1] + q[k + 2]) / 2
-    for cut, a, b in ((lo, q[k - 3], q[k - 2]), (hi, q[k + 1], q[k + 2])):
-        assert b - a > 2 * margin, f"band edge {cut} too close to a probability"
-    return float(threshold), [float(lo), float(hi)]
+    mids = [float((q[k - 1] + q[k]) / 2) for k in range(3, len(q) - 2)
+            if margin * 2 < q[k] - q[k - 1] <= near]
+    assert mids, f"no two neighbouring probabilities close enough: {q}"
+    return sorted(mids, key=lambda t: -abs(t - 0.5))
 
 
-def with_calibration(src, dst, temperature, threshold, band):
+def confidence_cuts(probs, threshold, margin=2e-4):
+    """The confidence cuts c that put neither c nor 1 - c within `margin` of any
+    probability and the threshold inside (1 - c, c), lowest first: the midpoints between
+    neighbouring values of {p} and {1 - p} above max(threshold, 1 - threshold). A film
+    whose confidence of the call is below c has 1 - c < p < c, whichever side of the
+    threshold it lies, so which films such a cut refers does not hinge on float rounding."""
+    import numpy as np
+
+    p = np.asarray(probs, dtype=float)
+    floor = max(threshold, 1 - threshold) + margin
+    v = np.unique(np.r_[p, 1 - p, floor])
+    v = v[v >= floor]
+    return [float((a + b) / 2) for a, b in zip(v[:-1], v[1:]) if b - a > 2 * margin]
+
+
+def referred_at(probs, threshold, min_confidence):
+    """Which films a rule with this cut refers: the confidence of the call at the
+    threshold (p if p >= threshold, else 1 - p) is below min_confidence."""
+    import numpy as np
+
+    p = np.asarray(probs, dtype=float)
+    return np.where(p >= threshold, p, 1 - p) < min_confidence
+
+
+def referral_record(probs, labels, threshold, min_confidence):
+    """A full referral record (fit_referral's fields) with this cut, its counts those of
+    these films."""
+    import numpy as np
+
+    from cxr import selective
+
+    p, y = np.asarray(probs, dtype=float), np.asarray(labels)
+    answered = ~referred_at(p, threshold, min_confidence)
+    errors = int(((p >= threshold).astype(int) != y)[answered].sum())
+    n, m = int(answered.sum()), len(p)
+    steps = max(1, int(np.ceil(np.log2(m))))
+    return {"rule": "SGR (Geifman & El-Yaniv 2017)", "target_risk": selective.REFERRAL_RISK,
+            "delta": selective.REFERRAL_DELTA, "films": m, "coverage_fitted": n / m,
+            "min_confidence": float(min_confidence), "answered": n, "errors": errors,
+            "bound": selective.risk_bound(errors, n, selective.REFERRAL_DELTA / steps)}
+
+
+def labels_of(files):
+    import numpy as np
+
+    return np.array([0 if f.parent.name == "NORMAL" else 1 for f in files])
+
+
+def with_calibration(src, dst, temperature, threshold, referral):
     """A copy of checkpoint src with the given calibration in its metadata (and no
-    typicality statistics or record of an earlier recalibration)."""
+    record of an earlier recalibration). referral: the referral record, or a dict of
+    other calibration fields to store instead (e.g. {"uncertain_band": [lo, hi]})."""
     import torch
 
     from cxr import checkpoints
 
     payload = torch.load(src, weights_only=True)
     meta = {k: v for k, v in payload["meta"].items() if k != "recalibrated"}
-    meta["calibration"] = {
-        "temperature": temperature, "threshold": threshold, "uncertain_band": band}
+    stored = referral if "min_confidence" not in referral else {"referral": referral}
+    meta["calibration"] = {"temperature": temperature, "threshold": threshold, **stored}
     checkpoints.save_checkpoint(dst, payload["state_dict"], meta)
     return dst
 
@@ -286,14 +325,37 @@ class Calibrated:
     files: list  # TINY/test images, in scan.list_images order
     prob: object  # expected P(PNEUMONIA) per file (numpy float64)
     threshold: float
-    band: list
+    min_confidence: float  # the stored referral rule's cut
+
+    def referred(self):
+        """Per file, whether the stored referral rule refers it."""
+        return referred_at(self.prob, self.threshold, self.min_confidence)
 
     def expected(self, name):
-        """(prediction, uncertain) for the file with this base name."""
+        """(prediction, referred by the rule) for the file with this base name."""
         i = [f.name for f in self.files].index(name)
         p = self.prob[i]
-        return ("PNEUMONIA" if p >= self.threshold else "NORMAL",
-                bool(self.band[0] <= p < self.band[1]))
+        return "PNEUMONIA" if p >= self.threshold else "NORMAL", bool(self.referred()[i])
+
+
+def cuts_for(probs, far_from_half=0.0):
+    """(threshold, lenient cut, cut): the first threshold of cuts_between() at least
+    far_from_half from 0.5 with two confidence cuts of confidence_cuts() next to each
+    other, the higher referring at least 3 films and at most n - 3 (as near a quarter of
+    them as there is), the lower fewer."""
+    import numpy as np
+
+    n = len(probs)
+    for threshold in cuts_between(probs):
+        if abs(threshold - 0.5) <= far_from_half:
+            continue
+        cuts = confidence_cuts(probs, threshold)
+        counts = [int(referred_at(probs, threshold, c).sum()) for c in cuts]
+        ok = [k for k in range(1, len(cuts)) if 3 <= counts[k] < n - 2]
+        if ok:
+            k = min(ok, key=lambda k: abs(counts[k] - n / 4))
+            return threshold, cuts[k - 1], cuts[k]
+    raise AssertionError(f"no threshold and referral cuts fit these probabilities: {np.sort(probs)}")
 
 
 CAL_TEMPERATURE = 2.5  # far from 1: logits * T and logits / T differ a lot
@@ -302,47 +364,56 @@ SECOND_TEMPERATURE = 4.0
 
 @pytest.fixture(scope="session")
 def calibrated(tmp_path_factory):
-    """The shipped model with temperature 2.5 and a threshold far from 0.5 that falls
-    between two test images' probabilities (both within 0.02 of it), plus a band."""
+    """The shipped model with temperature 2.5, a threshold far from 0.5 that falls
+    between two test images' probabilities (both within 0.02 of it), and a referral rule
+    whose cut refers some of the films and answers the others."""
     files = tiny_test_files()
     prob = scaled_probability(logits_of(SHIPPED, files), CAL_TEMPERATURE)
-    threshold, band = cut_between(prob)
-    assert abs(threshold - 0.5) > 0.1, threshold
+    threshold, _, c = cuts_for(prob, far_from_half=0.1)
     # the premise of the tests: argmax (0.5) and the stored threshold disagree on some
-    # images, and some images lie in the band, some outside
+    # images; the rule refers some images and answers others, among them films called
+    # NORMAL (which P(PNEUMONIA) < cut, instead of the call's confidence, would refer)
     assert ((prob >= 0.5) != (prob >= threshold)).sum() >= 2
-    inside = (prob >= band[0]) & (prob < band[1])
-    assert 2 <= inside.sum() < len(prob) - 2
+    referred = referred_at(prob, threshold, c)
+    assert 2 <= referred.sum() < len(prob) - 2
+    assert ((prob < threshold) & ~referred).any() and ((prob >= threshold) & ~referred).any()
     path = with_calibration(SHIPPED, tmp_path_factory.mktemp("cal") / "calibrated.pth",
-                            CAL_TEMPERATURE, threshold, band)
-    return Calibrated(path, files, prob, threshold, band)
+                            CAL_TEMPERATURE, threshold,
+                            referral_record(prob, labels_of(files), threshold, c))
+    return Calibrated(path, files, prob, threshold, c)
 
 
 @pytest.fixture(scope="session")
 def ensemble(calibrated, tmp_path_factory):
     """Two different checkpoints (different weights, preprocessing, temperatures,
     thresholds): the calibrated model and the shipped reference model at temperature 4.
-    The members' thresholds and bands are the ensemble's cuts (which fall between the ensemble's
-    probabilities) shifted by -d and +d, so their mean is the ensemble's on any machine
-    and each member's threshold stays inside its own band. Returns (the member files, the
-    expected figures with path: the ensemble file experiments/build_ensemble.py built of
-    them)."""
+    The members' thresholds are the ensemble's threshold (which falls between the
+    ensemble's probabilities) shifted by -d and +d, so their mean is the ensemble's on
+    any machine; their rules' cuts are the ensemble's cut (the second member's, the
+    strictest) and a lower one (the first member's) that refers fewer of the ensemble's
+    films, each member's threshold inside its own (1 - cut, cut). Returns (the member
+    files, the expected figures with path: the ensemble file experiments/build_ensemble.py
+    built of them)."""
     files = calibrated.files
     second = SHIPPED_REFERENCE
     t2 = SECOND_TEMPERATURE
     p2 = scaled_probability(logits_of(second, files), t2)
     prob = (calibrated.prob + p2) / 2
-    threshold, band = cut_between(prob)
-    d = min(0.05, band[0] / 2, (1 - band[1]) / 2)
+    threshold, lenient, strict = cuts_for(prob)
+    d = min(0.05, (lenient - max(threshold, 1 - threshold)) / 2)
+    assert d > 0, (threshold, lenient)  # the members' thresholds differ
+    y = labels_of(files)
     folder = tmp_path_factory.mktemp("ens")
     members = [with_calibration(src, folder / name, t, threshold + s * d,
-                                [band[0] + s * d, band[1] + s * d])
-               for src, name, t, s in ((calibrated.path, "first.pth", CAL_TEMPERATURE, -1),
-                                       (second, "second.pth", t2, 1))]
-    assert d > 0, (threshold, band)  # the members' thresholds differ
-    # premise: the first member alone gives clearly different probabilities
+                                referral_record(prob, y, threshold, c))
+               for src, name, t, s, c in (
+                   (calibrated.path, "first.pth", CAL_TEMPERATURE, -1, lenient),
+                   (second, "second.pth", t2, 1, strict))]
+    # premise: the first member alone gives clearly different probabilities, and its
+    # rule alone would refer fewer films
     assert (abs(prob - calibrated.prob) > 0.01).sum() >= 4
+    assert (referred_at(prob, threshold, lenient) != referred_at(prob, threshold, strict)).any()
     built = folder / "ensemble.pth"
     run_script("experiments/build_ensemble.py", "--model", members[0], "--model", members[1],
                "--out", built)
-    return members, Calibrated(built, files, prob, threshold, band)
+    return members, Calibrated(built, files, prob, threshold, strict)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import train_cxray
-from cxr import calib, engine, recipes, scoring
+from cxr import calib, engine, network, recipes, scoring, selective
 from cxr.scoring import binary_metrics, bootstrap_ci, expected_calibration_error
 from cxr.scoring import decide as confidence_of_prediction
 
@@ -182,54 +182,76 @@ def test_a_temperature_that_does_not_help_out_of_sample_is_not_kept():
     assert cal["nll_cross_fitted"]["fitted"] > cal["nll_cross_fitted"]["T1"]
 
 
-def test_fit_calibration_threshold_and_band_follow_their_rules():
-    """Guards against a wrong quantile or the wrong class in the threshold and band.
+def test_fit_calibration_threshold_follows_its_rule():
+    """Guards against a wrong quantile or the wrong class in the threshold.
 
     Positives: 2 at q=0.05, 8 at 0.2, 20 at 0.5, 32 at 0.8, 38 at 0.95 (100).
     Threshold: the highest with sensitivity >= 0.97 -> 0.2 (98 of 100 above; at 0.5
-    only 90). Band low end: sensitivity >= 0.995 -> 0.05 (all 100). Band high end: the
-    lowest with specificity >= 0.995, i.e. every negative below it -> just above the
-    highest negative, 0.95. The bootstrap medians land on the same levels."""
+    only 90). The bootstrap medians land on the same level."""
     logits, y = calibration_data()
     cal = calib.fit_calibration(logits, y)
     p = (logits / cal["temperature"]).softmax(1)[:, 1].numpy()
     level = {q: float(p[40 * i]) for i, q in enumerate(QS)}  # the fitted probability per group
     assert level[0.2] == pytest.approx(0.2, abs=0.005)
-    for threshold, (lo, hi) in ((cal["threshold"], cal["uncertain_band"]), (
-            calib.cuts(p, y)[0], calib.cuts(p, y)[1:])):
+    for threshold in (cal["threshold"], calib.sensitivity_cut(p, y)):
         assert threshold == pytest.approx(level[0.2], abs=1e-7)
-        assert lo == pytest.approx(level[0.05], abs=1e-7)
-        assert level[0.95] < hi <= level[0.95] + 1e-6
-    # and the rules themselves, whatever the levels are
+    # and the rule itself, whatever the levels are
     sens = lambda t: np.mean(p[y == 1] >= t)  # noqa: E731
-    spec = lambda t: np.mean(p[y == 0] < t)  # noqa: E731
-    lo, hi = cal["uncertain_band"]
     assert sens(cal["threshold"]) >= 0.97 and sens(level[0.5]) < 0.97
-    assert sens(lo) >= 0.995 and spec(hi) >= 0.995 and spec(level[0.95]) < 0.995
-    # the bootstrap interval of each cut contains its median
+    # the bootstrap interval of the cut contains its median
     assert cal["threshold_interval"][0] <= cal["threshold"] <= cal["threshold_interval"][1]
 
-    # cuts() on distinct scores, where every rank is its own value (in the five groups
-    # above neighbouring ranks share one): 300 pneumonias at 0.300, 0.301, ..., 0.599 and
-    # 200 normals at 0.100, ..., 0.299, given shuffled. Threshold: rank
+    # sensitivity_cut() on distinct scores, where every rank is its own value (in the five
+    # groups above neighbouring ranks share one): 300 pneumonias at 0.300, 0.301, ..., 0.599
+    # and 200 normals at 0.100, ..., 0.299, given shuffled. Threshold: rank
     # floor(0.03 * 301) - 1 = 8 -> 0.308 (target 0.95: 0.314; in-sample rule: 0.309).
-    # Band low: sensitivity >= 0.995 keeps 299 of 300 -> 0.301 (level 0.99: 0.303; one
-    # rank up: 0.302). Band high: specificity >= 0.995 needs 199 of 200 normals below it
-    # -> just above the 199th, 0.298 (one rank up: 0.299; level 0.99: 0.297).
     scores = np.r_[300 + np.arange(300), 100 + np.arange(200)] / 1000
     labels = np.r_[np.ones(300, int), np.zeros(200, int)]
     order = np.random.default_rng(0).permutation(500)
-    threshold, lo, hi = calib.cuts(scores[order], labels[order])
-    assert threshold == pytest.approx(0.308, abs=1e-12)
-    assert lo == pytest.approx(0.301, abs=1e-12)
-    assert 0.298 < hi < 0.298 + 1e-9
+    assert calib.sensitivity_cut(scores[order], labels[order]) == pytest.approx(0.308, abs=1e-12)
+
+
+def referral_films(n=1000, seed=0):
+    """n films whose logit margins are uniform in [-10, 10] and whose labels are drawn
+    with P(PNEUMONIA) = sigmoid(margin / 2): the most confident calls are mostly right,
+    the least confident often wrong."""
+    rng = np.random.default_rng(seed)
+    m = rng.uniform(-10, 10, n)
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-m / 2))).astype(int)
+    return torch.tensor(np.c_[np.zeros(n), m], dtype=torch.float32), y
+
+
+def test_fit_calibration_fits_the_referral_rule_on_the_films_at_its_temperature_and_threshold():
+    """Guards against a referral rule fitted on the wrong rows (the calibration rows
+    instead of films), at temperature 1, or on P(PNEUMONIA) instead of the confidence of
+    the call. The temperature and threshold come from the calibration rows whatever the
+    films; the rule is fit_referral on the films' confidence at them, and it answers
+    exactly the films at or above its cut, whose errors its bound certifies."""
+    logits, y = calibration_data()
+    film_logits, film_y = referral_films()
+    own, cal = calib.fit_calibration(logits, y), calib.fit_calibration(logits, y, films=(film_logits, film_y))
+    assert (cal["temperature"], cal["threshold"]) == (own["temperature"], own["threshold"])
+    p = network.probabilities(film_logits, cal["temperature"])
+    pred, conf = scoring.decide(p, cal["threshold"])
+    rule = cal["referral"]
+    assert rule == selective.fit_referral(conf, pred == film_y)
+    assert rule["films"] == 1000 and rule != own["referral"] and own["referral"]["films"] == 200
+    answered = conf >= rule["min_confidence"]
+    assert 0.1 < answered.mean() < 0.9 and rule["answered"] == answered.sum()
+    assert rule["errors"] == (pred != film_y)[answered].sum() > 0
+    assert rule["bound"] == selective.risk_bound(rule["errors"], rule["answered"], 0.1 / 10)
+    assert rule["bound"] < rule["target_risk"] == selective.REFERRAL_RISK
+    # the wrong confidences certify other cuts
+    p1 = network.probabilities(film_logits, 1.0)
+    assert selective.fit_referral(scoring.decide(p1, cal["threshold"])[1], pred == film_y) != rule
+    assert selective.fit_referral(p, pred == film_y) != rule
 
 
 @pytest.mark.parametrize("n", [33, 62, 100, 390])
 def test_the_threshold_keeps_its_sensitivity_promise_on_new_films(n):
     """Guards against the in-sample rule ("sensitivity >= 0.97 on the fitted films"),
     which lets floor(0.03 n) pneumonias fall below and misses more than 3% of new
-    films (2/63 for n = 62; 12/391 for n = 390). Exchangeable scores: fit cuts() on n
+    films (2/63 for n = 62; 12/391 for n = 390). Exchangeable scores: fit sensitivity_cut() on n
     pneumonia films and a few normals, then ask whether one more pneumonia film from
     the same source falls below the threshold. The rate must match the promise
     (j + 1) / (n + 1) and stay <= 0.03."""
@@ -238,7 +260,7 @@ def test_the_threshold_keeps_its_sensitivity_promise_on_new_films(n):
     scores = rng.random((trials, n + 1))  # the last column is the new film
     labels = np.r_[np.ones(n, int), np.zeros(5, int)]
     normals = np.full(5, -1.0)
-    missed = [scores[t, n] < calib.cuts(np.r_[scores[t, :n], normals], labels)[0]
+    missed = [scores[t, n] < calib.sensitivity_cut(np.r_[scores[t, :n], normals], labels)
               for t in range(trials)]
     j, promised = calib.threshold_rank(n)
     assert 1 - promised == pytest.approx((j + 1) / (n + 1)) and promised >= 0.97
@@ -256,21 +278,26 @@ def test_too_few_pneumonias_cannot_promise_the_target():
     assert calib.threshold_rank(32)[1] < 0.97 <= calib.threshold_rank(33)[1]
     p = np.r_[np.linspace(0.3, 0.9, 15), [0.1, 0.2]]
     y = np.r_[np.ones(15, int), [0, 0]]
-    assert calib.cuts(p, y)[0] == pytest.approx(0.3)
+    assert calib.sensitivity_cut(p, y) == pytest.approx(0.3)
 
 
-def test_a_separable_set_has_no_uncertain_band_and_a_bounded_temperature():
-    """Where the two 0.995 cuts cross (every positive above every negative) there is no
-    range of unreliable calls: the band is empty, not [sensitivity cut, threshold]. The
-    temperature stops at the bound instead of collapsing every probability to 0 or 1.
-    100 pneumonias: the threshold is the 3rd lowest pneumonia score and the sensitivity
-    cut the lowest, so the two differ (with 50 both are the lowest)."""
+def test_too_few_films_to_certify_the_target_refer_every_film_and_say_so():
+    """A separable set: the temperature stops at the bound instead of collapsing every
+    probability to 0 or 1. Its 150 films are too few for the referral rule to certify
+    4% error at the coverage the binary search tries: no cut (min_confidence above 1),
+    and the calibration refers every film, in words that say why, not a cut above 100%."""
     y = np.array([0] * 50 + [1] * 100)
     margins = np.r_[np.linspace(-6, -1, 50), np.linspace(1, 6, 100)]
-    cal = calib.fit_calibration(torch.tensor([[0.0, m] for m in margins], dtype=torch.float32), y)
-    assert cal["temperature"] == pytest.approx(calib.TEMPERATURE_RANGE[0])
-    lo, hi = cal["uncertain_band"]
-    assert lo == hi == cal["threshold"] and 0 < cal["threshold"] < 1
+    fitted = calib.fit_calibration(torch.tensor([[0.0, m] for m in margins], dtype=torch.float32), y)
+    assert fitted["temperature"] == pytest.approx(calib.TEMPERATURE_RANGE[0])
+    assert 0 < fitted["threshold"] < 1
+    rule = fitted["referral"]
+    assert rule["min_confidence"] > 1 and rule["answered"] == 0 and rule["films"] == 150
+    cal = calib.Calibration.from_dict(fitted)
+    p = np.r_[0.0, 0.2, fitted["threshold"], 0.9, 1.0]
+    assert cal.refers and cal.referred(p).all() and not cal.answered(p).any()
+    assert "refers every film (no confidence cut certified 4% on 150 films)" in cal.describe()
+    assert "no confidence level could be certified" in cal.why_referred(1.0)
 
 
 # --- the learning-rate schedule ----------------------------------------------------------

@@ -26,6 +26,7 @@ REAL = ROOT / "models" / "reference_seed1.pth"  # real weights and typicality st
 IMAGES = [sorted((TINY / "test" / c).iterdir())[0] for c in network.CLASS_NAMES]
 MEMORY_LIMIT = 6 * 2**30  # address space for a script: torch alone maps about 3.5 GB
 NAN = float("nan")
+MISSING = calib.MISSING
 HUGE = 2**31  # bytes of a checkpoint file (sparse: no disk used)
 
 
@@ -83,9 +84,18 @@ def put_stat(key, make):
     return edit
 
 
+RULE = {"rule": "SGR (Geifman & El-Yaniv 2017)", "target_risk": 0.04, "delta": 0.1, "films": 500,
+        "coverage_fitted": 0.6, "min_confidence": 0.8, "answered": 300, "errors": 4, "bound": 0.035}
+
+
+def rule(**fields):
+    """A valid referral rule (fit_referral's record) with these fields changed; a field
+    given as MISSING is left out."""
+    return {k: v for k, v in {**RULE, **fields}.items() if v is not MISSING}
+
+
 def calibration(**fields):
-    return put("meta.calibration", {"temperature": 1.0, "threshold": 0.5,
-                                    "uncertain_band": [0.4, 0.6], **fields})
+    return put("meta.calibration", {"temperature": 1.0, "threshold": 0.5, "referral": RULE, **fields})
 
 
 # (id, edit, words the one-line refusal must hold)
@@ -124,11 +134,28 @@ BAD_CHECKPOINTS = [
     ("threshold-negative", calibration(threshold=-0.1), "threshold -0.1"),
     ("threshold-nan", calibration(threshold=NAN), "threshold nan"),
     ("threshold-text", calibration(threshold="0.5"), "threshold '0.5'"),
-    ("band-reversed", calibration(uncertain_band=[0.6, 0.4]), "uncertain_band [0.6, 0.4]"),
-    ("band-one-number", calibration(uncertain_band=[0.4]), "uncertain_band [0.4]"),
-    ("band-text", calibration(uncertain_band="ab"), "uncertain_band 'ab'"),
-    ("band-above-1", calibration(uncertain_band=[0.4, 2.0]), "uncertain_band [0.4, 2.0]"),
-    ("band-nan", calibration(uncertain_band=[NAN, 0.6]), "uncertain_band [nan, 0.6]"),
+    ("referral-text", calibration(referral="ab"), "meta.calibration.referral 'ab'"),
+    ("referral-list", calibration(referral=[0.8]), "meta.calibration.referral [0.8]"),
+    ("min_confidence-nan", calibration(referral=rule(min_confidence=NAN)),
+     "meta.calibration.referral.min_confidence nan"),
+    ("min_confidence-negative", calibration(referral=rule(min_confidence=-0.1)),
+     "meta.calibration.referral.min_confidence -0.1"),
+    ("min_confidence-above-2", calibration(referral=rule(min_confidence=3.0)),
+     "meta.calibration.referral.min_confidence 3"),
+    ("min_confidence-text", calibration(referral=rule(min_confidence="0.8")),
+     "meta.calibration.referral.min_confidence '0.8'"),
+    ("min_confidence-missing", calibration(referral=rule(min_confidence=MISSING)),
+     "meta.calibration.referral.min_confidence missing"),
+    ("target_risk-zero", calibration(referral=rule(target_risk=0.0)),
+     "meta.calibration.referral.target_risk 0"),
+    ("target_risk-above-1", calibration(referral=rule(target_risk=4.0)),
+     "meta.calibration.referral.target_risk 4"),
+    ("delta-bool", calibration(referral=rule(delta=True)), "meta.calibration.referral.delta True"),
+    ("films-negative", calibration(referral=rule(films=-5)), "meta.calibration.referral.films -5"),
+    ("answered-text", calibration(referral=rule(answered="all")),
+     "meta.calibration.referral.answered 'all'"),
+    ("bound-above-1", calibration(referral=rule(bound=1.5)), "meta.calibration.referral.bound 1.5"),
+    ("bound-missing", calibration(referral=rule(bound=MISSING)), "meta.calibration.referral.bound missing"),
     # fields read back by experiments/ (upgrade_checkpoint.py, ...)
     ("seed-text", put("meta.seed", "one"), "meta.seed 'one'"),
     ("recipe-number", put("meta.recipe", 5), "meta.recipe 5"),
@@ -241,7 +268,7 @@ def ensemble_file(tmp_path_factory):
     """The payload of an ensemble file of REAL twice, with a shared calibration."""
     members = [checkpoints.load_checkpoint(REAL) for _ in range(2)]
     own = checkpoints.calibration_of(members[0][1])
-    cal = calib.Calibration(own.temperatures * 2, 0.4, (0.3, 0.6), 1.5, True, True)
+    cal = calib.Calibration(own.temperatures * 2, 0.4, rule(min_confidence=0.7), 1.5, True, True)
     path = tmp_path_factory.mktemp("ens") / "ensemble.pth"
     checkpoints.save_ensemble(path, members, cal, {"built_from": []})
     return torch.load(path, weights_only=True)
@@ -252,8 +279,29 @@ def test_a_valid_ensemble_file_is_used(ensemble_file, tmp_path):
     assert len(members) == 2 and size == members[0][1]["preprocessing"]["image_size"]
     assert cal.to_dict() == ensemble_file["calibration"]
     assert cal.ensemble_temperature == 1.5 and cal.threshold == 0.4
-    assert cal.band == (0.3, 0.6) and cal.shared is True
+    assert cal.referral == rule(min_confidence=0.7) and cal.shared is True
+    assert cal.referred([0.35, 0.25, 0.8, 0.65]).tolist() == [True, False, False, True]
     assert members[1][0].typicality["cut"] == ensemble_file["members"][1]["typicality"]["cut"]
+
+
+def test_an_ensemble_file_without_a_referral_rule_says_null(ensemble_file, tmp_path):
+    """An ensemble's calibration must name its referral rule; null is none (nothing
+    referred), not a refusal."""
+    _, cal, _ = checkpoints.load_model(saved(ensemble_file, tmp_path, put("calibration.referral", None)))
+    assert cal.referral is None and not cal.refers and cal.shared is True
+    assert not cal.referred([0.35, 0.5, 0.99]).any()
+
+
+def test_a_calibration_fitted_before_the_referral_rule_loads_without_one(real, tmp_path):
+    """A checkpoint whose calibration has the old uncertain band and no referral rule is
+    used (its temperature and threshold), with no rule: it refers nothing and says how to
+    fit one."""
+    path = saved(real, tmp_path, put("meta.calibration", {
+        "temperature": 1.5, "threshold": 0.3, "uncertain_band": [0.2, 0.6]}))
+    cal = checkpoints.calibration_of(checkpoints.load_checkpoint(path)[1])
+    assert (cal.temperatures, cal.threshold, cal.fitted) == ((1.5,), 0.3, True)
+    assert cal.referral is None and not cal.refers and not cal.referred([0.25, 0.35, 0.5]).any()
+    assert "no referral rule" in cal.describe() and "--calibrate-for MODEL" in cal.caveat()
 
 
 def member(i, edit):
@@ -285,8 +333,10 @@ BAD_ENSEMBLE_FILES = [
      "temperatures [2.0, 2.0] (must be the members' own stored temperatures)"),
     ("ensemble_temperature-nan", put("calibration.ensemble_temperature", NAN), "ensemble_temperature nan"),
     ("threshold-missing", put("calibration.threshold", None), "threshold None"),
-    ("band-text", put("calibration.uncertain_band", "ab"), "uncertain_band 'ab'"),
-    ("band-missing", drop("calibration.uncertain_band"), "uncertain_band missing"),
+    ("referral-text", put("calibration.referral", "ab"), "calibration.referral 'ab'"),
+    ("referral-missing", drop("calibration.referral"), "calibration.referral missing"),
+    ("min_confidence-nan", put("calibration.referral.min_confidence", NAN),
+     "calibration.referral.min_confidence nan"),
     ("shared-text", put("calibration.shared", "yes"), "calibration.shared 'yes'"),
     ("calibration-tensor", put("calibration.fitted_on", torch.zeros(3)),
      "calibration holds something other than plain data"),
@@ -333,6 +383,7 @@ SCRIPT_CASES = [  # the hostile trial's cases, end to end
     ("cut-nan", put("typicality.cut", NAN), WORDS["cut-nan"]),
     ("meta-list", put("meta", [1, 2]), WORDS["meta-list"]),
     ("meta-tensor", put("meta.preprocessing.mean", torch.zeros(3)), WORDS["meta-tensor"]),
+    ("min_confidence-nan", calibration(referral=rule(min_confidence=NAN)), WORDS["min_confidence-nan"]),
     ("weight-expanded", put_weight("classifier.1.bias", torch.zeros(1).expand(10**12)),
      "state_dict['classifier.1.bias'] is a torch.float32 tensor of shape (1000000000000,)"),
 ]

@@ -14,7 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, ROOT, TINY, logits_of, run_folder, run_script, scaled_probability, train_args
+from conftest import (
+    DATA,
+    ROOT,
+    TINY,
+    logits_of,
+    referral_record,
+    run_folder,
+    run_script,
+    scaled_probability,
+    train_args,
+)
 from PIL import Image
 
 from cxr import checkpoints, dataset, evalfiles, imagefiles, network, scan
@@ -170,7 +180,7 @@ def test_resume_refuses_another_model_or_calibration(model_path, tmp_path):
                "--out", tmp_path / "o")
     out = run_folder(tmp_path / "o")
     other = recalibrated(model_path, tmp_path, threshold=0.3, temperature=2.0,
-                         uncertain_band=[0.2, 0.4])
+                         referral=referral_record([0.1, 0.5, 0.9], [0, 1, 1], 0.3, 0.7))
     proc = run_script("predict.py", "--model", other, "--dir", TINY / "test", "--resume",
                       out, check=False)
     one_line_error(proc, "differ from the run")

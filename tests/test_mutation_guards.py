@@ -31,6 +31,7 @@ from cxr import (
     runtime,
     scan,
     scoring,
+    selective,
     siteprotocol,
     siteshift,
 )
@@ -51,24 +52,28 @@ def labelled_images(folder, size=64):
     return paths, np.array(labels), np.stack([dataset.load_image_array(p, size) for p in paths])
 
 
-# --- calibration: the empty band ----------------------------------------------------------
+# --- calibration: the referral rule's confidence is the call's at the threshold -----------
 
 
-def test_a_separable_set_with_many_pneumonias_has_an_empty_band():
-    """Bug: the empty band replaced by [min(lo, t), max(hi, t)]. With 100 pneumonias the
-    threshold is the third lowest pneumonia score (rank 2) and the sensitivity-0.995 cut
-    the lowest, so where the two 0.995 cuts cross that rule gives a band [lowest, t]
-    instead of none. (With 50 pneumonias both are the lowest score.)"""
-    y = np.array([0] * 100 + [1] * 100)
-    margins = np.r_[np.linspace(-6, -1, 100), np.linspace(1, 6, 100)]
-    cal = calib.fit_calibration(torch.tensor(np.c_[np.zeros(200), margins], dtype=torch.float32), y)
-    assert calib.threshold_rank(100)[0] == 2
-    p = network.probabilities(torch.tensor(np.c_[np.zeros(200), margins], dtype=torch.float32),
-                         cal["temperature"])
-    t, low, high = calib.cuts(p, y)
-    assert high < low < t  # the cuts cross, and the low one lies below the threshold
-    lo, hi = cal["uncertain_band"]
-    assert lo == hi == cal["threshold"]
+def test_the_referral_rule_counts_the_calls_at_the_threshold_not_at_one_half():
+    """Bug: the referral rule fitted on the confidence of the call at 0.5 (argmax) instead
+    of at the stored threshold. On a separable set of 600 films (400 pneumonias) the
+    threshold is the 12th lowest pneumonia score (rank 11), far above 0.5: the eleven
+    pneumonias below it are called NORMAL, wrongly, and they are the least confident
+    calls. The rule fitted at the threshold counts them as the errors it answers or
+    refers; at 0.5 every call is right and confident."""
+    y = np.array([0] * 200 + [1] * 400)
+    margins = np.r_[np.linspace(-6, -1, 200), np.linspace(1, 6, 400)]
+    logits = torch.tensor(np.c_[np.zeros(600), margins], dtype=torch.float32)
+    cal = calib.fit_calibration(logits, y)
+    assert calib.threshold_rank(400)[0] == 11 and cal["threshold"] > 0.9
+    p = network.probabilities(logits, cal["temperature"])
+    pred, conf = scoring.decide(p, cal["threshold"])
+    assert (pred != y).sum() == 11 and np.sort(conf)[10] < np.sort(conf)[11]
+    rule = cal["referral"]
+    answered = conf >= rule["min_confidence"]
+    assert rule["answered"] == answered.sum() and rule["errors"] == (pred != y)[answered].sum() > 0
+    assert rule == selective.fit_referral(conf, pred == y)
 
 
 # --- the training splits: no patient in two of train, val and cal -----------------------
@@ -106,7 +111,8 @@ def test_the_run_records_a_calibration_split_apart_from_train_and_validation(abl
 
 def test_calibration_groups_are_the_patients_of_the_calibration_split(model_path, monkeypatch):
     """The calibration split read from disk hands fit_calibration one group per real
-    patient (several films each), for every shifted copy."""
+    patient (several films each), for every shifted copy, and the split's films as they
+    are (not shifted copies) to fit the referral rule on."""
     args = argparse.Namespace(data=str(PATIENTS64), seed=0, image_size=64, cache_dir="",
                               val_fraction=dataset.VAL_FRACTION,
                               calib_fraction=0.3)  # more patients with several films
@@ -117,15 +123,19 @@ def test_calibration_groups_are_the_patients_of_the_calibration_split(model_path
     assert len(several_films(cal_files)) >= 2
     seen, real = {}, calib.fit_calibration
 
-    def spy(logits, labels, groups=None, seed=0):
-        seen["groups"] = groups
-        return real(logits, labels, groups, seed)
+    def spy(logits, labels, groups=None, seed=0, films=None):
+        seen["groups"], seen["films"] = groups, films
+        return real(logits, labels, groups, seed, films)
 
     monkeypatch.setattr(calib, "fit_calibration", spy)
     model, _ = checkpoints.load_checkpoint(model_path)
     calib.calibrate(model, *arrays["cal"], patients["cal"], recipe["intensity"], seed=0)
     groups = np.asarray(seen["groups"])
     assert groups.tolist() == patients["cal"] * calib.STRESS_COPIES
+    film_logits, film_labels = seen["films"]
+    assert np.asarray(film_labels).tolist() == np.asarray(arrays["cal"][1]).tolist()
+    assert torch.allclose(film_logits, network.predict_logits(model, arrays["cal"][0], recipe["intensity"]),
+                          atol=1e-5)
     # each resample draws a patient's rows (all films, all copies) together
     for idx in scoring.resample_indices(len(groups), 20, 0, groups):
         for g in set(groups[idx]):

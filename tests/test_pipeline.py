@@ -93,8 +93,8 @@ def test_predict_single_image_with_gradcam_and_json(model_path, tmp_path):
     proc = run_script("predict.py", "--model", model_path, "--image", img, "--gradcam",
                       "--json", "--out", tmp_path / "out")
     # a reference-recipe model: never calibrated, and it says so
-    assert "Prediction: " in proc.stdout and "P(PNEUMONIA), uncalibrated: " in proc.stdout
-    assert "Refer first: " in proc.stdout
+    assert "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no referral rule" in proc.stdout
+    assert "% (uncalibrated) - no referral rule (uncalibrated model)" in proc.stdout
     assert "not a diagnosis" in proc.stdout
     out = run_folder(tmp_path / "out")
     assert (out / "person20_bacteria_69_gradcam.png").stat().st_size > 10_000

@@ -4,8 +4,9 @@ computed here by hand, for checkpoints whose calibration is far from the default
 With temperature 1 and threshold 0.5, argmax agrees with the stored threshold and
 logits * T with logits / T. The `calibrated` fixture (conftest) is the shipped model's
 weights with temperature 2.5, a threshold far from 0.5 that falls between two test
-images' probabilities (both within 0.02 of it) and an uncertain band around it; the
-`ensemble` fixture adds the shipped reference model, differently trained and calibrated.
+images' probabilities (both within 0.02 of it) and a referral rule whose cut refers some
+of them and answers the others; the `ensemble` fixture adds the shipped reference
+model, differently trained and calibrated.
 Expected values: softmax(logits / T)[:, 1] of network.model_input(dataset.load_image_array(f)).
 """
 
@@ -20,12 +21,14 @@ from conftest import (
     CAL_TEMPERATURE,
     ROOT,
     SECOND_TEMPERATURE,
+    SHIPPED,
     TINY,
     logits_of,
     run_folder,
     run_script,
     scaled_probability,
     tiny_test_files,
+    with_calibration,
 )
 from PIL import Image
 
@@ -43,38 +46,78 @@ def by_name(csv_path):
     return {Path(r["file"]).name: r for r in csv.DictReader(open(csv_path, encoding="utf-8"))}
 
 
+LOW_CONFIDENCE = "the model is not sure enough"  # the reason the referral rule gives
+
+
 def check_rows(rows, expected):
-    """Every test image: probability within TOL, decision and referral exact."""
+    """Every test image: probability within TOL, decision and referral exact. predict's
+    table: the rule's referral is its reason, and refer is it or an atypical film;
+    the evaluation table (visualize's): referred is the rule's referral."""
     assert sorted(rows) == sorted(f.name for f in expected.files)
     for i, f in enumerate(expected.files):
         row, p = rows[f.name], expected.prob[i]
-        pred, uncertain = expected.expected(f.name)
+        pred, referred = expected.expected(f.name)
         assert abs(float(row["prob_pneumonia"]) - p) < TOL, (f.name, row["prob_pneumonia"], p)
         assert row["prediction"] == pred, (f.name, p, expected.threshold)
-        assert truthy(row["uncertain"]) == uncertain, (f.name, p, expected.band)
+        if "referred" in row:
+            assert truthy(row["referred"]) == referred, (f.name, p, expected.min_confidence)
+            continue
+        assert (LOW_CONFIDENCE in row["reason"]) == referred, (f.name, p, expected.min_confidence)
+        assert truthy(row["refer"]) == (referred or truthy(row["atypical"])), (f.name, row)
 
 
 def test_fixture_has_images_near_the_threshold(calibrated):
     """The premise of the tests below: images within 0.02 on both sides of the threshold,
     images between 0.5 and the threshold (on whichever side of 0.5 this machine's model
-    puts it), images inside and outside the band."""
-    p, t = calibrated.prob, calibrated.threshold
+    puts it), images the referral rule refers and images it answers, on both sides of
+    the threshold."""
+    p, t, c = calibrated.prob, calibrated.threshold, calibrated.min_confidence
     assert ((p >= t) & (p < t + 0.02)).any() and ((p < t) & (p > t - 0.02)).any()
     assert ((p >= 0.5) != (p >= t)).sum() >= 2
-    assert calibrated.band[0] < t < calibrated.band[1]
+    assert 1 - c < t < c
+    referred = calibrated.referred()
+    assert 2 <= referred.sum() < len(p) - 2
+    assert ((p < t) & ~referred).any() and ((p >= t) & ~referred).any()
 
 
-def test_predict_applies_the_stored_temperature_threshold_and_band(calibrated, tmp_path):
+def test_predict_applies_the_stored_temperature_threshold_and_referral_rule(calibrated, tmp_path):
     """Guards against predict.py deciding by argmax (0.5) instead of the stored threshold,
-    multiplying the logits by the temperature instead of dividing, and a wrong band."""
+    multiplying the logits by the temperature instead of dividing, and a wrong referral
+    (a wrong cut, or P(PNEUMONIA) compared with it instead of the call's confidence)."""
     proc = run_script("predict.py", "--model", calibrated.path, "--dir", TINY / "test",
                       "--quiet", "--batch-size", 5, "--out", tmp_path / "p")
     rows = by_name(run_folder(tmp_path / "p") / "predictions.csv")
     check_rows(rows, calibrated)
     for row in rows.values():
         assert float(row["threshold"]) == pytest.approx(calibrated.threshold, abs=1e-9)
-    n_uncertain = sum(calibrated.expected(f.name)[1] for f in calibrated.files)
-    assert proc.stdout.count("REFER: uncertain") == n_uncertain
+    # one line per film: "refer, because" the rule's reason exactly for the films it refers
+    for f in calibrated.files:
+        (line,) = [v for v in proc.stdout.splitlines() if f"{f.name}: " in v]
+        assert (f"refer, because {LOW_CONFIDENCE}" in line) == calibrated.expected(f.name)[1], line
+    assert proc.stdout.count(LOW_CONFIDENCE) == calibrated.referred().sum()
+
+
+def test_a_calibration_fitted_before_the_referral_rule_refers_nothing_and_says_how_to_fit_one(
+        calibrated, tmp_path):
+    """A checkpoint whose calibration has the old uncertain band and no referral rule:
+    predict applies its temperature and threshold, refers no film for low confidence
+    (the band is not read as a rule), and prints the note telling how to fit the rule."""
+    old = with_calibration(SHIPPED, tmp_path / "old.pth", CAL_TEMPERATURE, calibrated.threshold,
+                           {"uncertain_band": [0.0, 1.0]})  # a band that holds every film
+    proc = run_script("predict.py", "--model", old, "--dir", TINY / "test", "--quiet",
+                      "--out", tmp_path / "p")
+    assert "has no referral rule (fitted before it existed)" in proc.stdout
+    assert "python experiments/upgrade_checkpoint.py --calibrate-for MODEL" in proc.stdout
+    assert "| no referral rule" in proc.stdout and "Referral rule:" not in proc.stdout
+    rows = by_name(run_folder(tmp_path / "p") / "predictions.csv")
+    for i, f in enumerate(calibrated.files):
+        row = rows[f.name]
+        assert row["prediction"] == calibrated.expected(f.name)[0]
+        assert abs(float(row["prob_pneumonia"]) - calibrated.prob[i]) < TOL
+        assert LOW_CONFIDENCE not in row["reason"]
+        assert truthy(row["refer"]) == truthy(row["atypical"])
+    assert proc.stdout.count("(calibrated) - no referral rule\n") == sum(
+        not truthy(r["atypical"]) for r in rows.values())
 
 
 def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
@@ -97,7 +140,7 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
         assert int(row["correct"]) == int(pred[i] == y[i])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(t, abs=1e-9)
-    assert metrics["uncertain_band"] == pytest.approx(calibrated.band, abs=1e-9)
+    assert metrics["referral"]["min_confidence"] == pytest.approx(calibrated.min_confidence, abs=1e-12)
     assert metrics["temperatures"] == pytest.approx([CAL_TEMPERATURE])
     at_t = metrics["at_threshold"]
     assert at_t["accuracy"] == pytest.approx(np.mean(pred == y))
@@ -111,7 +154,7 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
     ci = scoring.bootstrap_ci(y, p, t, 20, groups=groups)
     for k in ("accuracy", "sensitivity", "specificity"):
         assert metrics["ci95_at_threshold"][k] == pytest.approx(ci[k], abs=1e-9), k
-    answered = ~((p >= calibrated.band[0]) & (p < calibrated.band[1]))
+    answered = ~calibrated.referred()
     assert metrics["coverage"] == pytest.approx(answered.mean())
     assert metrics["accuracy_answered"] == pytest.approx(np.mean((pred == y)[answered]))
     # the calibration check: the same logits at the stored temperature and at T = 1
@@ -127,7 +170,8 @@ def test_visualize_applies_the_stored_calibration(calibrated, tmp_path):
 def test_ensemble_of_two_different_checkpoints_averages_them(ensemble, tmp_path):
     """Guards against an ensemble that silently uses only its first member (or one
     temperature for both): the mean of the members' own temperature-scaled
-    probabilities, decided at the mean of their thresholds and bands."""
+    probabilities, decided at the mean of their thresholds and referred by the strictest
+    of their rules (the second member's; the first's refers fewer films)."""
     _, expected = ensemble
     proc = run_script("predict.py", "--model", expected.path, "--dir",
                       TINY / "test", "--quiet", "--out", tmp_path / "p")
@@ -220,14 +264,21 @@ def test_gradcam_figure_explains_the_thresholded_prediction(calibrated, gradcam_
 
 def test_a_model_never_calibrated_says_so(tmp_path):
     """The reference recipe stores no calibration: its probability is not called
-    calibrated and no uncertain band [0.500, 0.500) is shown as if it were a rule."""
+    calibrated, no film is said to be answered or referred by a rule it does not have, and
+    no referral rule is shown as if it had one."""
     image = tiny_test_files()[0]
     proc = run_script("predict.py", "--model", ROOT / "models" / "reference_seed1.pth", "--image",
                       image, "--out", tmp_path)
-    assert "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no uncertain band" in proc.stdout
-    assert "P(PNEUMONIA), uncalibrated: " in proc.stdout
-    assert "[0.500, 0.500)" not in proc.stdout and "calibrated: " not in proc.stdout.replace(
-        "uncalibrated: ", "")
+    assert "uncalibrated: PNEUMONIA when P(PNEUMONIA) >= 0.5, no referral rule" in proc.stdout
+    assert "(uncalibrated) - no referral rule (uncalibrated model)" in proc.stdout
+    assert "Referral rule:" not in proc.stdout and " - answer" not in proc.stdout
+    assert "calibrated" not in proc.stdout.replace(tmp_path.name, "").replace("uncalibrated", "")
     shipped = ROOT / "examples" / "person100_bacteria_475.jpeg"  # a film it does not flag
     proc = run_script("predict.py", "--image", shipped, "--out", tmp_path)
-    assert "P(PNEUMONIA), calibrated: " in proc.stdout and "uncertain band [" in proc.stdout
+    assert "P(PNEUMONIA)" in proc.stdout and "(calibrated) - " in proc.stdout
+    assert "uncalibrated" not in proc.stdout
+    if checkpoints.calibration_of(torch.load(SHIPPED, weights_only=True)["meta"]).refers:
+        assert "Referral rule: answer when the confidence of the call is >= " in proc.stdout
+    else:  # a calibration fitted before the rule existed: says so, and how to fit one
+        assert "(calibrated) - no referral rule\n" in proc.stdout
+        assert "--calibrate-for MODEL" in proc.stdout and "Referral rule:" not in proc.stdout

@@ -379,7 +379,7 @@ def test_resume_accepts_a_manifest_listing_no_columns_over_the_same_header(finis
 def test_the_evaluation_table_is_documented_and_formula_free(tmp_path):
     """predtable.write_evaluation_table (visualize_results.py's predictions.csv): its
     documented columns in order, one row per image with class names, 6 decimals, correct
-    and uncertain as 0/1, and no file name that a spreadsheet would run as a formula."""
+    and referred as 0/1, and no file name that a spreadsheet would run as a formula."""
     from cxr import predtable
 
     names = ["=cmd.jpeg", "a\nb.jpeg", "ok.png"]
@@ -389,6 +389,7 @@ def test_the_evaluation_table_is_documented_and_formula_free(tmp_path):
     with open(path, newline="", encoding="utf-8") as f:
         records = list(csv.reader(f))
     assert records[0] == predtable.EVALUATION_COLUMNS
+    assert records[0][-2:] == ["correct", "referred"]
     assert records[1:] == [["'=cmd.jpeg", "NORMAL", "NORMAL", "0.100000", "0.900000", "1", "0"],
                            ["a\\nb.jpeg", "PNEUMONIA", "PNEUMONIA", "0.450000", "0.450000", "1", "1"],
                            ["ok.png", "PNEUMONIA", "NORMAL", "0.900000", "0.100000", "0", "0"]]

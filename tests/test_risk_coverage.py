@@ -1,9 +1,11 @@
-"""The risk-coverage curve, AURC and the band against "refer the least confident":
+"""The risk-coverage curve, AURC, the referral rule against "refer the least confident"
+and its promise beside what was measured:
 cxr.assess against hand computations (with ties in confidence) and a brute-force
 definition, and visualize_results.py's metrics.json against the same definition
 computed here from its predictions.csv."""
 
 import csv
+import html
 import json
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from conftest import TINY, run_folder, run_script
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy.stats import binom
 
 from cxr import assess, scoring
 
@@ -66,34 +69,68 @@ def test_aurc_is_the_definition_and_never_below_the_oracle(films):
     assert np.all(np.diff(cov) > 0)
 
 
-def test_band_against_least_confident_at_equal_coverage():
-    """The band refers films 2 and 5 and answers both errors (films 1 and 4). Referring
+def test_referral_against_least_confident_at_equal_coverage():
+    """A referral that refers films 2 and 5 answers both errors (films 1 and 4). Referring
     the least confident at the same coverage (4 answered) refers film 5 and one of the
     tied films 3 and 4 (file order keeps film 3): it answers one error."""
     y = np.array([0, 1, 0, 1, 1, 0])
     answered = np.array([1, 1, 0, 1, 1, 0], dtype=bool)
     rc = assess.risk_coverage(y, CORRECT, CONF, answered)
-    bl = rc["band_vs_least_confident"]
-    assert bl["answered"] == 4
-    assert bl["least_confident"]["coverage"] == bl["band"]["coverage"] == pytest.approx(4 / 6)
+    bl = rc["referral_vs_least_confident"]
+    assert bl["answered"] == bl["rule"]["answered"] == bl["least_confident"]["answered"] == 4
+    assert bl["least_confident"]["coverage"] == bl["rule"]["coverage"] == pytest.approx(4 / 6)
     assert assess.least_confident_referred(CONF, 4).tolist() == [1, 1, 1, 1, 0, 0]
-    assert bl["band"]["risk"] == pytest.approx(2 / 4)  # films 1 and 4 are errors, both answered
+    assert bl["rule"]["risk"] == pytest.approx(2 / 4)  # films 1 and 4 are errors, both answered
     assert bl["least_confident"]["risk"] == pytest.approx(1 / 4)
-    assert bl["band"]["per_class"]["PNEUMONIA"] == pytest.approx({"coverage": 1.0, "risk": 2 / 3})
+    assert bl["rule"]["per_class"]["PNEUMONIA"] == pytest.approx({"coverage": 1.0, "risk": 2 / 3})
     assert bl["least_confident"]["per_class"]["NORMAL"] == pytest.approx({"coverage": 2 / 3, "risk": 0})
     assert bl["better"] == "referring the least confident"
     assert rc["risk_full_coverage"] == pytest.approx(2 / 6)
     assert rc["risk_coverage_by_class"]["PNEUMONIA"]["aurc"] == pytest.approx(
         brute_force_aurc(CORRECT[y == 1], CONF[y == 1]))
+    assert rc["referral_promise"] is None  # no rule, no promise
     everything = assess.risk_coverage(y, CORRECT, CONF, np.ones(6, dtype=bool))
-    assert everything["band_vs_least_confident"]["better"] == "neither"
-    assert "refers no film" in everything["band_vs_least_confident"]["verdict"]
+    assert everything["referral_vs_least_confident"]["better"] == "neither"
+    assert "refers no film" in everything["referral_vs_least_confident"]["verdict"]
+
+
+def rule(target_risk):
+    return {"target_risk": target_risk, "delta": 0.1, "films": 500, "min_confidence": 0.75}
+
+
+@pytest.mark.parametrize("target, within, words", [
+    # P(>= 2 errors of 4 | 4%) = 1 - 0.96^4 - 4 * 0.04 * 0.96^3 = 0.0091
+    (0.04, False, "here 50.0% on the 66.7% answered, above it beyond chance (p = 0.0091)"),
+    # P(>= 2 errors of 4 | 30%) = 1 - 0.7^4 - 4 * 0.3 * 0.7^3 = 0.35
+    (0.30, False, "here 50.0% on the 66.7% answered, above it but within chance for 4 films (p = 0.35)"),
+    (0.50, True, "here 50.0% on the 66.7% answered: within the promise"),
+])
+def test_the_referral_promise_beside_what_was_measured(target, within, words):
+    """The promise (error among answered films <= the target) against the error among the
+    films answered here (2 of 4), with the one-sided binomial test of an excess at the
+    target rate; the words say whether an excess is beyond chance."""
+    y = np.array([0, 1, 0, 1, 1, 0])
+    answered = np.array([1, 1, 0, 1, 1, 0], dtype=bool)
+    promise = assess.risk_coverage(y, CORRECT, CONF, answered, rule(target))["referral_promise"]
+    expected_p = 1 - (1 - target) ** 4 - 4 * target * (1 - target) ** 3
+    assert promise["p_value_above_target"] == pytest.approx(expected_p)
+    assert promise["measured_risk"] == pytest.approx(0.5) and promise["answered"] == 4
+    assert promise["coverage"] == pytest.approx(4 / 6)
+    assert (promise["target_risk"], promise["delta"]) == (target, 0.1)
+    assert promise["within_promise"] is within
+    assert words in promise["verdict"]
+    assert f"promised <= {target:.0%} error among answered films (with probability >= 90%, " \
+           "on films like the 500 it was fitted on)" in promise["verdict"]
+    none = assess.risk_coverage(y, CORRECT, CONF, np.zeros(6, dtype=bool), rule(target))
+    assert none["referral_promise"]["within_promise"] is False
+    assert "here no film was answered" in none["referral_promise"]["verdict"]
 
 
 def test_visualize_metrics_hold_the_risk_coverage_of_its_predictions(calibrated, tmp_path):
-    """metrics.json's AURC, oracle, full-coverage risk and band-vs-least-confident
-    numbers equal the definition computed here from predictions.csv (labels, decisions,
-    referrals) and the in-process confidences of the calibrated fixture."""
+    """metrics.json's AURC, oracle, full-coverage risk, rule-vs-least-confident numbers
+    and the referral rule's promise beside what was measured equal the definition
+    computed here from predictions.csv (labels, decisions, referrals) and the in-process
+    confidences of the calibrated fixture."""
     run_script("visualize_results.py", "--model", calibrated.path, "--split", TINY / "test",
                "--out", tmp_path, "--bootstrap", 5, "--gallery", 0)
     out = run_folder(tmp_path)
@@ -102,27 +139,41 @@ def test_visualize_metrics_hold_the_risk_coverage_of_its_predictions(calibrated,
     names = [f.name for f in calibrated.files]
     _, conf = scoring.decide(calibrated.prob, calibrated.threshold)
     correct = np.array([rows[n]["correct"] == "1" for n in names])
-    answered = np.array([rows[n]["uncertain"] == "0" for n in names])
+    answered = np.array([rows[n]["referred"] == "0" for n in names])
     y = np.array([rows[n]["label"] == "PNEUMONIA" for n in names])
     # the premise: errors to rank, referred films, confidences without ties
     assert 1 <= (~correct).sum() and 1 <= (~answered).sum() < len(names)
     assert np.min(np.diff(np.sort(conf))) > 1e-6
+    assert (~answered == calibrated.referred()).all()  # the stored rule's referrals
     assert metrics["aurc"] == pytest.approx(brute_force_aurc(correct, conf), abs=1e-12)
     n, e = len(names), int((~correct).sum())
     oracle = np.mean([max(0, i - (n - e)) / i for i in range(1, n + 1)])
     assert metrics["aurc_oracle"] == pytest.approx(oracle, abs=1e-12)
     assert metrics["risk_full_coverage"] == pytest.approx(e / n)
-    bl = metrics["band_vs_least_confident"]
+    bl = metrics["referral_vs_least_confident"]
     k = int(answered.sum())
     top = np.argsort(-conf)[:k]  # the k most confident films
     assert bl["answered"] == k
-    assert bl["band"]["risk"] == pytest.approx(np.mean(~correct[answered]))
+    assert bl["rule"]["risk"] == pytest.approx(np.mean(~correct[answered]))
+    assert bl["rule"]["answered"] == bl["least_confident"]["answered"] == k
     assert bl["least_confident"]["risk"] == pytest.approx(np.mean(~correct[top]))
     for cls, name in ((False, "NORMAL"), (True, "PNEUMONIA")):
         share = np.isin(np.flatnonzero(y == cls), top).mean()
         assert bl["least_confident"]["per_class"][name]["coverage"] == pytest.approx(share)
-        assert bl["band"]["per_class"][name]["coverage"] == pytest.approx(answered[y == cls].mean())
+        assert bl["rule"]["per_class"][name]["coverage"] == pytest.approx(answered[y == cls].mean())
+        if (answered & (y == cls)).any():
+            assert bl["rule"]["per_class"][name]["risk"] == pytest.approx(
+                np.mean(~correct[answered & (y == cls)]))
         assert metrics["risk_coverage_by_class"][name]["aurc"] == pytest.approx(
             brute_force_aurc(correct[y == cls], conf[y == cls]), abs=1e-12)
+    # the promise of the stored rule, beside the error among the films it answered here
+    promise, stored = metrics["referral_promise"], metrics["referral"]
+    errors = int((~correct[answered]).sum())
+    assert promise["target_risk"] == stored["target_risk"] and promise["delta"] == stored["delta"]
+    assert promise["measured_risk"] == pytest.approx(errors / k)
+    assert promise["coverage"] == pytest.approx(k / n) and promise["answered"] == k
+    assert promise["p_value_above_target"] == pytest.approx(binom.sf(errors - 1, k, stored["target_risk"]))
+    assert promise["within_promise"] == (errors / k <= stored["target_risk"])
     report = (out / "report.html").read_text()
     assert "Read the figure" in report and bl["verdict"] in report
+    assert html.escape(f"Referral rule: {promise['verdict']}", quote=False) in report

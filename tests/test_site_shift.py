@@ -35,14 +35,16 @@ def test_the_shipped_model_flags_a_photo_and_not_its_own_kind_of_film(tmp_path):
     block = proc.stdout.split("Image: ")
     photo_block = next(b for b in block if b.startswith(str(photo)))
     film_block = next(b for b in block if b.startswith(str(film)))
-    assert "Not like a chest X-ray: atypical for the training data" in photo_block
-    assert "Prediction:" not in photo_block
-    assert "Prediction: NORMAL" in film_block
+    assert ("no verdict - refer, because it is not like a chest X-ray (atypical for the "
+            "training data") in photo_block
+    assert "P(PNEUMONIA)" not in photo_block  # no verdict, no probability shown
+    assert "NORMAL, P(PNEUMONIA) " in film_block
     rows = {r.split(",")[0]: r for r in
             (run_folder(tmp_path) / "predictions.csv").read_text().splitlines()[1:]}
     assert ",OUTSIDE,," in rows[str(photo)]  # no verdict, no confidence
     assert "No verdict for 1 of 2 image(s)" in proc.stdout
-    assert "Atypical" not in film_block and "are atypical" not in proc.stdout  # the film is not
+    assert "unlike those the model learnt from" not in film_block  # the film is not atypical
+    assert "refer, because" not in film_block and "are atypical" not in proc.stdout
     # visualize counts the same flag, per class, and its error rates
     for label, src in (("NORMAL", photo), ("NORMAL", film),
                        ("PNEUMONIA", ROOT / "examples" / "person10_virus_35.jpeg")):
@@ -121,7 +123,7 @@ def test_chest_films_look_like_films_and_pictures_do_not():
 def test_an_atypical_film_gets_its_verdict_and_a_warning_a_picture_none(tmp_path, monkeypatch,
                                                                         capsys):
     """A chest film with ratio above 1, however far: a verdict (prediction, confidence,
-    band, Grad-CAM), marked atypical in the row and warned in the block. An atypical
+    Grad-CAM), marked atypical in the row, referred with the reason in its line. An atypical
     picture that is not laid out like a chest film: no verdict, and one line naming it.
     At or below 1: no mark, no warning."""
     import predict
@@ -143,21 +145,26 @@ def test_an_atypical_film_gets_its_verdict_and_a_warning_a_picture_none(tmp_path
     assert (far["atypical"], far["outside"]) == ("True", "False")
     assert (photo["prediction"], photo["confidence"]) == ("OUTSIDE", "")
     assert (photo["atypical"], photo["outside"]) == ("True", "True")
+    atypical_words = f"the film is unlike those the model learnt from (typicality {FAR:.2f} x the cut"
+    assert (far["refer"], typical["refer"], photo["refer"]) == ("True", "False", "True")
+    assert far["reason"].startswith(atypical_words) and typical["reason"] == ""
+    assert photo["reason"].startswith("not like a chest X-ray (atypical for the training data")
     blocks = {b.split("\n")[0]: b for b in out.split("Image: ")[1:]}
-    assert f"Atypical for the training data (typicality {FAR:.2f} x the cut" in blocks[far["file"]]
-    assert f"Prediction: {far['prediction']}" in blocks[far["file"]]
-    assert "Atypical" not in blocks[typical["file"]]
-    assert "No verdict" in blocks[photo["file"]] and "Prediction:" not in blocks[photo["file"]]
-    assert "Not like a chest X-ray" in blocks[photo["file"]]
+    assert (f"{far['prediction']}, P(PNEUMONIA) {float(far['prob_pneumonia']):.1%} (calibrated) - "
+            f"refer, because {atypical_words}") in blocks[far["file"]]
+    assert "unlike those the model learnt from" not in blocks[typical["file"]]
+    assert f"{typical['prediction']}, P(PNEUMONIA) " in blocks[typical["file"]]
+    assert "no verdict - refer, because it is not like a chest X-ray" in blocks[photo["file"]]
+    assert "P(PNEUMONIA)" not in blocks[photo["file"]]
     gradcams = {p.name for p in run_folder(tmp_path / "o").glob("*_gradcam.png")}
     assert gradcams == {f"{Path(r['file']).stem}_gradcam.png" for r in (typical, far)}
     assert "No verdict for 1 of 3 image(s)" in out
     predict.main([*argv, "--quiet", "--workers", "0", "--out", str(tmp_path / "q")])
     lines = {ln.split(": ")[0]: ln for ln in capsys.readouterr().out.splitlines()}
-    assert f"{far['prediction']} (P(PNEUMONIA)" in lines[far["file"]]
-    assert "ATYPICAL for the training data: check" in lines[far["file"]]
-    assert "ATYPICAL" not in lines[typical["file"]]
-    assert lines[photo["file"]] == f"{photo['file']}: REFER: not like a chest X-ray (no verdict)"
+    for r in (typical, far, photo):  # --quiet: "<file>: " and the block's verdict line
+        verdict = blocks[r["file"]].splitlines()[1]  # the line under "Image: <file>"
+        assert " - answer" in verdict or " - refer, because " in verdict or " - no referral rule" in verdict
+        assert lines[r["file"]] == f"{r['file']}: {verdict}"
 
 
 @pytest.mark.parametrize("folder, ratios, site_warning", [
@@ -231,7 +238,10 @@ def test_calibrate_for_refits_the_calibration_the_run_stored(ablation_run, model
     calibration = refit["meta"]["calibration"]
     assert calibration["temperature"] == pytest.approx(stored["temperature"], rel=1e-4)
     assert calibration["threshold"] == pytest.approx(stored["threshold"], abs=1e-5)
-    assert calibration["uncertain_band"] == pytest.approx(stored["uncertain_band"], abs=1e-5)
+    rule, stored_rule = calibration["referral"], stored["referral"]
+    assert rule["min_confidence"] == pytest.approx(stored_rule["min_confidence"], abs=1e-5)
+    assert (rule["films"], rule["answered"], rule["errors"]) == (
+        stored_rule["films"], stored_rule["answered"], stored_rule["errors"])
     assert calibration["threshold_interval"] == pytest.approx(stored["threshold_interval"],
                                                              abs=1e-5)
     history = refit["meta"]["recalibrated"]
@@ -311,6 +321,15 @@ def test_recalibrate_and_save_a_site_model(calibrated, tmp_path):
     proc = run_script("predict.py", "--model", site, "--dir", TINY / "test", "--out", out,
                       "--quiet")
     assert f"threshold P(PNEUMONIA) >= {cal['threshold']:.3f}" in proc.stdout
+    # the site's referral rule replaces the stored one: fitted on the K = 4 films of the
+    # fit, too few to certify 4% error (4 films without an error bound it at
+    # 1 - 0.05^(1/4) = 0.53), so it refers every film, and says why
+    rule = cal["referral"]
+    assert rule["films"] == 4 and rule["min_confidence"] > 1 and rule["answered"] == 0
+    assert f"Referral rule: {checkpoints.calibration_of(meta).rule_words()}" in proc.stdout
+    rows = read_rows(out)
+    assert len(rows) == 16 and all(r["refer"] == "True" for r in rows)
+    assert all("no confidence level could be certified" in r["reason"] for r in rows)
     table = run_script("experiments/protocol_table.py", "--seeds", evaluation).stdout
     assert "| local recalibration, K = 4, cross-fitted | 1 |" in table
 
@@ -376,7 +395,13 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
     paths, built = ensemble
     proc = run_script("predict.py", "--model", built.path, "--dir", TINY / "test", "--out",
                       tmp_path / "a", "--quiet")
-    assert "means of its members' own" in proc.stdout
+    note = "threshold is the mean of its members' own and its referral rule the strictest of theirs"
+    assert note in proc.stdout
+    # built without a shared set: the members' mean threshold and strictest rule, marked
+    built_cal = torch.load(built.path, weights_only=True)["calibration"]
+    assert built_cal["threshold"] == pytest.approx(built.threshold, abs=1e-12)
+    assert built_cal["referral"]["min_confidence"] == pytest.approx(built.min_confidence, abs=1e-12)
+    assert built_cal["referral"]["approximate"] is True and built_cal["shared"] is False
     saved = tmp_path / "ensemble_site.pth"
     run_script("visualize_results.py", "--model", built.path, "--split", TINY / "test", "--out",
                tmp_path, "--bootstrap", 20, "--recalibrate", 4, "--draws", 2, "--save-calibrated", saved)
@@ -384,6 +409,8 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
     cal = payload["calibration"]
     assert [m["sha256"] for m in payload["meta"]["built_from"]] == [cc_sha(built.path)]
     assert cal["shared"] is True and "labelled images of" in cal["fitted_on"]
+    # one rule, fitted on the K = 4 films of the fit, replaces the strictest member's
+    assert cal["referral"]["films"] == 4 and "approximate" not in cal["referral"]
     # on 16 images the fitted temperature may not be kept (T = 1): set one far from 1, so
     # that predict must apply it
     cal["ensemble_temperature"] = 2.5
@@ -391,7 +418,7 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
     proc = run_script("predict.py", "--model", saved, "--dir", TINY / "test",
                       "--out", tmp_path / "b", "--quiet")
     assert f"threshold P(PNEUMONIA) >= {cal['threshold']:.3f}" in proc.stdout
-    assert "means of its members' own" not in proc.stdout
+    assert note not in proc.stdout
     # and the probabilities are the shared calibration's: the mean, its logit / T
     rows = list(csv.DictReader(open(run_folder(tmp_path / "b") / "predictions.csv")))
     members = [checkpoints.load_checkpoint(p) for p in paths]
@@ -453,14 +480,17 @@ def test_calibration_resamples_whole_patients_with_their_shifted_copies(model_pa
     seen = {}
     real = calib.fit_calibration
 
-    def spy(logits, labels, groups=None, seed=0):
-        seen["groups"], seen["labels"] = groups, labels
-        return real(logits, labels, groups, seed)
+    def spy(logits, labels, groups=None, seed=0, films=None):
+        seen["groups"], seen["labels"], seen["films"] = groups, labels, films
+        return real(logits, labels, groups, seed, films)
 
     monkeypatch.setattr(calib, "fit_calibration", spy)
-    calib.calibrate(model, x, y, patients, recipes.recipe_for("improved")["intensity"], seed=0)
+    cal = calib.calibrate(model, x, y, patients, recipes.recipe_for("improved")["intensity"], seed=0)
     groups = np.asarray(seen["groups"])
     assert list(groups) == patients * calib.STRESS_COPIES
+    # the referral rule is fitted on the 16 films themselves, one row each
+    assert len(seen["labels"]) == 16 * calib.STRESS_COPIES and list(seen["films"][1]) == list(y)
+    assert cal.referral["films"] == 16
 
 
 def test_adabn_does_not_depend_on_the_order_or_batching_of_the_images():
