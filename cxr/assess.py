@@ -46,7 +46,7 @@ def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
         "referral_rate": {name: float((~answered)[y == k].mean()) if (y == k).any()
                           else float("nan") for k, name in enumerate(network.CLASS_NAMES)},
         "accuracy_answered": float(correct[answered].mean()) if answered.any() else float("nan"),
-        **risk_coverage(y, correct, conf, answered, cal.referral),
+        **risk_coverage(y, correct, conf, answered, cal),
     }
 
 def risk_coverage_curve(correct, conf):
@@ -94,11 +94,11 @@ def selective(y, correct, answered) -> dict:
         name: {"coverage": float(answered[y == k].mean()) if (y == k).any() else float("nan"),
                "risk": risk(answered & (y == k))} for k, name in enumerate(network.CLASS_NAMES)}}
 
-def risk_coverage(y, correct, conf, answered, referral=None) -> dict:
+def risk_coverage(y, correct, conf, answered, cal=None) -> dict:
     """The risk-coverage summary of an evaluation: AURC beside the oracle AURC and the
     error at full coverage, overall and per true class; the referral rule (films answered:
     confidence at or above its cut) against "refer the least confident" at equal coverage;
-    and, with the rule's record (referral), what it promised beside what these films show."""
+    and, given the Calibration (cal), what its rule promised beside what these films show."""
     y, correct, conf = np.asarray(y), np.asarray(correct, dtype=bool), np.asarray(conf, dtype=float)
     lc = least_confident_referred(conf, int(answered.sum()))
     rule, least = selective(y, correct, answered), selective(y, correct, lc)
@@ -119,37 +119,7 @@ def risk_coverage(y, correct, conf, answered, referral=None) -> dict:
                 if (y == k).any() else None for k, name in enumerate(network.CLASS_NAMES)},
             "referral_vs_least_confident": {"answered": n, "rule": rule, "least_confident": least,
                                             "better": better, "verdict": verdict},
-            "referral_promise": promise_kept(rule, referral)}
-
-def promise_kept(measured, referral) -> dict | None:
-    """The referral rule's promise (error among answered films <= its target, with
-    probability >= 1 - delta, on films like those it was fitted on) beside the error
-    measured here, and whether the excess, if any, is beyond chance (one-sided binomial
-    test of the errors among the answered films at the target rate, p < 0.05); None
-    without a rule."""
-    from scipy.stats import binom  # scipy is installed with scikit-learn
-
-    if referral is None:
-        return None
-    risk, target, n = measured["risk"], referral["target_risk"], measured["answered"]
-    errors = int(round(risk * n)) if n else 0
-    p_value = float(binom.sf(errors - 1, n, target)) if n else float("nan")
-    if not n:
-        seen = "here no film was answered"
-    elif risk <= target:
-        seen = f"here {risk:.1%} on the {measured['coverage']:.1%} answered: within the promise"
-    elif p_value < 0.05:
-        seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered, above it beyond chance "
-                f"(p = {p_value:.2g}): these films differ from those (another site?)")
-    else:
-        seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered, above it but within "
-                f"chance for {n} films (p = {p_value:.2g})")
-    words = (f"promised <= {target:.0%} error among answered films (with probability >= "
-             f"{1 - referral['delta']:.0%}, on films like the {referral['films']} it was fitted on); "
-             + seen)
-    return {"target_risk": target, "delta": referral["delta"], "measured_risk": risk,
-            "coverage": measured["coverage"], "answered": n, "p_value_above_target": p_value,
-            "within_promise": bool(n and risk <= target), "verdict": words}
+            "referral_promise": cal.promise_kept(rule) if cal is not None else None}
 
 def risk_coverage_text(m) -> str:
     """The risk-coverage lines of the console and the report, from evaluate's numbers."""

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr import network, scoring
-from cxr.selective import REFERRAL_DELTA, REFERRAL_RISK, fit_referral
+from cxr import network, scoring, selective
 
 # Calibration rule of the recipes that calibrate (fitted on validation data only)
 TARGET_SENSITIVITY = 0.97  # the threshold: expected sensitivity on new films >= this
@@ -60,7 +59,7 @@ def fit_calibration(logits: torch.Tensor, labels, groups=None, seed: int = 0, fi
     return {
         "temperature": float(temperature), "threshold": threshold,
         "sensitivity_promised": threshold_rank(int((labels == 1).sum()))[1],
-        "referral": fit_referral(conf, pred == np.asarray(film_labels)),
+        "referral": selective.fit_referral(conf, pred == np.asarray(film_labels)),
         "temperature_fitted": float(fitted), "temperature_kept": bool(keep),
         "temperature_decision": (
             f"temperature {fitted:.3f} fitted; cross-fitted NLL {nll_t / n:.4f} vs "
@@ -107,8 +106,8 @@ CALIBRATION_RULE = (  # in words, stored with every calibration a run fits
     f"the cross-fitted NLL, else 1; threshold (expected sensitivity on new films >= "
     f"{TARGET_SENSITIVITY} on average over calibration sets, split-conformal rank) as the "
     f"median over patient-grouped bootstrap resamples; referral rule on the unshifted "
-    f"calibration films (SGR: error among answered films <= {REFERRAL_RISK:.0%} with "
-    f"probability >= {1 - REFERRAL_DELTA:.0%})")
+    f"calibration films (SGR: error among answered films <= {selective.REFERRAL_RISK:.0%} with "
+    f"probability >= {1 - selective.REFERRAL_DELTA:.0%})")
 
 def stress_transform(size: int):
     """Simulated acquisition shift for calibration: exposure, contrast, gamma, field of
@@ -372,6 +371,11 @@ class Calibration:
     def refers(self) -> bool:
         """Whether there is a referral rule."""
         return self.referral is not None
+
+    def promise_kept(self, measured) -> dict | None:
+        """The rule's promise beside the error measured among the films it answered
+        (assess.selective's numbers); None without a rule."""
+        return selective.promise_kept(measured, self.referral)
 
     # --- in words ----------------------------------------------------------------------
 

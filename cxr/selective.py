@@ -1,7 +1,8 @@
 """The referral rule: selective classification with a guaranteed risk. A film is answered
 only when the confidence of the call is at or above a cut fitted on labelled films so
 that the error among the films answered stays at or below a stated level, with a stated
-probability over the sets it could have been fitted on.
+probability over the sets it could have been fitted on; and whether the films of an
+evaluation keep that promise.
 """
 
 from __future__ import annotations
@@ -56,3 +57,33 @@ def fit_referral(conf, correct, risk: float = REFERRAL_RISK, delta: float = REFE
     kept = kept or {"min_confidence": 2.0, "answered": 0, "errors": 0, "bound": 1.0}
     return {"rule": "SGR (Geifman & El-Yaniv 2017)", "target_risk": risk, "delta": delta,
             "films": m, "coverage_fitted": kept["answered"] / m if m else 0.0, **kept}
+
+def promise_kept(measured, referral) -> dict | None:
+    """The referral rule's promise (error among answered films <= its target, with
+    probability >= 1 - delta, on films like those it was fitted on) beside the error
+    measured here, and whether the excess, if any, is beyond chance (one-sided binomial
+    test of the errors among the answered films at the target rate, p < 0.05); None
+    without a rule."""
+    from scipy.stats import binom  # scipy is installed with scikit-learn
+
+    if referral is None:
+        return None
+    risk, target, n = measured["risk"], referral["target_risk"], measured["answered"]
+    errors = int(round(risk * n)) if n else 0
+    p_value = float(binom.sf(errors - 1, n, target)) if n else float("nan")
+    if not n:
+        seen = "here no film was answered"
+    elif risk <= target:
+        seen = f"here {risk:.1%} on the {measured['coverage']:.1%} answered: within the promise"
+    elif p_value < 0.05:
+        seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered, above it beyond chance "
+                f"(p = {p_value:.2g}): these films differ from those (another site?)")
+    else:
+        seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered, above it but within "
+                f"chance for {n} films (p = {p_value:.2g})")
+    words = (f"promised <= {target:.0%} error among answered films (with probability >= "
+             f"{1 - referral['delta']:.0%}, on films like the {referral['films']} it was fitted on); "
+             + seen)
+    return {"target_risk": target, "delta": referral["delta"], "measured_risk": risk,
+            "coverage": measured["coverage"], "answered": n, "p_value_above_target": p_value,
+            "within_promise": bool(n and risk <= target), "verdict": words}

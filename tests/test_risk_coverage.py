@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binom
 
-from cxr import assess, scoring
+from cxr import assess, calib, scoring
 
 # Six films, confidences with two tie groups (0.9 and 0.7) that each hold an error.
 CORRECT = np.array([1, 0, 1, 1, 0, 1], dtype=bool)
@@ -111,7 +111,8 @@ def test_the_referral_promise_beside_what_was_measured(target, within, words):
     target rate; the words say whether an excess is beyond chance."""
     y = np.array([0, 1, 0, 1, 1, 0])
     answered = np.array([1, 1, 0, 1, 1, 0], dtype=bool)
-    promise = assess.risk_coverage(y, CORRECT, CONF, answered, rule(target))["referral_promise"]
+    cal = calib.Calibration(referral=rule(target))
+    promise = assess.risk_coverage(y, CORRECT, CONF, answered, cal)["referral_promise"]
     expected_p = 1 - (1 - target) ** 4 - 4 * target * (1 - target) ** 3
     assert promise["p_value_above_target"] == pytest.approx(expected_p)
     assert promise["measured_risk"] == pytest.approx(0.5) and promise["answered"] == 4
@@ -121,7 +122,7 @@ def test_the_referral_promise_beside_what_was_measured(target, within, words):
     assert words in promise["verdict"]
     assert f"promised <= {target:.0%} error among answered films (with probability >= 90%, " \
            "on films like the 500 it was fitted on)" in promise["verdict"]
-    none = assess.risk_coverage(y, CORRECT, CONF, np.zeros(6, dtype=bool), rule(target))
+    none = assess.risk_coverage(y, CORRECT, CONF, np.zeros(6, dtype=bool), cal)
     assert none["referral_promise"]["within_promise"] is False
     assert "here no film was answered" in none["referral_promise"]["verdict"]
 
