@@ -411,7 +411,7 @@ class Calibration:
     def threshold_words(self) -> str:
         """The threshold's promise, as what it is."""
         if not self.fitted:
-            return f"PNEUMONIA when P(PNEUMONIA) >= {self.threshold:.1%} (not calibrated: no promise)"
+            return f"PNEUMONIA when P(PNEUMONIA) >= {self.threshold:.1%} (uncalibrated: no promise)"
         share = self.record.get("sensitivity_promised")
         promise = (f" catches >= {share:.1%} of pneumonias on average over calibration sets like "
                    "the one it was fitted on (a given set can fall short)" if share else "")
