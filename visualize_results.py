@@ -328,8 +328,9 @@ def recalibration_text(rows, source, adapted: bool = False) -> str:
     short = [r for r in rows if r["sensitivity_promised"] < calib.TARGET_SENSITIVITY]
     lines.append(f"  Threshold rule: sensitivity >= {calib.TARGET_SENSITIVITY} on new films of this "
                  "site on average over fits (split-conformal rank; one fit can fall short). Referral "
-                 f"rule: refit on each K films (error among answered <= {selective.REFERRAL_RISK:.0%}, "
-                 "90% sure; with too few films none is certified and every film is referred).")
+                 f"rule: refit on each K films (error among answered <= {selective.REFERRAL_RISK:.0%} "
+                 f"with probability >= {1 - selective.REFERRAL_DELTA:.0%} over fits; where no cut is "
+                 "certified, every film is referred).")
     for r in short:
         lines.append(f"  K = {r['K']}: too few pneumonia films per fit for that promise; the "
                      f"lowest pneumonia score promises only {r['sensitivity_promised']:.3f}.")
@@ -368,7 +369,7 @@ def analysis_text(m, cal, source, names) -> str:
         f"  Errors with confidence > {scoring.CONFIDENT}: {m['confident_error_share'] * 100:.1f}%\n"
         f"\nReferral rule: {cal.rule_words()}\n  {int((~m['answered']).sum())} images referred, "
         f"accuracy on the other {int(m['answered'].sum())} ({m['coverage']:.1%} coverage): "
-        f"{m['accuracy_answered'] * 100:.2f}%\n"
+        f"{fmt(m['accuracy_answered'], '.2%', 'none answered')}\n"
         f"Referred per class: " + ", ".join(f"{k} {fmt(v, '.1%')}"
                                             for k, v in m["referral_rate"].items()) + "\n"
         + "\n" + assess.risk_coverage_text(m)
@@ -410,6 +411,8 @@ def main(argv=None):
     device = runtime.pick_device(args.device)  # on the CPU, with its allocator tuned (~2x faster)
     with runtime.exit_on(checkpoints.CheckpointError):
         members, cal, size = checkpoints.load_model(args.model, device)
+    if args.split == "val" and len(members) > 1:
+        raise SystemExit("error: --split val needs one model: each ensemble member has its own split")
 
     # 1. the images and the model's probabilities
     paths, y, images, skipped = read_images(files, labels, others, size)

@@ -98,7 +98,8 @@ def risk_coverage(y, correct, conf, answered, cal=None) -> dict:
     """The risk-coverage summary of an evaluation: AURC beside the oracle AURC and the
     error at full coverage, overall and per true class; the referral rule (films answered:
     confidence at or above its cut) against "refer the least confident" at equal coverage;
-    and, given the Calibration (cal), what its rule promised beside what these films show."""
+    and, given the Calibration (cal), what its rule promised beside what these films show
+    (both None when it has no rule)."""
     y, correct, conf = np.asarray(y), np.asarray(correct, dtype=bool), np.asarray(conf, dtype=float)
     lc = least_confident_referred(conf, int(answered.sum()))
     rule, least = selective(y, correct, answered), selective(y, correct, lc)
@@ -108,8 +109,11 @@ def risk_coverage(y, correct, conf, answered, cal=None) -> dict:
     verdict = (f"At equal coverage ({n} of {len(y)} films answered), the referral rule leaves "
                f"{er} error{'s' * (er != 1)} among them, referring the least confident films {el}: "
                + (f"{better} is better on these films." if er != el else "both are equally good."))
-    if n == len(y):
-        verdict = "The referral rule refers no film here: there is nothing to compare."
+    if n == len(y) or n == 0:
+        verdict = (f"The referral rule {'refers no' if n else 'answers no'} film here: there is "
+                   "nothing to compare.")
+    compared = {"answered": n, "rule": rule, "least_confident": least, "better": better,
+                "verdict": verdict}
     return {"aurc": aurc(correct, conf), "aurc_oracle": aurc_oracle(correct),
             "risk_full_coverage": float((~correct).mean()),
             "risk_coverage_by_class": {
@@ -117,8 +121,7 @@ def risk_coverage(y, correct, conf, answered, cal=None) -> dict:
                        "aurc_oracle": aurc_oracle(correct[y == k]),
                        "risk_full_coverage": float((~correct[y == k]).mean())}
                 if (y == k).any() else None for k, name in enumerate(network.CLASS_NAMES)},
-            "referral_vs_least_confident": {"answered": n, "rule": rule, "least_confident": least,
-                                            "better": better, "verdict": verdict},
+            "referral_vs_least_confident": compared if cal is None or cal.refers else None,
             "referral_promise": cal.promise_kept(rule) if cal is not None else None}
 
 def risk_coverage_text(m) -> str:
@@ -126,17 +129,17 @@ def risk_coverage_text(m) -> str:
     def cell(s):
         return f"{s['risk']:.2%} on {s['coverage']:.1%}" if np.isfinite(s["risk"]) else "none answered"
 
-    bl = m["referral_vs_least_confident"]
+    bl, promise = m["referral_vs_least_confident"], m["referral_promise"]
     lines = [f"Risk-coverage (the most confident answered first): AURC {m['aurc']:.4f}, oracle AURC "
-             f"{m['aurc_oracle']:.4f}, error at full coverage {m['risk_full_coverage']:.4f}",
-             "  Error among the answered films, on the share answered:"]
+             f"{m['aurc_oracle']:.4f}, error at full coverage {m['risk_full_coverage']:.4f}"]
+    if bl is None:
+        return "\n".join([*lines, "  No referral rule (uncalibrated, or fitted before the rule "
+                                   "existed): every film is answered."]) + "\n"
+    lines.append("  Error among the answered films, on the share answered:")
     for name, s in (("referral rule", bl["rule"]), ("refer the least confident", bl["least_confident"])):
         lines.append(f"    {name:<26} all {cell(s)}; " + ", ".join(
             f"{c} {cell(v)}" for c, v in s["per_class"].items() if np.isfinite(v["coverage"])))
-    promise = m["referral_promise"]
-    return "\n".join([*lines, f"  {bl['verdict']}",
-                      f"  Referral rule: {promise['verdict']}" if promise else
-                      "  No referral rule (uncalibrated, or fitted before the rule existed)."]) + "\n"
+    return "\n".join([*lines, f"  {bl['verdict']}", f"  Referral rule: {promise['verdict']}"]) + "\n"
 
 def record(m, cal, source, model_paths, skipped, adapted, shift, recal) -> dict:
     """metrics.json of an evaluation (plain JSON): where the numbers come from, the

@@ -179,6 +179,10 @@ def _number(value) -> bool:
         return False
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _checked(d: dict, key: str, ok, rule: str, default=MISSING):
     value = d.get(key, default)
     if value is MISSING or not ok(value):
@@ -192,8 +196,8 @@ _REFERRAL = {  # the stored referral rule's fields (fit_referral), each with its
     "min_confidence": (lambda v: _number(v) and 0 <= v <= 2, "a number within [0, 2]"),
     "target_risk": (lambda v: _number(v) and 0 < v < 1, "a number within (0, 1)"),
     "delta": (lambda v: _number(v) and 0 < v < 1, "a number within (0, 1)"),
-    "films": (lambda v: _number(v) and v >= 0, "a count"),
-    "answered": (lambda v: _number(v) and v >= 0, "a count"),
+    "films": (lambda v: _count(v), "a count"),
+    "answered": (lambda v: _count(v), "a count"),
     "bound": (lambda v: _number(v) and 0 <= v <= 1, "a number within [0, 1]")}
 _SINGLE = ("temperature", "threshold", "referral")  # a checkpoint's meta.calibration
 _ENSEMBLE = ("temperatures", "ensemble_temperature", "threshold", "referral", "shared",
@@ -214,6 +218,8 @@ def _referral(d: dict, required: bool):
             _checked(rule, key, ok, words)
         except CalibrationError as e:
             raise CalibrationError(f"referral.{key}", e.value, e.rule) from None
+    if rule["answered"] > rule["films"]:
+        raise CalibrationError("referral.answered", rule["answered"], "at most referral.films")
     return dict(rule)
 
 
@@ -334,8 +340,9 @@ class Calibration:
                        record={"fitted_on": fitted_on, "details": record})
 
     @property
-    def sensitivity_promised(self) -> float:
-        return self.record["sensitivity_promised"]
+    def sensitivity_promised(self) -> float | None:
+        return self.record.get("sensitivity_promised", self.record.get("details", {}).get(
+            "sensitivity_promised"))
 
     # --- applying it -----------------------------------------------------------------
 
@@ -381,11 +388,7 @@ class Calibration:
 
     def promise(self) -> str:
         """What the referral rule promises, in words ("" without one)."""
-        r = self.referral
-        if r is None:
-            return ""
-        return (f"error among answered films <= {r['target_risk']:.0%} with probability "
-                f">= {1 - r['delta']:.0%}, on films like the {r['films']} it was fitted on")
+        return "" if self.referral is None else selective.promise_words(self.referral)
 
     def describe(self) -> str:
         """One line: what predict applies (its header)."""
@@ -400,19 +403,13 @@ class Calibration:
 
     def why_referred(self, p) -> str:
         """Why the rule refers a film with probability p, in plain words."""
-        r, conf = self.referral, float(self.decide(p)[1])
-        if r["min_confidence"] > 1:
-            return ("no confidence level could be certified on this model's calibration films, "
-                    "so it refers every film")
-        return (f"the model is not sure enough ({conf:.1%} for its call; it answers from "
-                f"{r['min_confidence']:.1%}, where its error among answered films stays <= "
-                f"{r['target_risk']:.0%})")
+        return selective.why_referred(self.referral, float(self.decide(p)[1]))
 
     def threshold_words(self) -> str:
         """The threshold's promise, as what it is."""
         if not self.fitted:
             return f"PNEUMONIA when P(PNEUMONIA) >= {self.threshold:.1%} (uncalibrated: no promise)"
-        share = self.record.get("sensitivity_promised")
+        share = self.sensitivity_promised
         promise = (f" catches >= {share:.1%} of pneumonias on average over calibration sets like "
                    "the one it was fitted on (a given set can fall short)" if share else "")
         return f"PNEUMONIA when P(PNEUMONIA) >= {self.threshold:.1%}" + (":" + promise if share else "")
@@ -422,25 +419,18 @@ class Calibration:
 
     def rule_words(self, short: bool = False) -> str:
         """The referral rule, as the header (short), the report and training name it."""
-        r = self.referral
-        if r is None:
+        if self.referral is None:
             return "no referral rule" if short else "none"
-        if r["min_confidence"] > 1:
-            return (f"refers every film (no confidence cut certified {r['target_risk']:.0%} on "
-                    f"{r['films']} films)")
-        if short:
-            return (f"answers when confidence >= {r['min_confidence']:.3f} (error among answered "
-                    f"<= {r['target_risk']:.0%})")
-        return (f"answer when the confidence of the call is >= {r['min_confidence']:.4f} (SGR: "
-                f"{self.promise()}; {r['answered']} of them answered, bound {r['bound']:.2%})")
+        return selective.rule_words(self.referral, short)
 
     def caveat(self) -> str | None:
         """A note on how far to trust these cuts, or None."""
         if self.shared is False:
-            return ("note: the ensemble's threshold is the mean of its members' own and its "
-                    "referral rule the strictest of theirs, each fitted on a different split; "
-                    "fit them on a shared labelled set with visualize_results.py --recalibrate K "
-                    "--save-calibrated ENSEMBLE.pth")
+            rule = ("its referral rule the strictest of theirs" if self.referral else
+                    "it has no referral rule (a member has none)")
+            return (f"note: the ensemble's threshold is the mean of its members' own and {rule}, "
+                    "each fitted on a different split; fit them on a shared labelled set with "
+                    "visualize_results.py --recalibrate K --save-calibrated ENSEMBLE.pth")
         if self.fitted and self.referral is None:
             return ("note: this model's calibration has no referral rule (fitted before it "
                     "existed): python experiments/upgrade_checkpoint.py --calibrate-for MODEL")

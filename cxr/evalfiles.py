@@ -31,9 +31,7 @@ def output_problem(out, save_calibrated=None) -> str | None:
 def labelled_files(split: str, data, model_paths) -> tuple[list[Path], list[int], list, str]:
     """The images to evaluate, their labels, the files not read, and where they came from
     (dataset.DataError when there are none)."""
-    if split == "val":
-        if len(model_paths) != 1:
-            raise dataset.DataError("--split val needs one model (each run has its own split)")
+    if split == "val":  # an ensemble file (several splits) is refused once loaded
         split_csv = Path(model_paths[0]).parent / "val_split.csv"
         if not split_csv.is_file():
             raise dataset.DataError(f"--split val: no {runtime.display_name(split_csv)} beside the model")

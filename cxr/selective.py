@@ -36,7 +36,9 @@ def fit_referral(conf, correct, risk: float = REFERRAL_RISK, delta: float = REFE
     the films answered (confidence >= cut). The cut kept is the one of largest coverage
     whose bound is below risk: then, with probability >= 1 - delta, the error among the
     answered films of new films like these is <= risk. None meets it: min_confidence is
-    above 1 (every film referred). The films are counted as independent."""
+    above 1 (every film referred). The promise is nominal in two ways: the films are
+    counted as independent (a patient's films are not), and the confidence is taken as
+    fixed, though its temperature and threshold were fitted on the same films."""
     conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=bool)
     m = len(conf)
     ranked = np.sort(conf)
@@ -77,13 +79,42 @@ def promise_kept(measured, referral) -> dict | None:
         seen = f"here {risk:.1%} on the {measured['coverage']:.1%} answered: within the promise"
     elif p_value < 0.05:
         seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered, above it beyond chance "
-                f"(p = {p_value:.2g}): these films differ from those (another site?)")
+                f"(p = {p_value:.2g}): these films differ from those (another site?), or this fit "
+                f"is one of the up to {referral['delta']:.0%} the promise allows to fail")
     else:
         seen = (f"here {risk:.1%} on the {measured['coverage']:.1%} answered, above it but within "
                 f"chance for {n} films (p = {p_value:.2g})")
-    words = (f"promised <= {target:.0%} error among answered films (with probability >= "
-             f"{1 - referral['delta']:.0%}, on films like the {referral['films']} it was fitted on); "
-             + seen)
+    words = f"promised {promise_words(referral)}; " + seen
     return {"target_risk": target, "delta": referral["delta"], "measured_risk": risk,
             "coverage": measured["coverage"], "answered": n, "p_value_above_target": p_value,
             "within_promise": bool(n and risk <= target), "verdict": words}
+
+
+# The rule in words: what predict, the report and training print.
+
+def promise_words(rule: dict) -> str:
+    """What a stored rule promises."""
+    if rule.get("approximate"):
+        return ("nothing certified for this ensemble: the strictest of its members' cuts, each "
+                "fitted on its own member")
+    return (f"error among answered films <= {rule['target_risk']:.0%} with probability >= "
+            f"{1 - rule['delta']:.0%}, on films like the {rule['films']} it was fitted on")
+
+def why_referred(rule: dict, conf: float) -> str:
+    """Why the rule refers a film whose call has this confidence."""
+    if rule["min_confidence"] > 1:
+        return (f"none of the cuts the rule's search tried on its {rule['films']} labelled films "
+                "could be certified, so it refers every film")
+    return (f"the model is not sure enough ({conf:.1%} for its call; it answers from "
+            f"{rule['min_confidence']:.2%}, where its {promise_words(rule)})")
+
+def rule_words(rule: dict, short: bool = False) -> str:
+    """The rule in one phrase (short: the header's) or in full."""
+    if rule["min_confidence"] > 1:
+        return (f"refers every film (no cut its search tried was certified at "
+                f"{rule['target_risk']:.0%} on {rule['films']} films)")
+    if short:
+        return (f"answers when confidence >= {rule['min_confidence']:.4f} (see the referral rule "
+                "below)")
+    return (f"answer when the confidence of the call is >= {rule['min_confidence']:.4f} (SGR: "
+            f"{promise_words(rule)}; {rule['answered']} of them answered, bound {rule['bound']:.2%})")

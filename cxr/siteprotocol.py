@@ -149,4 +149,5 @@ def save_site_model(path, members, model_paths, cal_in, y, p, groups, k, source,
     return (f"Saved {runtime.display_name(path)}: " + ("the ensemble " if len(members) > 1 else "")
             + f"calibration fitted on {len(fit_rows)} images of {source}"
             + (" with BatchNorm statistics adapted to it" if adapted else "")
+            + f"; referral rule: {cal.rule_words(short=True)}"
             + f" (use: predict.py --model {runtime.display_name(path)})")

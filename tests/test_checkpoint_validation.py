@@ -154,6 +154,9 @@ BAD_CHECKPOINTS = [
     ("films-negative", calibration(referral=rule(films=-5)), "meta.calibration.referral.films -5"),
     ("answered-text", calibration(referral=rule(answered="all")),
      "meta.calibration.referral.answered 'all'"),
+    ("films-fraction", calibration(referral=rule(films=3.5)), "meta.calibration.referral.films 3.5"),
+    ("answered-above-films", calibration(referral=rule(answered=10**6)),
+     "meta.calibration.referral.answered 1000000 (must be at most referral.films)"),
     ("bound-above-1", calibration(referral=rule(bound=1.5)), "meta.calibration.referral.bound 1.5"),
     ("bound-missing", calibration(referral=rule(bound=MISSING)), "meta.calibration.referral.bound missing"),
     # fields read back by experiments/ (upgrade_checkpoint.py, ...)

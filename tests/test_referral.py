@@ -58,3 +58,18 @@ def test_the_promise_holds_over_calibration_sets():
         over_plain += (~new_correct[new_conf >= plain]).mean() > 0.05
     assert over <= 0.1 * 200 + 8
     assert over_plain > 60
+
+
+def test_the_words_never_overstate_the_rule():
+    """A rule that certified no cut says its search found none (not that no cut exists);
+    an ensemble's borrowed rule promises nothing; a certified rule states its promise with
+    its probability and the films it holds for."""
+    rule = {"target_risk": 0.04, "delta": 0.1, "films": 150, "min_confidence": 2.0,
+            "answered": 0, "errors": 0, "bound": 1.0}
+    assert "none of the cuts the rule's search tried" in selective.why_referred(rule, 0.9)
+    assert "refers every film" in selective.rule_words(rule)
+    assert selective.promise_words(dict(rule, approximate=True)).startswith("nothing certified")
+    certified = dict(rule, min_confidence=0.8, answered=140, bound=0.03)
+    words = selective.why_referred(certified, 0.7)
+    assert "70.0% for its call" in words and "80.00%" in words
+    assert "<= 4% with probability >= 90%, on films like the 150 it was fitted on" in words

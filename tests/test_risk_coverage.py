@@ -120,8 +120,8 @@ def test_the_referral_promise_beside_what_was_measured(target, within, words):
     assert (promise["target_risk"], promise["delta"]) == (target, 0.1)
     assert promise["within_promise"] is within
     assert words in promise["verdict"]
-    assert f"promised <= {target:.0%} error among answered films (with probability >= 90%, " \
-           "on films like the 500 it was fitted on)" in promise["verdict"]
+    assert f"promised error among answered films <= {target:.0%} with probability >= 90%, " \
+           "on films like the 500 it was fitted on; here" in promise["verdict"]
     none = assess.risk_coverage(y, CORRECT, CONF, np.zeros(6, dtype=bool), cal)
     assert none["referral_promise"]["within_promise"] is False
     assert "here no film was answered" in none["referral_promise"]["verdict"]
@@ -178,3 +178,17 @@ def test_visualize_metrics_hold_the_risk_coverage_of_its_predictions(calibrated,
     report = (out / "report.html").read_text()
     assert "Read the figure" in report and bl["verdict"] in report
     assert html.escape(f"Referral rule: {promise['verdict']}", quote=False) in report
+
+
+@pytest.mark.parametrize("cal", [calib.Calibration(), calib.Calibration.from_dict(
+    {"temperature": 1.0, "threshold": 0.4, "uncertain_band": [0.1, 0.9]})], ids=["uncalibrated", "old"])
+def test_without_a_rule_nothing_is_said_of_one(cal):
+    """An uncalibrated model, or one calibrated before the referral rule existed: no
+    rule-against-least-confident comparison, no promise, and the report says every film
+    is answered (not "the referral rule refers no film")."""
+    y = np.array([0, 1, 0, 1, 1, 0])
+    rc = assess.risk_coverage(y, CORRECT, CONF, cal.answered(CONF), cal)
+    assert rc["referral_vs_least_confident"] is None and rc["referral_promise"] is None
+    text = assess.risk_coverage_text(rc)
+    assert "No referral rule" in text and "every film is answered" in text
+    assert "referral rule refers" not in text and "least confident" not in text

@@ -4,6 +4,7 @@ recalibration, on real images and real checkpoints."""
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -402,6 +403,17 @@ def test_an_ensemble_is_calibrated_on_one_shared_set(ensemble, tmp_path):
     assert built_cal["threshold"] == pytest.approx(built.threshold, abs=1e-12)
     assert built_cal["referral"]["min_confidence"] == pytest.approx(built.min_confidence, abs=1e-12)
     assert built_cal["referral"]["approximate"] is True and built_cal["shared"] is False
+    assert "nothing certified for this ensemble" in proc.stdout  # the borrowed rule promises nothing
+    # each member has its own validation split: --split val is refused, in one line
+    beside = tmp_path / "run" / "ensemble.pth"  # as if saved into a run folder with its split
+    beside.parent.mkdir()
+    shutil.copy(built.path, beside)
+    film = sorted((TINY / "test" / "NORMAL").iterdir())[0]
+    (beside.parent / "val_split.csv").write_text(f"file,label,split\n{film},NORMAL,val\n")
+    proc = run_script("visualize_results.py", "--model", beside, "--split", "val", "--out",
+                      tmp_path / "v", check=False)
+    assert proc.returncode != 0 and "--split val needs one model" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     saved = tmp_path / "ensemble_site.pth"
     run_script("visualize_results.py", "--model", built.path, "--split", TINY / "test", "--out",
                tmp_path, "--bootstrap", 20, "--recalibrate", 4, "--draws", 2, "--save-calibrated", saved)
