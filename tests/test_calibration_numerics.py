@@ -296,8 +296,8 @@ def test_too_few_films_to_certify_the_target_refer_every_film_and_say_so():
     cal = calib.Calibration.from_dict(fitted)
     p = np.r_[0.0, 0.2, fitted["threshold"], 0.9, 1.0]
     assert cal.refers and cal.referred(p).all() and not cal.answered(p).any()
-    assert "refers every film (no confidence cut certified 4% on 150 films)" in cal.describe()
-    assert "no confidence level could be certified" in cal.why_referred(1.0)
+    assert "refers every film (no cut its search tried was certified at 4% on 150 films)" in cal.describe()
+    assert "none of the cuts the rule's search tried on its 150 labelled films" in cal.why_referred(1.0)
 
 
 # --- the learning-rate schedule ----------------------------------------------------------
