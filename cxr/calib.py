@@ -169,8 +169,8 @@ class CalibrationError(ValueError):
         self.field, self.value, self.rule = field, value, rule
 
 
-def _number(value) -> bool:
-    """A finite int or float (a bool is not a number here)."""
+def is_number(value) -> bool:
+    """A finite int or float (a bool is not a number here); checkpoints' checks use it too."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
@@ -190,15 +190,15 @@ def _checked(d: dict, key: str, ok, rule: str, default=MISSING):
     return value
 
 
-_TEMPERATURE = (lambda t: _number(t) and t > 0, "a finite number > 0")
-_THRESHOLD = (lambda t: _number(t) and 0 <= t <= 1, "a number within [0, 1]")
+_TEMPERATURE = (lambda t: is_number(t) and t > 0, "a finite number > 0")
+_THRESHOLD = (lambda t: is_number(t) and 0 <= t <= 1, "a number within [0, 1]")
 _REFERRAL = {  # the stored referral rule's fields (fit_referral), each with its check
-    "min_confidence": (lambda v: _number(v) and 0 <= v <= 2, "a number within [0, 2]"),
-    "target_risk": (lambda v: _number(v) and 0 < v < 1, "a number within (0, 1)"),
-    "delta": (lambda v: _number(v) and 0 < v < 1, "a number within (0, 1)"),
+    "min_confidence": (lambda v: is_number(v) and 0 <= v <= 2, "a number within [0, 2]"),
+    "target_risk": (lambda v: is_number(v) and 0 < v < 1, "a number within (0, 1)"),
+    "delta": (lambda v: is_number(v) and 0 < v < 1, "a number within (0, 1)"),
     "films": (lambda v: _count(v), "a count"),
     "answered": (lambda v: _count(v), "a count"),
-    "bound": (lambda v: _number(v) and 0 <= v <= 1, "a number within [0, 1]")}
+    "bound": (lambda v: is_number(v) and 0 <= v <= 1, "a number within [0, 1]")}
 _SINGLE = ("temperature", "threshold", "referral")  # a checkpoint's meta.calibration
 _ENSEMBLE = ("temperatures", "ensemble_temperature", "threshold", "referral", "shared",
              "fitted")  # an ensemble file's calibration

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -184,8 +183,8 @@ def check_checkpoint(payload, model: nn.Module) -> None:
             ("recipe", lambda v: isinstance(v, str), "a recipe's name"),
             ("recipe_fields", lambda v: v is None or isinstance(v, dict), "a dictionary"),
             ("metrics", lambda v: isinstance(v, dict), "a dictionary"),
-            ("val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number within (0, 1)"),
-            ("calib_fraction", lambda v: v is None or _is_number(v) and 0 <= v < 1,
+            ("val_fraction", lambda v: calib.is_number(v) and 0 < v < 1, "a number within (0, 1)"),
+            ("calib_fraction", lambda v: v is None or calib.is_number(v) and 0 <= v < 1,
              "a number within [0, 1)")):
         if key in meta:
             _require(ok(meta[key]), f"meta.{key}", meta[key], rule)
@@ -244,8 +243,8 @@ def _check_typicality(stats, features: int) -> None:
     _require(bool(((labels >= 0) & (labels < len(network.CLASS_NAMES))).all()),
              "typicality.reference_labels", labels, f"class indices 0 to {len(network.CLASS_NAMES) - 1}")
     cut, level = stats.get("cut", _MISSING), stats.get("level", _MISSING)
-    _require(_is_number(cut) and cut > 0, "typicality.cut", cut, "a finite number > 0")
-    _require(_is_number(level) and 0 < level < 1, "typicality.level", level,
+    _require(calib.is_number(cut) and cut > 0, "typicality.cut", cut, "a finite number > 0")
+    _require(calib.is_number(level) and 0 < level < 1, "typicality.level", level,
              "a number within (0, 1)")
 
 _MISSING = calib.MISSING  # a field the file does not have
@@ -266,15 +265,6 @@ def _shown(value) -> str:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-def _is_number(value) -> bool:
-    """A finite int or float (a bool is not a number here)."""
-    if not (_is_int(value) or isinstance(value, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an integer beyond any float
-        return False
 
 def _is_dense(value) -> bool:
     """A plain tensor whose elements are all stored in the file (an expanded tensor of
