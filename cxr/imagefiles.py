@@ -49,6 +49,8 @@ FILM_LAYOUT = ((77, 103, 127, 158, 158, 126, 101, 73), (76, 128, 137, 154, 154, 
 
 MIN_LAYOUT, MIN_DETAIL = 0.59, 0.023
 
+FILM_SIZE = 224  # the size both were measured at: film_statistics resamples other sizes to it
+
 class ImageReadError(Exception):
     """A file that cannot be used as an X-ray; the message names the file."""
 
@@ -166,7 +168,12 @@ def block_means(a: np.ndarray, grid: int) -> np.ndarray:
 def film_statistics(gray: np.ndarray, layout=None) -> tuple[float, float]:
     """(layout, detail) of an image: the correlation of its 8 x 8 block means with those
     of the average chest film (layout, default FILM_LAYOUT), and the share of its
-    grey-level variance finer than a 32 x 32 grid of blocks (detail)."""
+    grey-level variance finer than a 32 x 32 grid of blocks (detail), both at FILM_SIZE px
+    (an image of another size is resampled first, so a model's input size cannot move
+    them: at 32-63 px a 32 x 32 grid's blocks would be single pixels, and detail 0)."""
+    if gray.shape != (FILM_SIZE, FILM_SIZE):
+        gray = np.asarray(Image.fromarray(np.asarray(gray, dtype=np.uint8)).resize(
+            (FILM_SIZE, FILM_SIZE), Image.Resampling.BILINEAR))
     a = gray.astype(np.float64)
     b = block_means(a, 8).ravel()
     t = np.asarray(FILM_LAYOUT if layout is None else layout, dtype=np.float64).ravel()

@@ -121,6 +121,26 @@ def test_chest_films_look_like_films_and_pictures_do_not():
         assert reason and "\n" not in reason and ("laid out" in reason or "fine detail" in reason)
 
 
+def test_the_look_is_judged_at_film_size_whatever_the_model_input(tmp_path):
+    """A model of 48 px input (the shipped weights, relabelled): most films are atypical to
+    it, and the photograph check still reads each film at imagefiles.FILM_SIZE, so chest
+    films keep their verdicts and a photograph gets none (read at 48 px, every film's
+    fine detail would be 0 and every atypical film silenced)."""
+    payload = torch.load(SHIPPED, weights_only=True)
+    meta = copy.deepcopy(payload["meta"])
+    meta["preprocessing"]["image_size"] = 48
+    small = tmp_path / "small.pth"
+    checkpoints.save_checkpoint(small, payload["state_dict"], meta, payload["typicality"])
+    films = [*sorted((ROOT / "examples").glob("*.jpeg")), *scan.list_images(DATA / "fullres")]
+    photo = grey_photo(tmp_path / "photo.png")
+    run_script("predict.py", "--model", small, "--image", photo,
+               *[a for f in films for a in ("--image", f)], "--out", tmp_path / "p")
+    rows = {Path(r["file"]).name: r for r in read_rows(tmp_path / "p")}
+    assert sum(rows[f.name]["atypical"] == "True" for f in films) >= 2  # the premise
+    assert [f.name for f in films if rows[f.name]["prediction"] == "OUTSIDE"] == []
+    assert rows["photo.png"]["prediction"] == "OUTSIDE"
+
+
 def test_an_atypical_film_gets_its_verdict_and_a_warning_a_picture_none(tmp_path, monkeypatch,
                                                                         capsys):
     """A chest film with ratio above 1, however far: a verdict (prediction, confidence,
