@@ -203,17 +203,20 @@ def exit_on_ctrl_c(run_dir: Path | None = None, rank: int = 0):
     """From now on Ctrl-C stops the run with one line (no traceback) and exit status 130.
 
     Python drops an exception raised in a fork hook or a finaliser, so DataLoader workers
-    start and stop with Ctrl-C held (ctrl_c_held), and each batch checks for it too. The
-    workers inherit the handler: they get KeyboardInterrupt, which they expect. A process
-    started with Ctrl-C ignored (nohup, a background job) keeps ignoring it, as Python does."""
+    start and stop with Ctrl-C held (ctrl_c_held), and each batch checks for it too. A
+    forked worker that inherits the handler ignores Ctrl-C from then on (raising there
+    could land in the fork hook itself and print a traceback): the run, stopping, shuts
+    its workers down. A process started with Ctrl-C ignored (nohup, a background job)
+    keeps ignoring it, as Python does."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         return
     CTRL_C.update(run_dir=run_dir, rank=rank)
     pid = os.getpid()
 
     def stop(signum, frame):
-        if os.getpid() != pid:
-            raise KeyboardInterrupt
+        if os.getpid() != pid:  # a forked worker: the run shuts it down
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return
         CTRL_C["pressed"] = True
         if not CTRL_C["held"]:
             stop_if_interrupted()
