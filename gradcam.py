@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib import colormaps
 from torch import nn
 from torch.nn import functional as F
 
@@ -76,6 +75,8 @@ def overlay(gray_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.4,
         t = torch.from_numpy(heat)[None, None]
         heat = F.interpolate(t, size=gray_u8.shape, mode="bilinear",
                              align_corners=False)[0, 0].numpy()
+    from matplotlib import colormaps  # imported here: predict without --gradcam never needs it
+
     colored = colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
     base = np.repeat(gray_u8[..., None].astype(np.float32) / 255.0, 3, axis=2)
     out = (1 - alpha) * base + alpha * colored

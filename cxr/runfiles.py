@@ -11,14 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
-
-from cxr import checkpoints, dataset, network, recipes, runstate, runtime  # noqa: E402
+from cxr import checkpoints, dataset, network, recipes, runstate, runtime
 
 
 def report_skipped(run_dir: Path, skipped):
@@ -54,6 +49,9 @@ def test_report(y_test, test: dict) -> tuple[dict, str]:
     """The test split's metrics for the checkpoint, and the published run's report:
     accuracy, classification report, confusion matrix and ROC AUC. test is what the
     training script's evaluate() returned on the test split (its decisions in "pred")."""
+    # imported here: scikit-learn costs 1.5 s at start-up, which --help and errors never need
+    from sklearn.metrics import classification_report, confusion_matrix
+
     cm = confusion_matrix(y_test, test["pred"], labels=[0, 1])
     recalls = cm.diagonal() / np.maximum(cm.sum(1), 1)
     report = classification_report(y_test, test["pred"], labels=[0, 1],
@@ -118,6 +116,11 @@ def write_outputs(run_dir: Path, best, meta, history, test_text, typicality):
 
 
 def save_plot(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
