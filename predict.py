@@ -113,13 +113,13 @@ def adapted_members(members, cal, files, size, batch_size):
     return adapted
 
 
-def at_film_size(path, array):
-    """The film as the photograph check reads it: at imagefiles.FILM_SIZE px whatever the
-    model's input size (decoded again from the file when that differs)."""
-    if array.shape[-1] == imagefiles.FILM_SIZE:
-        return array
-    again, _ = dataset.try_load_image_array(path, imagefiles.FILM_SIZE)
-    return array if again is None else again
+def unlike_a_film(path, array) -> bool:
+    """Whether the photograph check finds the film unlike a chest film, read at
+    imagefiles.FILM_SIZE px whatever the model's input size (decoded again from the file
+    when that differs; a file that can no longer be read is not judged)."""
+    if array.shape[-1] != imagefiles.FILM_SIZE:
+        array, _ = dataset.try_load_image_array(path, imagefiles.FILM_SIZE)
+    return array is not None and imagefiles.unlike_a_film(array) is not None
 
 
 def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]:
@@ -131,8 +131,8 @@ def score_batch(items, todo, members, scorers, cal, model_id) -> dict[int, dict]
     x = np.stack([a for _, a in good])
     logits, feats = network.member_logits(members, x, len(good), features=True)
     flags = siteshift.outside_distribution(members, feats)
-    unlike = [flags is not None and bool(flags[0][k]) and imagefiles.unlike_a_film(
-        at_film_size(todo[i], a)) is not None for k, (i, a) in enumerate(good)]  # atypical ones only
+    unlike = [flags is not None and bool(flags[0][k]) and unlike_a_film(todo[i], a)
+              for k, (i, a) in enumerate(good)]  # only an atypical film needs the look
     if scorers is not members:
         logits = network.member_logits(scorers, x, len(good))
     probs = cal.probability(logits)

@@ -90,7 +90,7 @@ def selective(y, correct, answered) -> dict:
     def risk(m):
         return float((~correct[m]).mean()) if m.any() else float("nan")
     return {"coverage": float(answered.mean()), "answered": int(answered.sum()),
-            "risk": risk(answered), "per_class": {
+            "errors": int((~correct[answered]).sum()), "risk": risk(answered), "per_class": {
         name: {"coverage": float(answered[y == k].mean()) if (y == k).any() else float("nan"),
                "risk": risk(answered & (y == k))} for k, name in enumerate(network.CLASS_NAMES)}}
 

@@ -169,9 +169,14 @@ class CalibrationError(ValueError):
         self.field, self.value, self.rule = field, value, rule
 
 
+def is_int(value) -> bool:
+    """An int (a bool is not one here); checkpoints' checks use it too."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_number(value) -> bool:
     """A finite int or float (a bool is not a number here); checkpoints' checks use it too."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not (is_int(value) or isinstance(value, float)):
         return False
     try:
         return math.isfinite(float(value))
@@ -180,7 +185,7 @@ def is_number(value) -> bool:
 
 
 def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _checked(d: dict, key: str, ok, rule: str, default=MISSING):
@@ -196,8 +201,8 @@ _REFERRAL = {  # the stored referral rule's fields (fit_referral), each with its
     "min_confidence": (lambda v: is_number(v) and 0 <= v <= 2, "a number within [0, 2]"),
     "target_risk": (lambda v: is_number(v) and 0 < v < 1, "a number within (0, 1)"),
     "delta": (lambda v: is_number(v) and 0 < v < 1, "a number within (0, 1)"),
-    "films": (lambda v: _count(v), "a count"),
-    "answered": (lambda v: _count(v), "a count"),
+    "films": (_count, "a count"),
+    "answered": (_count, "a count"),
     "bound": (lambda v: is_number(v) and 0 <= v <= 1, "a number within [0, 1]")}
 _SINGLE = ("temperature", "threshold", "referral")  # a checkpoint's meta.calibration
 _ENSEMBLE = ("temperatures", "ensemble_temperature", "threshold", "referral", "shared",
@@ -361,7 +366,7 @@ class Calibration:
 
     def positive(self, p):
         """Called PNEUMONIA (bool)."""
-        return np.asarray(p) >= self.threshold
+        return self.decide(p)[0] == 1
 
     def referred(self, p):
         """Sent to a radiologist first by the referral rule: the confidence of the call is

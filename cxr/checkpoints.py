@@ -173,13 +173,13 @@ def check_checkpoint(payload, model: nn.Module) -> None:
     pre = meta.get("preprocessing", _MISSING)
     _require(isinstance(pre, dict), "meta.preprocessing", pre, "a dictionary")
     size, (lo, hi) = pre.get("image_size", _MISSING), IMAGE_SIZE_RANGE
-    _require(_is_int(size) and lo <= size <= hi, "meta.preprocessing.image_size", size,
+    _require(calib.is_int(size) and lo <= size <= hi, "meta.preprocessing.image_size", size,
              f"an integer from {lo} to {hi}")
     _require(pre.get("intensity", "none") in network.INTENSITIES, "meta.preprocessing.intensity",
              pre.get("intensity"), f"one of {', '.join(network.INTENSITIES)}")
     calibration_of(meta)
     for key, ok, rule in (  # read back by experiments/ (upgrade_checkpoint.py, ...)
-            ("seed", _is_int, "an integer"),
+            ("seed", calib.is_int, "an integer"),
             ("recipe", lambda v: isinstance(v, str), "a recipe's name"),
             ("recipe_fields", lambda v: v is None or isinstance(v, dict), "a dictionary"),
             ("metrics", lambda v: isinstance(v, dict), "a dictionary"),
@@ -262,9 +262,6 @@ def _shown(value) -> str:
         return f"is a {value.dtype} tensor of shape {tuple(value.shape)}"
     text = f"{value:g}" if isinstance(value, float) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 def _is_dense(value) -> bool:
     """A plain tensor whose elements are all stored in the file (an expanded tensor of

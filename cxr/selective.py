@@ -42,17 +42,16 @@ def fit_referral(conf, correct, risk: float = REFERRAL_RISK, delta: float = REFE
     conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=bool)
     m = len(conf)
     ranked = np.sort(conf)
-    steps = max(1, int(np.ceil(np.log2(m)))) if m > 1 else 1
+    steps = max(1, int(np.ceil(np.log2(m)))) if m else 0
     lo, hi, kept = 0, m - 1, None
-    for _ in range(steps if m else 0):
+    for _ in range(steps):
         z = int(np.ceil((lo + hi) / 2))
         cut = float(ranked[z])
         answered = conf >= cut
         n, errors = int(answered.sum()), int((~correct[answered]).sum())
         bound = risk_bound(errors, n, delta / steps)
-        if bound < risk:
-            if kept is None or n > kept["answered"]:
-                kept = {"min_confidence": cut, "answered": n, "errors": errors, "bound": bound}
+        if bound < risk:  # later cuts are lower: each one kept answers at least as many films
+            kept = {"min_confidence": cut, "answered": n, "errors": errors, "bound": bound}
             hi = z
         else:
             lo = z
@@ -70,8 +69,8 @@ def promise_kept(measured, referral) -> dict | None:
 
     if referral is None:
         return None
-    risk, target, n = measured["risk"], referral["target_risk"], measured["answered"]
-    errors = int(round(risk * n)) if n else 0
+    risk, target, n, errors = (measured["risk"], referral["target_risk"], measured["answered"],
+                               measured["errors"])
     p_value = float(binom.sf(errors - 1, n, target)) if n else float("nan")
     if not n:
         seen = "here no film was answered"

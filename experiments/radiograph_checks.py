@@ -87,7 +87,7 @@ def main():
     _, meta = checkpoints.load_checkpoint(args.model)
     with np.load(f"{args.load_ratios}.{args.model.stem}.npz") as z:
         ratios = dict(z)
-    splits = dataset.checkpoint_splits(meta, args.data)[0]
+    splits, _, (tp, tl), _ = dataset.checkpoint_splits(meta, args.data)  # test read after the choice
     t_images = np.concatenate([splits[s][0] for s in splits])
     print(f"model's own films: {len(t_images)} ({', '.join(f'{s} {len(splits[s][0])}' for s in splits)})")
     layout = np.array(imagefiles.FILM_LAYOUT) if args.stored else mean_layout(t_images)
@@ -115,7 +115,6 @@ def main():
         return stop if refused_ is None else stop | refused_
 
     size = meta["preprocessing"]["image_size"]
-    _, _, (tp, tl), _ = dataset.checkpoint_splits(meta, args.data)
     x_test, kept, _ = dataset.decode_all(tp, size, ".cache", "test")
     y = np.array(tl)[kept]
     test_stats = candidate_stats(x_test, layout)
