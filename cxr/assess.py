@@ -23,12 +23,12 @@ def evaluate(y, p, cal, n_boot, p_at_t1, groups=None) -> dict:
     pred_half, conf_half = scoring.decide(p, 0.5)
     conf_t1 = np.where(pred == 1, p_at_t1, 1 - p_at_t1)  # the same decisions, stated at T = 1
     ece = scoring.expected_calibration_error(correct, conf)[0]
+    ci_half, ci_thr = scoring.bootstrap_ci(y, p, (0.5, thr), n_boot, groups=groups)  # same resamples
     return {
         "n": int(len(y)), "counts": np.bincount(y, minlength=2).tolist(),
         "pred": pred, "conf": conf, "correct": correct, "answered": answered,
         "at_0.5": scoring.binary_metrics(y, p, 0.5), "at_threshold": scoring.binary_metrics(y, p, thr),
-        "ci95_at_0.5": scoring.bootstrap_ci(y, p, 0.5, n_boot, groups=groups),
-        "ci95_at_threshold": scoring.bootstrap_ci(y, p, thr, n_boot, groups=groups),
+        "ci95_at_0.5": ci_half, "ci95_at_threshold": ci_thr,
         "bootstrap": "by patient" if groups is not None else "by image",
         "ece_at_0.5": scoring.expected_calibration_error(pred_half == y, conf_half)[0],
         "ece": ece,
